@@ -1,0 +1,193 @@
+"""VeraConfig: every field, default and rule of PEFT's VeraConfig, as a plain dataclass.
+
+`to_dict()` writes, and `from_dict()` reads, the same JSON PEFT keeps in `adapter_config.json`, so a
+config moves between veralab and PEFT unchanged. Invalid values raise `ValueError` naming the field,
+the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+BIAS_MODES = ("none", "all", "vera_only")
+
+
+@dataclass
+class VeraConfig:
+    """Configuration of a VeRA adapter (field names, defaults and JSON form of PEFT's `VeraConfig`).
+
+    Args:
+        r: rank of the shared random projections. VeRA trains only `r + out` numbers per layer, so
+            ranks far above LoRA's (256 and more) are normal.
+        target_modules: names of the modules to adapt: a list of name suffixes, a regex matched against
+            the full module name, or `"all-linear"`. `None` picks the default targets of the model type.
+        projection_prng_key: seed of the CPU generator that draws `vera_A` then `vera_B`.
+        save_projection: write `vera_A`/`vera_B` into the adapter file. Without them the file is tiny,
+            but the projections must be regenerated on load (veralab verifies them by fingerprint).
+        vera_dropout: dropout probability on the adapter's input, in [0, 1).
+        d_initial: initial value of every `vera_lambda_d` entry.
+        fan_in_fan_out: the target stores its weight as (in, out), like GPT-2's `Conv1D`.
+        bias: which biases train: "none", "all", or "vera_only" (biases of adapted layers only).
+        modules_to_save: modules besides the VeRA layers that are trained and saved (e.g. a classifier).
+        init_weights: `True` starts with `lambda_b = 0` (the adapted model equals the base model);
+            `False` draws random non-zero lambdas, for tests.
+        layers_to_transform: layer indices to adapt (with `layers_pattern` naming the layer list).
+        layers_pattern: name of the `nn.ModuleList` holding the layers (e.g. "layers", "h").
+        peft_type, task_type, inference_mode, base_model_name_or_path, revision, auto_mapping,
+        peft_version: the bookkeeping fields of PEFT's adapter_config.json.
+    """
+
+    r: int = 256
+    target_modules: list[str] | str | None = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    # PEFT's adapter_config.json bookkeeping.
+    peft_type: str = "VERA"
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if isinstance(self.target_modules, (list, tuple, set)):
+            # PEFT turns the list into a set; a sorted list keeps JSON output stable.
+            self.target_modules = sorted(set(self.target_modules))
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if not self.save_projection:
+            warnings.warn(
+                "save_projection=False: vera_A/vera_B are not saved with the adapter and will be regenerated "
+                "from projection_prng_key on load. veralab stores a fingerprint and refuses a regeneration "
+                "that does not match; set save_projection=True for a file that loads everywhere.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def validate(self) -> None:
+        """Raise ValueError for the first invalid field, naming it, the value and what is allowed."""
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            "r", self.r, "a positive int (VeRA ranks of 256 or more are usual)",
+        )
+        _check(
+            isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool)
+            and 0 <= self.projection_prng_key < 2**64,
+            "projection_prng_key", self.projection_prng_key, "an int in [0, 2**64)",
+        )
+        _check(
+            _is_real(self.vera_dropout) and 0.0 <= self.vera_dropout < 1.0,
+            "vera_dropout", self.vera_dropout, "a float in [0, 1)",
+        )
+        _check(
+            _is_real(self.d_initial) and self.d_initial == self.d_initial and abs(self.d_initial) != float("inf"),
+            "d_initial", self.d_initial, "a finite float (values <= 0.1 are recommended)",
+        )
+        _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
+        for name in ("save_projection", "fan_in_fan_out", "init_weights", "inference_mode"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        _check(self.peft_type == "VERA", "peft_type", self.peft_type, '"VERA" (this is a VeRA config)')
+        self._validate_target_modules()
+        self._validate_layers()
+        if self.modules_to_save is not None:
+            _check(
+                isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) for m in self.modules_to_save),
+                "modules_to_save", self.modules_to_save, "a list of module names or None",
+            )
+
+    def _validate_target_modules(self) -> None:
+        targets = self.target_modules
+        if targets is None or isinstance(targets, str):
+            _check(targets != "", "target_modules", targets, "a non-empty regex, a list of names, 'all-linear' or None")
+            return
+        _check(
+            isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) and t for t in targets),
+            "target_modules", targets, "a list of non-empty module names, a regex string, 'all-linear' or None",
+        )
+        _check(len(targets) > 0, "target_modules", targets, "at least one module name (or None for the model's defaults)")
+
+    def _validate_layers(self) -> None:
+        layers = self.layers_to_transform
+        if layers is not None:
+            indices = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            _check(
+                isinstance(indices, (list, tuple))
+                and len(indices) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices),
+                "layers_to_transform", layers, "a non-negative int or a non-empty list of non-negative ints",
+            )
+        pattern = self.layers_pattern
+        if pattern is not None:
+            _check(
+                layers is not None,
+                "layers_pattern", pattern, "set only together with layers_to_transform (give the layer indices too)",
+            )
+            names = [pattern] if isinstance(pattern, str) else pattern
+            _check(
+                isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(p, str) and p for p in names),
+                "layers_pattern", pattern, "a non-empty string or list of strings such as 'layers' or 'h'",
+            )
+
+    # ------------------------------------------------------------------ JSON round trip with PEFT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict PEFT writes to adapter_config.json (sets become sorted lists)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.loads(json.dumps(out))  # deep copy, JSON types only
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VeraConfig:
+        """Build a config from PEFT's adapter_config.json dict; an unknown key is an error, never ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"VeraConfig.from_dict expects a dict, got {type(data).__name__}")
+        peft_type = data.get("peft_type", "VERA")
+        if peft_type != "VERA":
+            raise ValueError(
+                f"peft_type={peft_type!r}: this is not a VeRA adapter config; veralab loads peft_type 'VERA' only"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown VeraConfig field(s) {unknown}; allowed fields are {sorted(known)} "
+                "(check the spelling, or the file is not a VeRA adapter_config.json)"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the save_projection warning is for new configs
+            return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> VeraConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); the adapter config is corrupted") from e
+        return cls.from_dict(data)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"VeraConfig.{name}={value!r} is invalid: expected {allowed}")
