@@ -1,0 +1,572 @@
+"""VeraModel: find the targets, build the shared projections once, inject VeRA layers, manage adapters.
+
+`get_model(model, config)` is the one-line replacement for PEFT's `get_peft_model(model, config)` with a
+VeRA config: the same parameter names, the same projections for the same key, the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from veralab.config import VeraConfig
+from veralab.fast.layer import (
+    BASE_ROW,
+    RowAdapters,
+    VeraLinear,
+    is_fan_in_fan_out,
+    warn_fan_in_fan_out_mismatch,
+)
+from veralab.fast.modules_to_save import ModulesToSaveWrapper
+from veralab.fast.projections import SharedProjections, find_max_dims
+from veralab.fast.targets import (
+    ALL_LINEAR,
+    SEQ_CLS_HEAD_NAMES,
+    layer_index_allowed,
+    name_matches,
+    output_head_names,
+    resolve_target_modules,
+)
+
+# Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
+# (subclasses of nn.Linear) in front when bitsandbytes is installed.
+LAYER_TYPES: list[tuple[type[nn.Module], type[VeraLinear]]] = [(nn.Linear, VeraLinear), (Conv1D, VeraLinear)]
+
+
+def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:
+    for base_type, layer_cls in LAYER_TYPES:
+        if isinstance(module, base_type):
+            return layer_cls
+    return None
+
+
+def get_model(
+    model: nn.Module, config: VeraConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> VeraModel:
+    """Adapt `model` with VeRA: the drop-in for `peft.get_peft_model(model, vera_config)`.
+
+    Args:
+        model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers).
+        config: the adapter's `VeraConfig`; it is copied, never modified.
+        adapter_name: the first adapter's name.
+        low_cpu_mem_usage: create the lambdas on the meta device (to be filled by loading an adapter).
+    """
+    return VeraModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+class VeraModel(nn.Module):
+    """A model adapted with VeRA; every adapter shares one pair of projections `vera_A`, `vera_B`.
+
+    Attribute access falls through to the wrapped model, so `model.config`, `model.generate`, ... work.
+
+    Args:
+        model: the model to adapt; its own parameters are frozen.
+        config: the first adapter's config.
+        adapter_name: the first adapter's name.
+        low_cpu_mem_usage: create the lambdas on the meta device.
+    """
+
+    prefix = "vera_lambda_"
+
+    def __init__(
+        self, model: nn.Module, config: VeraConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, VeraConfig] = {}
+        self._projections: SharedProjections | None = None
+        self._active_adapters: list[str] = []
+        self._adapters_disabled = False
+        self.model.requires_grad_(False)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ passthrough to the wrapped model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (during __init__)
+                raise
+            return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, with VeRA layers in it."""
+        return self.model
+
+    # ------------------------------------------------------------------ the shared projections
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / ... replace the buffers: point every layer's shared reference at the new ones.
+        super()._apply(fn, recurse)
+        if self._projections is not None:
+            self._projections.replace(self._buffers["vera_A"], self._buffers["vera_B"])
+        return self
+
+    def _create_projections(self, config: VeraConfig, targets: dict[str, nn.Module]) -> None:
+        shapes = [self._out_in(module) for module in targets.values()]
+        max_out, max_in = find_max_dims(shapes)
+        projections = SharedProjections.create(config.r, max_in, max_out, config.projection_prng_key)
+        device = self._target_device(targets)
+        if device is not None:
+            projections.replace(projections.vera_A.to(device), projections.vera_B.to(device))
+        self.register_buffer("vera_A", projections.vera_A, persistent=config.save_projection)
+        self.register_buffer("vera_B", projections.vera_B, persistent=config.save_projection)
+        self._projections = projections
+
+    @staticmethod
+    def _target_device(targets: dict[str, nn.Module]) -> torch.device | None:
+        weight = getattr(next(iter(targets.values())), "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return None
+        return weight.device
+
+    @staticmethod
+    def _out_in(module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, VeraLinear):
+            return module.out_features, module.in_features
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+            return out_features, in_features
+        return module.out_features, module.in_features
+
+    # ------------------------------------------------------------------ adding adapters
+
+    def add_adapter(self, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (inactive unless it is the first; use `set_adapter`).
+
+        Everything is checked before anything changes: a bad name, a config that disagrees with the shared
+        projections, or targets that match nothing leave the model exactly as it was.
+        """
+        self._check_new_adapter_name(adapter_name)
+        config = copy.deepcopy(config)
+        config.validate()
+        targets = self._find_targets(config)
+        self._check_against_projections(config, targets)
+        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
+            config.modules_to_save = [name for name in SEQ_CLS_HEAD_NAMES if self._find_modules_to_save([name])]
+        modules_to_save = self._find_modules_to_save(config.modules_to_save or [])
+
+        if self._projections is None:
+            self._create_projections(config, targets)
+        warn_fan_in_fan_out_mismatch(
+            config.fan_in_fan_out,
+            [n for n, m in targets.items() if is_fan_in_fan_out(self._base_of(m)) != config.fan_in_fan_out],
+        )
+        for name, module in targets.items():
+            self._inject(name, module, adapter_name, config, low_cpu_mem_usage)
+        for name, module in modules_to_save.items():
+            self._wrap_module_to_save(name, module, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._mark_trainable()
+
+    def _check_new_adapter_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is invalid: use a non-empty string without '.' (it becomes part of "
+                "state-dict keys)"
+            )
+        if adapter_name == BASE_ROW:
+            raise ValueError(f"adapter_name={BASE_ROW!r} is reserved: it marks mixed-batch rows that use no adapter")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+            )
+
+    def _find_targets(self, config: VeraConfig) -> dict[str, nn.Module]:
+        """{module name: base module} the config targets, with clear errors for names that match nothing."""
+        targets = resolve_target_modules(self.model, config)
+        all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+        heads = output_head_names(self.model) if all_linear else set()
+        matched_entries: set[str] = set()
+        found: dict[str, nn.Module] = {}
+        for name, module in self._candidate_modules():
+            if all_linear:
+                if vera_layer_class(self._base_of(module)) is None or any(
+                    name == h or name.startswith(h + ".") for h in heads
+                ):
+                    continue
+            elif not name_matches(name, targets):
+                continue
+            else:
+                matched_entries.update(self._entries_matching(name, targets))
+            if not layer_index_allowed(name, config):
+                continue
+            if vera_layer_class(self._base_of(module)) is None:
+                raise ValueError(
+                    f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: only nn.Linear, "
+                    "transformers Conv1D and bitsandbytes Linear8bitLt/Linear4bit layers are supported. "
+                    "Remove it from target_modules (or name its linear sub-layers instead)."
+                )
+            found[name] = module
+        self._check_every_target_matched(targets, matched_entries, all_linear)
+        if not found:
+            raise ValueError(
+                f"target_modules={targets!r} with layers_to_transform={config.layers_to_transform!r} and "
+                f"layers_pattern={config.layers_pattern!r} selects no module of {type(self.model).__name__}; "
+                "check the layer indices and the name of the layer list"
+            )
+        return found
+
+    def _candidate_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """Named modules of the wrapped model, not descending into VeRA layers or modules-to-save copies."""
+        skip: list[str] = []
+        for name, module in self.model.named_modules():
+            if any(name.startswith(prefix) for prefix in skip):
+                continue
+            if isinstance(module, (VeraLinear, ModulesToSaveWrapper)):
+                skip.append(name + ".")
+            if name:
+                yield name, module
+
+    @staticmethod
+    def _base_of(module: nn.Module) -> nn.Module:
+        return module.base_layer if isinstance(module, VeraLinear) else module
+
+    @staticmethod
+    def _entries_matching(name: str, targets: list[str] | str) -> list[str]:
+        if isinstance(targets, str):
+            return [targets]
+        return [t for t in targets if name == t or name.endswith("." + t)]
+
+    def _check_every_target_matched(self, targets, matched_entries: set[str], all_linear: bool) -> None:
+        if all_linear:
+            return
+        entries = [targets] if isinstance(targets, str) else list(targets)
+        missing = [t for t in entries if t not in matched_entries]
+        if missing:
+            raise ValueError(
+                f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} match no module of "
+                f"{type(self.model).__name__}; module names look like {self._example_names()}. Fix the names "
+                "(a list entry must equal a module's name or its last dotted parts; a string is a full-name regex)."
+            )
+
+    def _example_names(self, count: int = 6) -> list[str]:
+        names = [n for n, m in self._candidate_modules() if vera_layer_class(self._base_of(m)) is not None]
+        return names[:count]
+
+    def _check_against_projections(self, config: VeraConfig, targets: dict[str, nn.Module]) -> None:
+        """A new adapter must fit the one pair of projections every adapter shares."""
+        if self._projections is None:
+            return
+        first = next(iter(self.peft_config.values()))
+        if config.projection_prng_key != first.projection_prng_key:
+            raise ValueError(
+                f"VeraConfig.projection_prng_key={config.projection_prng_key} differs from the model's shared "
+                f"projections (projection_prng_key={first.projection_prng_key}): every adapter of a model shares "
+                f"one vera_A/vera_B pair; use projection_prng_key={first.projection_prng_key}"
+            )
+        if config.save_projection != first.save_projection:
+            raise ValueError(
+                f"VeraConfig.save_projection={config.save_projection} differs from the model's other adapters "
+                f"(save_projection={first.save_projection}); all adapters must agree since they share the projections"
+            )
+        if config.r != self._projections.r:
+            raise ValueError(
+                f"VeraConfig.r={config.r} differs from the rank of the model's shared projections "
+                f"(r={self._projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for one "
+                f"rank; use r={self._projections.r}, or adapt a fresh copy of the base model for another rank"
+            )
+        for name, module in targets.items():
+            out_features, in_features = self._out_in(module)
+            if not self._projections.fits(in_features, out_features):
+                raise ValueError(
+                    f"target {name!r} is ({out_features} x {in_features}) but the shared projections were sized "
+                    f"for layers up to ({self._projections.max_out} x {self._projections.max_in}) by the first "
+                    "adapter; add the largest-layer adapter first, or target layers within that size"
+                )
+
+    def _find_modules_to_save(self, names: list[str]) -> dict[str, nn.Module]:
+        found = {}
+        for name, module in self._candidate_modules():
+            if isinstance(module, VeraLinear):
+                continue
+            if any(name == n or name.endswith("." + n) for n in names):
+                found[name] = module
+        missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in found)]
+        if missing:
+            raise ValueError(
+                f"modules_to_save entries {missing} match no module of {type(self.model).__name__}; "
+                "name modules as they appear in model.named_modules()"
+            )
+        return found
+
+    def _inject(
+        self, name: str, module: nn.Module, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool
+    ) -> None:
+        if not isinstance(module, VeraLinear):
+            layer_cls = vera_layer_class(module)
+            vera_layer = layer_cls(module, self._projections, fan_in_fan_out=is_fan_in_fan_out(module))
+            vera_layer.train(module.training)
+            self._replace_module(name, vera_layer)
+            module = vera_layer
+        module.update_layer(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        module.set_adapter(self._active_adapters)
+
+    def _wrap_module_to_save(self, name: str, module: nn.Module, adapter_name: str) -> None:
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            self._replace_module(name, module)
+        module.update(adapter_name)
+        module.set_adapter(self._active_adapters)
+
+    def _replace_module(self, name: str, new_module: nn.Module) -> None:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child_name, new_module)
+
+    # ------------------------------------------------------------------ choosing adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active at once)."""
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    def vera_layers(self) -> Iterator[tuple[str, VeraLinear]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, VeraLinear):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter (or several, whose terms add up); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}")
+        if self._merged_adapters() and set(self._merged_adapters()) != set(names):
+            warnings.warn("the model has merged adapters; unmerging before switching adapters", UserWarning, stacklevel=2)
+            self.unmerge_adapter()
+        self._active_adapters = names
+        for _, layer in self.vera_layers():
+            layer.set_adapter(names)
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(names)
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """Only the active adapters' lambdas, their modules_to_save copies and the biases their mode asks for."""
+        for name, param in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                param.requires_grad_(False)
+        for _, layer in self.vera_layers():
+            layer.set_adapter(self._active_adapters)
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(self._active_adapters)
+        modes = {self.peft_config[n].bias for n in self._active_adapters}
+        if "all" in modes:
+            for name, param in self.model.named_parameters():
+                if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                    param.requires_grad_(True)
+        elif "vera_only" in modes:
+            for _, layer in self.vera_layers():
+                bias = getattr(layer.base_layer, "bias", None)
+                if bias is not None:
+                    bias.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block; merged adapters are unmerged for it and merged back after."""
+        merged = self._merged_adapters()
+        if merged:
+            warnings.warn("disable_adapter() on a merged model: unmerging for the block", UserWarning, stacklevel=3)
+            self.unmerge_adapter()
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+            if merged:
+                self.merge_adapter(merged)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        self._adapters_disabled = disabled
+        for _, layer in self.vera_layers():
+            layer.disable_adapters = disabled
+        for wrapper in self._wrappers():
+            wrapper.disable_adapters = disabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's lambdas (and modules_to_save copies). The last adapter cannot be deleted."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(
+                f"{adapter_name!r} is the model's last adapter; use unload() (or merge_and_unload()) to get the "
+                "base model back instead of deleting it"
+            )
+        if adapter_name in self._merged_adapters():
+            raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() first")
+        for _, layer in self.vera_layers():
+            if adapter_name in layer.r:
+                layer.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if adapter_name in self._active_adapters:
+            remaining = [n for n in self._active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
+            warnings.warn(
+                f"deleted the active adapter {adapter_name!r}; active adapter is now {remaining}",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.set_adapter(remaining)
+
+    # ------------------------------------------------------------------ merging
+
+    def _merged_adapters(self) -> list[str]:
+        merged: list[str] = []
+        for _, layer in self.vera_layers():
+            merged.extend(n for n in layer.merged_adapters if n not in merged)
+        return merged
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        Args:
+            adapter_names: which adapters to merge; adapters already merged are skipped with a warning.
+            safe_merge: check every layer's merged weight for NaN/inf *before* changing any weight, and
+                raise ValueError naming the layer if one is not finite; the model is then left untouched.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(self._active_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        already = [n for n in names if n in self._merged_adapters()]
+        if already:
+            warnings.warn(f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=2)
+        names = [n for n in names if n not in already]
+        if not names:
+            return
+        layers = list(self.vera_layers())
+        if safe_merge:
+            for layer_name, layer in layers:
+                present = [n for n in names if n in layer.r]
+                if present and not torch.isfinite(layer.merged_weight(present)).all():
+                    raise ValueError(
+                        f"merging adapter(s) {present} into {layer_name} gives NaN/inf weights; nothing was merged. "
+                        "The adapter's lambdas are probably broken (check them for NaN/inf)."
+                    )
+        for _, layer in layers:
+            layer.merge([n for n in names if n in layer.r])
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        if not self._merged_adapters():
+            warnings.warn("no adapter is merged; nothing to unmerge", UserWarning, stacklevel=2)
+            return
+        for _, layer in self.vera_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the weights and return the plain base model (no VeRA modules left).
+
+        Args:
+            progressbar: accepted for PEFT compatibility; merging is fast enough not to need one.
+            safe_merge: see `merge_adapter`.
+            adapter_names: adapters to merge (default: the active ones).
+        """
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every VeRA module without merging and return the base model as it was."""
+        if self._merged_adapters():
+            self.unmerge_adapter()
+        return self._unload(keep_trained_copies=False)
+
+    def _unload(self, keep_trained_copies: bool) -> nn.Module:
+        for name, layer in list(self.vera_layers()):
+            self._replace_module(name, layer.base_layer)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                self._replace_module(name, module.unwrapped(keep_trained_copies))
+        return self.model
+
+    # ------------------------------------------------------------------ parameters
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters); 4-bit packed weights count two values per byte, as in PEFT."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel()
+            if type(param).__name__ == "Params4bit":
+                count *= 2 * param.element_size()
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ running the model
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Run the wrapped model. `adapter_names` (one name per batch row) applies a different adapter to each
+        row; `"__base__"` marks a row that uses no adapter."""
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        rows = self._row_adapters(adapter_names)
+        layers = [layer for _, layer in self.vera_layers()]
+        wrappers = list(self._wrappers())
+        for module in layers + wrappers:
+            module._row_adapters = rows
+        try:
+            yield
+        finally:
+            for module in layers + wrappers:
+                module._row_adapters = None
+
+    def _row_adapters(self, adapter_names: list[str]) -> RowAdapters:
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError("adapter_names must be a list with one adapter name per row of the batch")
+        unknown = sorted({n for n in adapter_names if n not in self.peft_config and n != BASE_ROW})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapter(s) {unknown}; this model has {list(self.peft_config)} "
+                f"(use {BASE_ROW!r} for rows that should use the base model)"
+            )
+        if self._merged_adapters():
+            raise ValueError("a mixed-adapter batch needs unmerged weights; call unmerge_adapter() first")
+        if self._adapters_disabled:
+            raise ValueError("adapter_names cannot be used inside disable_adapter()")
+        names = list(dict.fromkeys(adapter_names))
+        index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long)
+        return RowAdapters(names=names, index=index)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Enable the wrapped model's gradient checkpointing; inputs are made to require grad so the frozen
+        embeddings still pass gradients through checkpointed blocks to the lambdas."""
+        self.model.gradient_checkpointing_enable(**kwargs)
+        enable_input_grads = getattr(self.model, "enable_input_require_grads", None)
+        if callable(enable_input_grads):
+            enable_input_grads()
