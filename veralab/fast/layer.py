@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from veralab.config import VeraConfig
 from veralab.fast.functional import adapter_delta, mixed_adapter_delta
 from veralab.fast.projections import SharedProjections
+from veralab.targets import weight_shape
 
 # A row of a mixed batch that uses no adapter at all (the base model) is tagged with this name.
 BASE_ROW = "__base__"
@@ -32,13 +33,6 @@ class RowAdapters:
 
     names: list[str]
     index: torch.Tensor
-
-
-def base_in_out_features(base_layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported base layer."""
-    if isinstance(base_layer, Conv1D):
-        return base_layer.weight.shape[0], base_layer.weight.shape[1]  # Conv1D stores (in, out)
-    return base_layer.in_features, base_layer.out_features
 
 
 class VeraLinear(nn.Module):
@@ -59,7 +53,7 @@ class VeraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = base_in_out_features(base_layer)
+        self.out_features, self.in_features = weight_shape(base_layer)
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()

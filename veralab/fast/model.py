@@ -25,13 +25,15 @@ from veralab.fast.layer import (
 )
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
-from veralab.fast.targets import (
+from veralab.targets import (
     ALL_LINEAR,
     SEQ_CLS_HEAD_NAMES,
     layer_index_allowed,
     name_matches,
+    name_matches_entry,
     output_head_names,
     resolve_target_modules,
+    weight_shape,
 )
 
 # Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
@@ -128,14 +130,9 @@ class VeraModel(nn.Module):
             return None
         return weight.device
 
-    @staticmethod
-    def _out_in(module: nn.Module) -> tuple[int, int]:
-        if isinstance(module, VeraLinear):
-            return module.out_features, module.in_features
-        if isinstance(module, Conv1D):
-            in_features, out_features = module.weight.shape
-            return out_features, in_features
-        return module.out_features, module.in_features
+    @classmethod
+    def _out_in(cls, module: nn.Module) -> tuple[int, int]:
+        return weight_shape(cls._base_of(module))
 
     # ------------------------------------------------------------------ adding adapters
 
@@ -234,7 +231,7 @@ class VeraModel(nn.Module):
     def _entries_matching(name: str, targets: list[str] | str) -> list[str]:
         if isinstance(targets, str):
             return [targets]
-        return [t for t in targets if name == t or name.endswith("." + t)]
+        return [t for t in targets if name_matches_entry(name, t)]
 
     def _check_every_target_matched(self, targets, matched_entries: set[str], all_linear: bool) -> None:
         if all_linear:
@@ -288,9 +285,9 @@ class VeraModel(nn.Module):
         for name, module in self._candidate_modules():
             if isinstance(module, VeraLinear):
                 continue
-            if any(name == n or name.endswith("." + n) for n in names):
+            if any(name_matches_entry(name, n) for n in names):
                 found[name] = module
-        missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in found)]
+        missing = [n for n in names if not any(name_matches_entry(m, n) for m in found)]
         if missing:
             raise ValueError(
                 f"modules_to_save entries {missing} match no module of {type(self.model).__name__}; "

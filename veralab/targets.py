@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
 
@@ -53,7 +54,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "gemma3_text": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 names ViT's attention like Llama's
     "rwkv": ["key", "value", "receptance", "output"],
 }
 
@@ -81,11 +82,24 @@ def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | 
     return DEFAULT_TARGET_MODULES[model_type]
 
 
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear (or subclass) or a transformers Conv1D."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape  # Conv1D stores W transposed: (in, out)
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+def name_matches_entry(name: str, entry: str) -> bool:
+    """PEFT's rule for one entry of a target list: the full name, or a suffix starting after a dot."""
+    return name == entry or name.endswith("." + entry)
+
+
 def name_matches(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list entry matches the name or its suffix."""
+    """PEFT's rule: a regex string must match the whole name; a list matches when one entry does."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return any(name_matches_entry(name, t) for t in targets)
 
 
 def layer_index_allowed(name: str, config: VeraConfig) -> bool:
