@@ -109,6 +109,8 @@ def test_merged_forward_equals_unmerged(out_features, in_features, r, batch, see
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.fault("numerics", "100 training steps at lr 2e-2 with dropout, fp32 and bf16",
+                   "loss and lambdas stay finite and the loss goes down")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_training_stays_finite(dtype):
     """100 AdamW steps at VeRA's usual (high) learning rate on a tiny Llama: loss and lambdas stay finite."""
