@@ -97,10 +97,14 @@ def summary_table(summary: RunSummary) -> str:
         ),
         ("total time", f"{s.total_seconds:.1f} s"),
     ]
+    return format_rows("VeRA fine-tune summary", rows)
+
+
+def format_rows(title: str, rows: list[tuple[str, str]]) -> str:
+    """A plain-text table: a title, a rule, one `name  value` line per row (names aligned), a rule."""
     width = max(len(name) for name, _ in rows)
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
-    lines = ["VeRA fine-tune summary", rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule]
-    return "\n".join(lines)
+    return "\n".join([title, rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule])
 
 
 def plot_loss_curve(losses: list[float], path: Path, title: str) -> None:
