@@ -28,7 +28,7 @@ from veralab.fast import io as adapter_io
 from veralab.fast.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, ProjectionMismatchError
 from veralab.fast.trainer import VeraTrainer
 
-# PEFT and veralab both warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
+# PEFT and veralab warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 EPS = torch.finfo(torch.float32).eps
@@ -44,7 +44,7 @@ def one_thread():
 
 
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same weights, another float32 evaluation order (e.g. LoRA's (x A'^T) B'^T): a few roundings per output."""
+    """Same weights, another float32 evaluation order (LoRA's (x A'^T) B'^T): a few roundings per output."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=64 * EPS, atol=64 * EPS * scale)
 
@@ -70,8 +70,15 @@ class Arch:
 ARCHS = {
     "llama": Arch(
         build=lambda: LlamaForCausalLM(
-            LlamaConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+            LlamaConfig(
+                hidden_size=24,
+                intermediate_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=50,
+                max_position_embeddings=32,
+            )
         ),
         r=6,
         adapters={
@@ -82,8 +89,15 @@ ARCHS = {
     ),
     "opt": Arch(
         build=lambda: OPTForCausalLM(
-            OPTConfig(hidden_size=16, ffn_dim=36, num_hidden_layers=2, num_attention_heads=2, vocab_size=50,
-                      max_position_embeddings=32, word_embed_proj_dim=16)
+            OPTConfig(
+                hidden_size=16,
+                ffn_dim=36,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=50,
+                max_position_embeddings=32,
+                word_embed_proj_dim=16,
+            )
         ),
         r=5,
         adapters={
@@ -93,7 +107,9 @@ ARCHS = {
     ),
     "gpt2": Arch(
         build=lambda: GPT2LMHeadModel(
-            GPT2Config(n_embd=20, n_layer=2, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                n_embd=20, n_layer=2, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
         ),
         r=7,
         adapters={
@@ -116,7 +132,9 @@ def randomize(model: nn.Module, seed: int = 1) -> None:
 
 
 def vera_config(arch: Arch, name: str, save_projection: bool, library=VeraConfig, **overrides):
-    fields = dict(r=arch.r, save_projection=save_projection, fan_in_fan_out=arch.fan_in_fan_out, init_weights=False)
+    fields = dict(
+        r=arch.r, save_projection=save_projection, fan_in_fan_out=arch.fan_in_fan_out, init_weights=False
+    )
     return library(**{**fields, **arch.adapters[name], **overrides})
 
 
@@ -179,7 +197,9 @@ def edit_config(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-BOTH = pytest.mark.parametrize("save_projection", [True, False], ids=["with_projections", "without_projections"])
+BOTH = pytest.mark.parametrize(
+    "save_projection", [True, False], ids=["with_projections", "without_projections"]
+)
 EACH_ARCH = pytest.mark.parametrize("arch_name", list(ARCHS))
 
 
@@ -193,9 +213,14 @@ def test_saved_layout_uses_peft_names_subdirectories_and_a_fingerprint(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "other", "third"])
     tensors, metadata = read_file(tmp_path / WEIGHTS_NAME)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
-    assert torch.equal(tensors[f"{layer}.vera_lambda_b"], model.model.model.layers[0].self_attn.q_proj.vera_lambda_b["default"])
+    assert torch.equal(
+        tensors[f"{layer}.vera_lambda_b"],
+        model.model.model.layers[0].self_attn.q_proj.vera_lambda_b["default"],
+    )
     assert tensors[f"{layer}.vera_lambda_d"].shape == (arch.r,)
-    assert torch.equal(tensors["base_model.vera_A"], model.vera_A) and torch.equal(tensors["base_model.vera_B"], model.vera_B)
+    assert torch.equal(tensors["base_model.vera_A"], model.vera_A) and torch.equal(
+        tensors["base_model.vera_B"], model.vera_B
+    )
     assert len(tensors) == 2 * 4 * 2 + 2  # two lambdas x four targets x two layers, plus the projections
     fingerprint = json.loads(metadata[adapter_io.FINGERPRINT_KEY])
     assert fingerprint["vera_A_shape"] == [arch.r, 40] and fingerprint["vera_B_shape"] == [40, arch.r]
@@ -293,12 +318,27 @@ def test_classifier_head_and_biases_travel_both_ways_and_into_lora(tmp_path):
     def base():
         torch.manual_seed(0)
         return GPT2ForSequenceClassification(
-            GPT2Config(n_embd=20, n_layer=2, n_head=4, vocab_size=50, n_positions=32, num_labels=3, pad_token_id=0,
-                       bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                n_embd=20,
+                n_layer=2,
+                n_head=4,
+                vocab_size=50,
+                n_positions=32,
+                num_labels=3,
+                pad_token_id=0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
         ).eval()
 
-    config = dict(r=5, target_modules=["c_attn"], task_type="SEQ_CLS", bias="vera_only", fan_in_fan_out=True,
-                  init_weights=False)
+    config = dict(
+        r=5,
+        target_modules=["c_attn"],
+        task_type="SEQ_CLS",
+        bias="vera_only",
+        fan_in_fan_out=True,
+        init_weights=False,
+    )
     model = get_model(base(), VeraConfig(**config))
     randomize(model)
     with torch.no_grad():
@@ -352,7 +392,9 @@ def test_saved_projections_are_loaded_not_regenerated(tmp_path):
 
 
 @BOTH
-def test_a_later_adapter_saved_alone_loads_alone_with_the_projections_it_was_trained_with(save_projection, tmp_path):
+def test_a_later_adapter_saved_alone_loads_alone_with_the_projections_it_was_trained_with(
+    save_projection, tmp_path
+):
     # "other" shares the pair "default" sized for the bigger layers; its own targets would size a smaller pair
     # whose regenerated A is not a slice of the bigger one. The file (or its fingerprint) records the shapes.
     arch = ARCHS["llama"]
@@ -461,7 +503,9 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, m
     monkeypatch.undo()
 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved  # no staging directory left either
-    assert torch.equal(outputs(VeraModel.from_pretrained(arch.base(), tmp_path), ["default"])["default"], expected)
+    assert torch.equal(
+        outputs(VeraModel.from_pretrained(arch.base(), tmp_path), ["default"])["default"], expected
+    )
 
 
 # --------------------------------------------------------------------------------------------- load errors
@@ -508,27 +552,49 @@ def corrupt_header(path: Path) -> None:
 BROKEN_FILES = {
     "missing config": (lambda d: (d / CONFIG_NAME).unlink(), CONFIG_NAME, "missing"),
     "missing weights": (lambda d: (d / WEIGHTS_NAME).unlink(), WEIGHTS_NAME, "missing"),
-    "pickle only": (lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"), "adapter_model.bin", "safetensors only"),
+    "pickle only": (
+        lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"),
+        "adapter_model.bin",
+        "safetensors only",
+    ),
     "truncated weights": (
-        lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-12]), WEIGHTS_NAME, "truncated"
+        lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-12]),
+        WEIGHTS_NAME,
+        "truncated",
     ),
     "corrupted header": (lambda d: corrupt_header(d / WEIGHTS_NAME), WEIGHTS_NAME, "corrupted"),
     "truncated config": (
-        lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text()[:40]), CONFIG_NAME, "not valid JSON"
+        lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text()[:40]),
+        CONFIG_NAME,
+        "not valid JSON",
     ),
     "wrong peft_type": (
-        lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(peft_type="LORA")), CONFIG_NAME, "peft_type='LORA'"
+        lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(peft_type="LORA")),
+        CONFIG_NAME,
+        "peft_type='LORA'",
     ),
     "unknown config field": (
-        lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(lora_alpha=8)), CONFIG_NAME, "unknown VeraConfig"
+        lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(lora_alpha=8)),
+        CONFIG_NAME,
+        "unknown VeraConfig",
     ),
-    "missing key": (lambda d: rewrite_file(d / WEIGHTS_NAME, drop_a_lambda), WEIGHTS_NAME, "missing 1 tensor"),
+    "missing key": (
+        lambda d: rewrite_file(d / WEIGHTS_NAME, drop_a_lambda),
+        WEIGHTS_NAME,
+        "missing 1 tensor",
+    ),
     "unexpected key": (
-        lambda d: rewrite_file(d / WEIGHTS_NAME, lambda t, m: t.update({"base_model.model.extra": torch.ones(2)})),
+        lambda d: rewrite_file(
+            d / WEIGHTS_NAME, lambda t, m: t.update({"base_model.model.extra": torch.ones(2)})
+        ),
         WEIGHTS_NAME,
         "unexpected tensor",
     ),
-    "integer dtype": (lambda d: rewrite_file(d / WEIGHTS_NAME, integer_lambda), WEIGHTS_NAME, "dtype torch.int32"),
+    "integer dtype": (
+        lambda d: rewrite_file(d / WEIGHTS_NAME, integer_lambda),
+        WEIGHTS_NAME,
+        "dtype torch.int32",
+    ),
     "corrupted fingerprint": (
         lambda d: rewrite_file(d / WEIGHTS_NAME, lambda t, m: m.update({adapter_io.FINGERPRINT_KEY: "{"})),
         WEIGHTS_NAME,
@@ -566,8 +632,15 @@ def test_an_adapter_for_another_architecture_or_other_shapes_is_refused(tmp_path
 
     wider = Arch(
         build=lambda: LlamaForCausalLM(
-            LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=50,
+                max_position_embeddings=32,
+            )
         ),
         r=6,
         adapters={},
@@ -578,7 +651,7 @@ def test_an_adapter_for_another_architecture_or_other_shapes_is_refused(tmp_path
     assert_untouched_base(base, wider)
 
 
-# --------------------------------------------------------------------------------------------- loading semantics
+# ------------------------------------------------------------------------------------- loading semantics
 
 
 def test_is_trainable_decides_whether_a_loaded_adapter_trains(tmp_path):
@@ -638,8 +711,16 @@ class TrainerRun:
 
     def trainer(self, model: VeraModel) -> VeraTrainer:
         args = TrainingArguments(
-            output_dir=str(self.output_dir), max_steps=3, save_steps=2, per_device_train_batch_size=4,
-            learning_rate=2e-2, logging_steps=100, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+            output_dir=str(self.output_dir),
+            max_steps=3,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=2e-2,
+            logging_steps=100,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
         )
         return VeraTrainer(model=model, args=args, train_dataset=TokenDataset())
 
@@ -660,6 +741,13 @@ def test_trainer_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path)
 
     trainer = run.trainer(resumed)
     trainer.save_model(str(tmp_path / "final"))
-    assert {p.name for p in (tmp_path / "final").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, "other", "training_args.bin"}
+    assert {p.name for p in (tmp_path / "final").iterdir()} == {
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        "other",
+        "training_args.bin",
+    }
     final = VeraModel.from_pretrained(run.arch.base(), tmp_path / "final")
-    assert torch.equal(outputs(final, ["default"])["default"], outputs(straight.eval(), ["default"])["default"])
+    assert torch.equal(
+        outputs(final, ["default"])["default"], outputs(straight.eval(), ["default"])["default"]
+    )

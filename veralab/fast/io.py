@@ -1,8 +1,8 @@
 """Adapters on disk in PEFT's format: save, load (all or nothing), verified projections, exact LoRA export.
 
-An adapter directory holds `adapter_config.json` (PEFT's VeraConfig fields) and `adapter_model.safetensors`
-with PEFT's key names, so a veralab adapter loads with `peft.PeftModel.from_pretrained` and a PEFT VeRA adapter
-loads here:
+An adapter directory holds `adapter_config.json` (PEFT's VeraConfig fields) and
+`adapter_model.safetensors` with PEFT's key names, so a veralab adapter loads with
+`peft.PeftModel.from_pretrained` and a PEFT VeRA adapter loads here:
 
     base_model.model.<module path>.vera_lambda_b        (out,)   one pair per adapted layer
     base_model.model.<module path>.vera_lambda_d        (r,)
@@ -79,7 +79,8 @@ class Slot:
     """One tensor of an adapter file: where it goes in the model and the shape it must have.
 
     Args:
-        model_key: key in `VeraModel.state_dict()` once the adapter exists (`vera_A`/`vera_B` for projections).
+        model_key: key in `VeraModel.state_dict()` once the adapter exists (`vera_A`, `vera_B` for the
+            projections).
         shape: the shape the model needs.
     """
 
@@ -103,8 +104,12 @@ def adapter_layout(model: VeraModel, config: VeraConfig, adapter_name: str) -> d
     layout: dict[str, Slot] = {}
     for path, module in targets.items():
         out_features, _ = model._out_in(module)
-        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_b"] = Slot(f"model.{path}.vera_lambda_b.{adapter_name}", (out_features,))
-        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_d"] = Slot(f"model.{path}.vera_lambda_d.{adapter_name}", (config.r,))
+        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_b"] = Slot(
+            f"model.{path}.vera_lambda_b.{adapter_name}", (out_features,)
+        )
+        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_d"] = Slot(
+            f"model.{path}.vera_lambda_d.{adapter_name}", (config.r,)
+        )
     for path, module in to_save.items():
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for key, tensor in original.state_dict().items():
@@ -122,14 +127,16 @@ def adapter_layout(model: VeraModel, config: VeraConfig, adapter_name: str) -> d
 def _bias_slots(
     model: VeraModel, config: VeraConfig, targets: dict[str, nn.Module], to_save: dict[str, nn.Module]
 ) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(model key, shape) of the biases the bias mode trains, named as they are once the targets are wrapped."""
+    """(model key, shape) of the biases the bias mode trains, named as once the targets are wrapped."""
     if config.bias == "vera_only":
         for path, module in targets.items():
             bias = getattr(model._base_of(module), "bias", None)
             if bias is not None:
                 yield f"model.{path}.base_layer.bias", tuple(bias.shape)
     elif config.bias == "all":
-        skipped = [path + "." for path, m in model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        skipped = [
+            path + "." for path, m in model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+        ]
         skipped += [path + "." for path in to_save]
         for name, param in model.model.named_parameters():
             if not (name == "bias" or name.endswith(".bias")) or any(name.startswith(s) for s in skipped):
@@ -218,7 +225,7 @@ def _fsync_directory(directory: Path) -> None:
 def save_pretrained(
     model: VeraModel, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
 ) -> None:
-    """Save adapters in PEFT's layout (see the module docstring); each adapter's files are replaced atomically.
+    """Save adapters in PEFT's layout (see the module docstring), each adapter's files replaced atomically.
 
     Args:
         model: the VeraModel.
@@ -228,7 +235,9 @@ def save_pretrained(
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
-        raise ValueError(f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}")
+        raise ValueError(
+            f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}"
+        )
     for name in names:
         metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
         write_files_atomically(
@@ -245,7 +254,9 @@ def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tens
     """{file key: CPU tensor} of one adapter, PEFT's keys (see the module docstring)."""
     sources = _model_tensors(model)
     layout = adapter_layout(model, model.peft_config[adapter_name], adapter_name)
-    return {key: sources[slot.model_key].detach().to("cpu").contiguous().clone() for key, slot in layout.items()}
+    return {
+        key: sources[slot.model_key].detach().to("cpu").contiguous().clone() for key, slot in layout.items()
+    }
 
 
 def _model_tensors(model: VeraModel) -> dict[str, torch.Tensor]:
@@ -263,15 +274,20 @@ def _fingerprint_for_file(model: VeraModel, adapter_name: str) -> dict[str, Any]
     return projection_fingerprint(vera_A, vera_B, config.projection_prng_key)
 
 
-def _regeneration_of_model_projections(model: VeraModel, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The regenerated pair, after checking that it is the pair the model uses (else the file would be wrong)."""
+def _regeneration_of_model_projections(
+    model: VeraModel, adapter_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regenerated pair, checked to be the pair the model uses (else the file would be wrong)."""
     config = model.peft_config[adapter_name]
-    vera_A, vera_B = regenerate_projections(model.vera_A.shape, model.vera_B.shape, config.projection_prng_key)
+    vera_A, vera_B = regenerate_projections(
+        model.vera_A.shape, model.vera_B.shape, config.projection_prng_key
+    )
     if not _same_values(vera_A, model.vera_A) or not _same_values(vera_B, model.vera_B):
         raise ValueError(
             f"adapter {adapter_name!r} has save_projection=False, but the model's vera_A/vera_B are not what "
-            f"projection_prng_key={config.projection_prng_key} regenerates, so a file without them would load with "
-            f"other projections. Set model.peft_config[{adapter_name!r}].save_projection = True to save them."
+            f"projection_prng_key={config.projection_prng_key} regenerates, so a file without them would "
+            f"load with other projections. Set model.peft_config[{adapter_name!r}].save_projection = True to "
+            "save them."
         )
     return vera_A, vera_B
 
@@ -288,7 +304,9 @@ def _config_for_file(model: VeraModel, config: VeraConfig) -> dict:
     if data["target_modules"] is None:
         data["target_modules"] = resolve_target_modules(model.model, config)
     if data["base_model_name_or_path"] is None:
-        data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "name_or_path", None) or None
+        data["base_model_name_or_path"] = (
+            getattr(getattr(model.model, "config", None), "name_or_path", None) or None
+        )
     return data
 
 
@@ -296,7 +314,9 @@ def _config_json(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
+def save_as_lora(
+    model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+) -> None:
     """Write adapter `adapter_name` as a standard PEFT LoRA adapter that computes exactly the same function.
 
     Per layer `lora_A = lambda_d * A_s` (r, in) and `lora_B = lambda_b * B_s` (out, r) in float32, with
@@ -313,14 +333,22 @@ def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_na
     config = model.peft_config[adapter_name]
     vera_keys = (".vera_lambda_b", ".vera_lambda_d", f"{PEFT_PREFIX}vera_A", f"{PEFT_PREFIX}vera_B")
     # Biases and modules_to_save carry over under the same keys; the VeRA tensors become lora_A/lora_B.
-    tensors = {key: t for key, t in adapter_tensors(model, adapter_name).items() if not key.endswith(vera_keys)}
+    tensors = {
+        key: t for key, t in adapter_tensors(model, adapter_name).items() if not key.endswith(vera_keys)
+    }
     layers = [(path, layer) for path, layer in model.vera_layers() if adapter_name in layer.r]
     for path, layer in layers:
         lambda_d = layer.vera_lambda_d[adapter_name].detach().to("cpu", torch.float32)
         lambda_b = layer.vera_lambda_b[adapter_name].detach().to("cpu", torch.float32)
-        A_s, B_s = model._projections.sliced(layer.in_features, layer.out_features, torch.float32, torch.device("cpu"))
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (lambda_d[:, None] * A_s).contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (lambda_b[:, None] * B_s).contiguous()  # (out, r)
+        A_s, B_s = model._projections.sliced(
+            layer.in_features, layer.out_features, torch.float32, torch.device("cpu")
+        )
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (
+            lambda_d[:, None] * A_s
+        ).contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (
+            lambda_b[:, None] * B_s
+        ).contiguous()  # (out, r)
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -339,7 +367,10 @@ def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_na
     }
     write_files_atomically(
         save_directory,
-        {WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}), CONFIG_NAME: _config_json(lora_config)},
+        {
+            WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+            CONFIG_NAME: _config_json(lora_config),
+        },
     )
 
 
@@ -347,7 +378,8 @@ def _lora_target_modules(model: VeraModel, adapted: list[str]) -> list[str]:
     """The adapted layers' short names when those select exactly the adapted layers, else their full names."""
     short = sorted({path.rsplit(".", 1)[-1] for path in adapted})
     selected = [
-        name for name, module in model.model.named_modules()
+        name
+        for name, module in model.model.named_modules()
         if isinstance(module, (nn.Linear, VeraLinear)) or is_fan_in_fan_out(module)
         if any(name_matches_entry(name, s) for s in short)
     ]
@@ -369,37 +401,49 @@ class AdapterFiles:
 
 
 def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
-    """Read and check an adapter directory on its own: files present, JSON and config valid, safetensors intact."""
+    """Read and check an adapter directory on its own: files present, config valid, safetensors intact."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterLoadError(
-            f"{directory}: no such adapter directory (expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+            f"{directory}: no such adapter directory (expected a directory holding {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME})"
         )
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
-        raise AdapterLoadError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterLoadError(
+            f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not weights_path.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
             raise AdapterLoadError(
-                f"{directory / PICKLE_WEIGHTS_NAME}: a pickled adapter; veralab loads safetensors only (unpickling can "
-                f"run arbitrary code). Re-save it with PEFT's save_pretrained(..., safe_serialization=True)."
+                f"{directory / PICKLE_WEIGHTS_NAME}: a pickled adapter; veralab loads safetensors only "
+                "(unpickling can run arbitrary code). Re-save it with PEFT's save_pretrained(..., "
+                "safe_serialization=True)."
             )
-        raise AdapterLoadError(f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    return AdapterFiles(config_path, weights_path, _read_config(config_path), *_read_safetensors(weights_path))
+        raise AdapterLoadError(
+            f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    return AdapterFiles(
+        config_path, weights_path, _read_config(config_path), *_read_safetensors(weights_path)
+    )
 
 
 def _read_config(path: Path) -> VeraConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted, save the adapter again") from e
+        raise AdapterLoadError(
+            f"{path}: not valid JSON ({e}); the file is truncated or corrupted, save the adapter again"
+        ) from e
     if not isinstance(data, dict):
-        raise AdapterLoadError(f"{path}: expected a JSON object of VeraConfig fields, got {type(data).__name__}")
+        raise AdapterLoadError(
+            f"{path}: expected a JSON object of VeraConfig fields, got {type(data).__name__}"
+        )
     peft_type = data.get("peft_type")
     if peft_type != "VERA":
         raise AdapterLoadError(
-            f"{path}: peft_type={peft_type!r}, but veralab loads VeRA adapters (peft_type 'VERA'); load this adapter "
-            "with the library that matches its peft_type"
+            f"{path}: peft_type={peft_type!r}, but veralab loads VeRA adapters (peft_type 'VERA'); load this "
+            "adapter with the library that matches its peft_type"
         )
     try:
         return VeraConfig.from_dict(data)
@@ -413,7 +457,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as e:
-        raise AdapterLoadError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted, save the adapter again") from e
+        raise AdapterLoadError(
+            f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted, save the adapter "
+            "again"
+        ) from e
     return tensors, metadata
 
 
@@ -426,29 +473,32 @@ def check_tensors(files: AdapterFiles, layout: dict[str, Slot]) -> None:
     unexpected = sorted(set(files.tensors) - set(layout))
     if missing:
         raise AdapterLoadError(
-            f"{files.weights_path}: missing {len(missing)} tensor(s) the adapter's config implies, e.g. {missing[:3]}; "
-            "the file does not belong to this config (or was written incompletely)"
+            f"{files.weights_path}: missing {len(missing)} tensor(s) the adapter's config implies, e.g. "
+            f"{missing[:3]}; the file does not belong to this config (or was written incompletely)"
         )
     if unexpected:
         raise AdapterLoadError(
-            f"{files.weights_path}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; they match no "
-            f"module this adapter's config targets in the model (was it saved from another architecture?)"
+            f"{files.weights_path}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; they "
+            "match no module this adapter's config targets in the model (was it saved from another "
+            "architecture?)"
         )
     for key, slot in layout.items():
         tensor = files.tensors[key]
         if tuple(tensor.shape) != slot.shape and slot.model_key in ("vera_A", "vera_B"):
             raise AdapterLoadError(
-                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but this model's shared projections "
-                f"are {slot.shape} (sized by its first adapter); load the adapter into a fresh base model with "
-                "VeraModel.from_pretrained"
+                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but this model's shared "
+                f"projections are {slot.shape} (sized by its first adapter); load the adapter into a fresh "
+                "base model with VeraModel.from_pretrained"
             )
         if tuple(tensor.shape) != slot.shape:
             raise AdapterLoadError(
-                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but the model needs {slot.shape}; the "
-                "adapter was saved from a model with other layer sizes (or another rank)"
+                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but the model needs "
+                f"{slot.shape}; the adapter was saved from a model with other layer sizes (or another rank)"
             )
         if not tensor.dtype.is_floating_point:
-            raise AdapterLoadError(f"{files.weights_path}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
+            raise AdapterLoadError(
+                f"{files.weights_path}: {key} has dtype {tensor.dtype}; adapter tensors are floating point"
+            )
 
 
 def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> None:
@@ -463,24 +513,29 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
     fingerprint = _stored_fingerprint(files)
     if config.save_projection:
         vera_A, vera_B = files.tensors[f"{PEFT_PREFIX}vera_A"], files.tensors[f"{PEFT_PREFIX}vera_B"]
-        if fingerprint is not None and projection_fingerprint(vera_A, vera_B, config.projection_prng_key)["sha256"] != fingerprint["sha256"]:
+        if (
+            fingerprint is not None
+            and projection_fingerprint(vera_A, vera_B, config.projection_prng_key)["sha256"]
+            != fingerprint["sha256"]
+        ):
             raise AdapterLoadError(
-                f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to them; the "
-                "file is corrupted, save the adapter again"
+                f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to "
+                "them; the file is corrupted, save the adapter again"
             )
         if not replace and not (_same_values(vera_A, model.vera_A) and _same_values(vera_B, model.vera_B)):
             raise AdapterLoadError(
-                f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this model's "
-                f"adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it into a fresh base "
-                "model with VeraModel.from_pretrained instead."
+                f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this "
+                f"model's adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it "
+                "into a fresh base model with VeraModel.from_pretrained instead."
             )
         return
     regenerated = regenerate_projections(model.vera_A.shape, model.vera_B.shape, config.projection_prng_key)
     if fingerprint is None:
         warnings.warn(
-            f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT with "
-            "save_projection=False): the projections are regenerated from projection_prng_key and cannot be verified; "
-            "outputs are wrong if this machine's generator differs from the one it was trained with.",
+            f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT "
+            "with save_projection=False): the projections are regenerated from projection_prng_key and "
+            "cannot be verified; outputs are wrong if this machine's generator differs from the one it was "
+            "trained with.",
             UserWarning,
             stacklevel=4,
         )
@@ -488,9 +543,10 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
         _check_fingerprint(files, fingerprint, regenerated)
     if not (_same_values(regenerated[0], model.vera_A) and _same_values(regenerated[1], model.vera_B)):
         raise AdapterLoadError(
-            f"{files.weights_path}: the adapter relies on the projections projection_prng_key="
-            f"{config.projection_prng_key} regenerates, but this model's shared vera_A/vera_B differ from them; load "
-            "it into a fresh base model with VeraModel.from_pretrained instead."
+            f"{files.weights_path}: the adapter relies on the projections "
+            f"projection_prng_key={config.projection_prng_key} regenerates, but this model's shared "
+            "vera_A/vera_B differ from them; load it into a fresh base model with VeraModel.from_pretrained "
+            "instead."
         )
 
 
@@ -505,36 +561,39 @@ def _stored_fingerprint(files: AdapterFiles) -> dict[str, Any] | None:
     needed = {"sha256", "projection_prng_key", "vera_A_shape", "vera_B_shape"}
     if not isinstance(fingerprint, dict) or not needed <= set(fingerprint):
         raise AdapterLoadError(
-            f"{files.weights_path}: the {FINGERPRINT_KEY!r} metadata is corrupted (expected a JSON object with "
-            f"{sorted(needed)}, got {raw[:80]!r}); save the adapter again"
+            f"{files.weights_path}: the {FINGERPRINT_KEY!r} metadata is corrupted (expected a JSON object "
+            f"with {sorted(needed)}, got {raw[:80]!r}); save the adapter again"
         )
     return fingerprint
 
 
-def _check_fingerprint(files: AdapterFiles, fingerprint: dict[str, Any], regenerated: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _check_fingerprint(
+    files: AdapterFiles, fingerprint: dict[str, Any], regenerated: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     key = files.config.projection_prng_key
     if fingerprint["projection_prng_key"] != key:
         raise ProjectionMismatchError(
-            f"{files.config_path}: projection_prng_key={key}, but the adapter was trained with projections drawn "
-            f"from projection_prng_key={fingerprint['projection_prng_key']} (recorded in {files.weights_path.name}); "
-            "restore the config's original key"
+            f"{files.config_path}: projection_prng_key={key}, but the adapter was trained with projections "
+            f"drawn from projection_prng_key={fingerprint['projection_prng_key']} (recorded in "
+            f"{files.weights_path.name}); restore the config's original key"
         )
     saved_shapes = (tuple(fingerprint["vera_A_shape"]), tuple(fingerprint["vera_B_shape"]))
     shapes = (tuple(regenerated[0].shape), tuple(regenerated[1].shape))
     if saved_shapes != shapes:
         raise ProjectionMismatchError(
-            f"{files.weights_path}: the adapter was trained with projections of shapes {saved_shapes}, but this model "
-            f"needs {shapes}; it was saved from a model with other layer sizes"
+            f"{files.weights_path}: the adapter was trained with projections of shapes {saved_shapes}, but "
+            f"this model needs {shapes}; it was saved from a model with other layer sizes"
         )
     if projection_fingerprint(*regenerated, key)["sha256"] != fingerprint["sha256"]:
         raise ProjectionMismatchError(
             f"{files.weights_path}: vera_A/vera_B regenerated from projection_prng_key={key} on this machine "
-            f"(torch {torch.__version__}) do not match the fingerprint saved with the adapter (saved with torch "
-            f"{fingerprint.get('torch_version', 'unknown')}, sha256 {fingerprint['sha256'][:16]}...). The file has no "
-            "projections (save_projection=False) and this machine's generator draws different ones, so loading "
-            "it would silently give wrong outputs. To recover: where the adapter was saved (same torch version and "
-            "device), load it, set model.peft_config[<name>].save_projection = True and save it again; that file "
-            "carries its projections and loads anywhere."
+            f"(torch {torch.__version__}) do not match the fingerprint saved with the adapter (saved with "
+            f"torch {fingerprint.get('torch_version', 'unknown')}, sha256 {fingerprint['sha256'][:16]}...). "
+            "The file has no projections (save_projection=False) and this machine's generator draws "
+            "different ones, so loading it would silently give wrong outputs. To recover: where the adapter "
+            "was saved (same torch version and device), load it, set "
+            "model.peft_config[<name>].save_projection = True and save it again; that file carries its "
+            "projections and loads anywhere."
         )
 
 
@@ -562,7 +621,9 @@ def load_adapter(
     with _naming(files.config_path):
         if existing:
             layout = adapter_layout(model, files.config, adapter_name)
-            _check_same_layout(files, layout, adapter_layout(model, model.peft_config[adapter_name], adapter_name))
+            _check_same_layout(
+                files, layout, adapter_layout(model, model.peft_config[adapter_name], adapter_name)
+            )
         else:
             model._check_new_adapter_name(adapter_name)
             model._check_against_projections(files.config, model._find_targets(files.config))
@@ -633,8 +694,11 @@ def _adopt_trained_projection_shapes(model: VeraModel, files: AdapterFiles) -> N
     shape_A, shape_B = shapes
     current_A, current_B = tuple(model.vera_A.shape), tuple(model.vera_B.shape)
     fits = (
-        len(shape_A) == 2 and len(shape_B) == 2 and shape_A[0] == current_A[0] == shape_B[1]
-        and shape_A[1] >= current_A[1] and shape_B[0] >= current_B[0]
+        len(shape_A) == 2
+        and len(shape_B) == 2
+        and shape_A[0] == current_A[0] == shape_B[1]
+        and shape_A[1] >= current_A[1]
+        and shape_B[0] >= current_B[0]
     )
     if not fits or (shape_A, shape_B) == (current_A, current_B):
         return
@@ -644,17 +708,19 @@ def _adopt_trained_projection_shapes(model: VeraModel, files: AdapterFiles) -> N
 
 
 def load_checkpoint_adapters(model: VeraModel, directory: str | os.PathLike) -> None:
-    """Restore every adapter of `model` from a `save_pretrained` directory in place (trainability unchanged)."""
+    """Restore every adapter of `model` in place from a `save_pretrained` directory (trainability kept)."""
     for name, config in model.peft_config.items():
         load_adapter(model, adapter_directory(directory, name), name, is_trainable=not config.inference_mode)
 
 
 def _check_same_layout(files: AdapterFiles, layout: dict[str, Slot], existing: dict[str, Slot]) -> None:
     if layout != existing:
-        differing = sorted(set(layout) ^ set(existing)) or sorted(k for k in layout if layout[k] != existing[k])
+        differing = sorted(set(layout) ^ set(existing)) or sorted(
+            k for k in layout if layout[k] != existing[k]
+        )
         raise AdapterLoadError(
-            f"{files.config_path}: this adapter's config lays out other tensors than the model's adapter of the same "
-            f"name (e.g. {differing[:3]}); load it under a new adapter_name"
+            f"{files.config_path}: this adapter's config lays out other tensors than the model's adapter of "
+            f"the same name (e.g. {differing[:3]}); load it under a new adapter_name"
         )
 
 

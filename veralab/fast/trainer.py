@@ -11,7 +11,8 @@ label names and dataset columns off the wrapped model's `forward` (VeraModel's t
     trainer = VeraTrainer(model=vera_model, args=TrainingArguments(...), train_dataset=...)
     trainer.train(resume_from_checkpoint=True)
 
-`VeraTrainerMixin` also composes with other Trainer subclasses: `class MyTrainer(VeraTrainerMixin, SFTTrainer)`.
+`VeraTrainerMixin` also composes with other Trainer subclasses:
+`class MyTrainer(VeraTrainerMixin, SFTTrainer)`.
 """
 
 from __future__ import annotations
@@ -45,10 +46,18 @@ class VeraTrainerMixin:
         if vera_model is None or self._signature_columns is not None:
             return super()._set_signature_columns_if_needed()
         forward = inspect.signature(vera_model.get_base_model().forward)
-        self._signature_columns = [*forward.parameters, "adapter_names", "label", "label_ids", *self.label_names]
+        self._signature_columns = [
+            *forward.parameters,
+            "adapter_names",
+            "label",
+            "label_ids",
+            *self.label_names,
+        ]
 
     def _vera_model(self, model=None) -> VeraModel | None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        model = self.accelerator.unwrap_model(
+            model if model is not None else self.model, keep_torch_compile=False
+        )
         return model if isinstance(model, VeraModel) else None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
