@@ -52,6 +52,30 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------- tiny models
 
 
+SMALL = dict(num_hidden_layers=2, vocab_size=50, max_position_embeddings=32)
+
+
+def tiny_llama(hidden_size: int = 24) -> nn.Module:
+    config = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2, **SMALL
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_opt() -> nn.Module:
+    return OPTForCausalLM(
+        OPTConfig(hidden_size=16, ffn_dim=36, num_attention_heads=2, word_embed_proj_dim=16, **SMALL)
+    )
+
+
+def tiny_gpt2() -> nn.Module:
+    # GPT-2's blocks are transformers Conv1D layers (weights stored as (in, out)).
+    config = GPT2Config(
+        n_embd=20, n_layer=2, n_head=4, n_positions=32, vocab_size=50, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)
+
+
 @dataclass
 class Arch:
     """A tiny base model and the adapters put on it (the first one covers the largest layers)."""
@@ -60,7 +84,6 @@ class Arch:
     r: int
     adapters: dict[str, dict]
     fan_in_fan_out: bool = False
-    vocab: int = 50
 
     def base(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -69,17 +92,7 @@ class Arch:
 
 ARCHS = {
     "llama": Arch(
-        build=lambda: LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=24,
-                intermediate_size=40,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=50,
-                max_position_embeddings=32,
-            )
-        ),
+        tiny_llama,
         r=6,
         adapters={
             "default": {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
@@ -88,17 +101,7 @@ ARCHS = {
         },
     ),
     "opt": Arch(
-        build=lambda: OPTForCausalLM(
-            OPTConfig(
-                hidden_size=16,
-                ffn_dim=36,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=50,
-                max_position_embeddings=32,
-                word_embed_proj_dim=16,
-            )
-        ),
+        tiny_opt,
         r=5,
         adapters={
             "default": {"target_modules": ["q_proj", "v_proj", "fc1", "fc2"]},
@@ -106,11 +109,7 @@ ARCHS = {
         },
     ),
     "gpt2": Arch(
-        build=lambda: GPT2LMHeadModel(
-            GPT2Config(
-                n_embd=20, n_layer=2, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0
-            )
-        ),
+        tiny_gpt2,
         r=7,
         adapters={
             "default": {"target_modules": ["c_attn", "c_proj", "c_fc"]},
@@ -200,7 +199,11 @@ def edit_config(path: Path, edit) -> None:
 BOTH = pytest.mark.parametrize(
     "save_projection", [True, False], ids=["with_projections", "without_projections"]
 )
-EACH_ARCH = pytest.mark.parametrize("arch_name", list(ARCHS))
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> Arch:
+    return ARCHS[request.param]
 
 
 # --------------------------------------------------------------------------------------------- the format
@@ -246,10 +249,8 @@ def test_selected_adapters_and_pickle_requests_are_checked(tmp_path):
 # --------------------------------------------------------------------------------------------- round trips
 
 
-@EACH_ARCH
 @BOTH
-def test_veralab_adapters_round_trip_through_veralab_and_peft(arch_name, save_projection, tmp_path):
-    arch = ARCHS[arch_name]
+def test_veralab_adapters_round_trip_through_veralab_and_peft(arch, save_projection, tmp_path):
     model = make_vera(arch, save_projection)
     expected = outputs(model, arch.adapters)
     model.save_pretrained(tmp_path)
@@ -262,10 +263,8 @@ def test_veralab_adapters_round_trip_through_veralab_and_peft(arch_name, save_pr
     assert not torch.allclose(expected["default"], expected["other"])  # the adapters differ, so names matter
 
 
-@EACH_ARCH
 @BOTH
-def test_peft_adapters_load_into_veralab_and_save_back_identically(arch_name, save_projection, tmp_path):
-    arch = ARCHS[arch_name]
+def test_peft_adapters_load_into_veralab_and_save_back_identically(arch, save_projection, tmp_path):
     peft_model = make_peft(arch, save_projection)
     expected = outputs(peft_model, arch.adapters)
     peft_model.save_pretrained(tmp_path / "peft")
@@ -287,10 +286,8 @@ def test_peft_adapters_load_into_veralab_and_save_back_identically(arch_name, sa
         assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
-@EACH_ARCH
 @BOTH
-def test_lora_export_reproduces_every_adapter_in_peft(arch_name, save_projection, tmp_path):
-    arch = ARCHS[arch_name]
+def test_lora_export_reproduces_every_adapter_in_peft(arch, save_projection, tmp_path):
     model = make_vera(arch, save_projection)
     expected = outputs(model, arch.adapters)
     for name in arch.adapters:
@@ -630,21 +627,7 @@ def test_an_adapter_for_another_architecture_or_other_shapes_is_refused(tmp_path
         VeraModel.from_pretrained(gpt2, tmp_path)
     assert_untouched_base(gpt2, ARCHS["gpt2"])
 
-    wider = Arch(
-        build=lambda: LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=32,
-                intermediate_size=40,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=50,
-                max_position_embeddings=32,
-            )
-        ),
-        r=6,
-        adapters={},
-    )
+    wider = Arch(lambda: tiny_llama(hidden_size=32), r=6, adapters={})
     base = wider.base()
     with pytest.raises(AdapterLoadError, match=r"has shape \(\d+,\) but the model needs \(\d+,\)"):
         VeraModel.from_pretrained(base, tmp_path)
@@ -709,8 +692,8 @@ class TrainerRun:
         model.add_adapter("other", vera_config(self.arch, "other", False))
         return model
 
-    def trainer(self, model: VeraModel) -> VeraTrainer:
-        args = TrainingArguments(
+    def trainer(self, model: VeraModel, **overrides) -> VeraTrainer:
+        args = dict(
             output_dir=str(self.output_dir),
             max_steps=3,
             save_steps=2,
@@ -722,7 +705,10 @@ class TrainerRun:
             seed=0,
             dataloader_num_workers=0,
         )
-        return VeraTrainer(model=model, args=args, train_dataset=TokenDataset())
+        arguments = TrainingArguments(**{**args, **overrides})
+        return VeraTrainer(
+            model=model, args=arguments, train_dataset=TokenDataset(), eval_dataset=TokenDataset(4)
+        )
 
 
 def test_trainer_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
@@ -750,4 +736,28 @@ def test_trainer_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path)
     final = VeraModel.from_pretrained(run.arch.base(), tmp_path / "final")
     assert torch.equal(
         outputs(final, ["default"])["default"], outputs(straight.eval(), ["default"])["default"]
+    )
+
+
+def test_trainer_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    run = TrainerRun(tmp_path)
+    model = run.model()
+    # "Best" = highest eval loss: an early checkpoint, so loading it visibly changes the trained model.
+    trainer = run.trainer(
+        model,
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-3"
+    saved, _ = read_file(best / WEIGHTS_NAME)
+    layer = model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(
+        layer.vera_lambda_b["default"].detach(),
+        saved["base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b"],
     )
