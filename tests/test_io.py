@@ -665,6 +665,9 @@ def test_loading_into_an_existing_adapter_replaces_its_weights_in_place(tmp_path
         model.load_adapter(sub, name, is_trainable=True)
     assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer holding them still works
     assert all(torch.equal(outputs(model, [n])[n], expected[n]) for n in arch.adapters)
+    model.merge_adapter(["other"])
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model.load_adapter(tmp_path / "other", "other")
 
 
 # --------------------------------------------------------------------------------------------- Trainer

@@ -303,11 +303,15 @@ def _config_for_file(model: VeraModel, config: VeraConfig) -> dict:
     data["inference_mode"] = True
     if data["target_modules"] is None:
         data["target_modules"] = resolve_target_modules(model.model, config)
-    if data["base_model_name_or_path"] is None:
-        data["base_model_name_or_path"] = (
-            getattr(getattr(model.model, "config", None), "name_or_path", None) or None
-        )
+    data["base_model_name_or_path"] = _base_model_name(model, config)
     return data
+
+
+def _base_model_name(model: VeraModel, config: VeraConfig) -> str | None:
+    """The config's base model name, else the wrapped model's `name_or_path` (what PEFT records)."""
+    if config.base_model_name_or_path is not None:
+        return config.base_model_name_or_path
+    return getattr(getattr(model.model, "config", None), "name_or_path", None) or None
 
 
 def _config_json(data: dict) -> bytes:
@@ -343,16 +347,14 @@ def save_as_lora(
         A_s, B_s = model._projections.sliced(
             layer.in_features, layer.out_features, torch.float32, torch.device("cpu")
         )
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (
-            lambda_d[:, None] * A_s
-        ).contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (
-            lambda_b[:, None] * B_s
-        ).contiguous()  # (out, r)
+        lora_A = lambda_d[:, None] * A_s  # (r, in)
+        lora_B = lambda_b[:, None] * B_s  # (out, r)
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = lora_A.contiguous()
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = lora_B.contiguous()
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
-        "base_model_name_or_path": _config_for_file(model, config)["base_model_name_or_path"],
+        "base_model_name_or_path": _base_model_name(model, config),
         "r": config.r,
         "lora_alpha": config.r,
         "lora_dropout": config.vera_dropout,
@@ -513,11 +515,7 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
     fingerprint = _stored_fingerprint(files)
     if config.save_projection:
         vera_A, vera_B = files.tensors[f"{PEFT_PREFIX}vera_A"], files.tensors[f"{PEFT_PREFIX}vera_B"]
-        if (
-            fingerprint is not None
-            and projection_fingerprint(vera_A, vera_B, config.projection_prng_key)["sha256"]
-            != fingerprint["sha256"]
-        ):
+        if fingerprint is not None and not _fingerprint_matches(fingerprint, vera_A, vera_B, config):
             raise AdapterLoadError(
                 f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to "
                 "them; the file is corrupted, save the adapter again"
@@ -567,6 +565,14 @@ def _stored_fingerprint(files: AdapterFiles) -> dict[str, Any] | None:
     return fingerprint
 
 
+def _fingerprint_matches(
+    fingerprint: dict[str, Any], vera_A: torch.Tensor, vera_B: torch.Tensor, config: VeraConfig
+) -> bool:
+    return (
+        projection_fingerprint(vera_A, vera_B, config.projection_prng_key)["sha256"] == fingerprint["sha256"]
+    )
+
+
 def _check_fingerprint(
     files: AdapterFiles, fingerprint: dict[str, Any], regenerated: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -584,7 +590,7 @@ def _check_fingerprint(
             f"{files.weights_path}: the adapter was trained with projections of shapes {saved_shapes}, but "
             f"this model needs {shapes}; it was saved from a model with other layer sizes"
         )
-    if projection_fingerprint(*regenerated, key)["sha256"] != fingerprint["sha256"]:
+    if not _fingerprint_matches(fingerprint, *regenerated, files.config):
         raise ProjectionMismatchError(
             f"{files.weights_path}: vera_A/vera_B regenerated from projection_prng_key={key} on this machine "
             f"(torch {torch.__version__}) do not match the fingerprint saved with the adapter (saved with "
@@ -615,9 +621,14 @@ def load_adapter(
         adapter_name: the name to load it under.
         is_trainable: False freezes the adapter and puts the model in eval mode, as PEFT does.
     """
+    existing = adapter_name in model.peft_config
+    if existing and adapter_name in model._merged_adapters():
+        raise ValueError(
+            f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
+            "loading new weights into it"
+        )
     files = read_adapter_files(directory)
     files.config.inference_mode = not is_trainable
-    existing = adapter_name in model.peft_config
     with _naming(files.config_path):
         if existing:
             layout = adapter_layout(model, files.config, adapter_name)
