@@ -9,18 +9,10 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_opt, token_batch
 from safetensors import safe_open
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    TrainingArguments,
-)
+from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
 
 from veralab import VeraConfig
 from veralab.fast import VeraModel, get_model, projections
@@ -52,30 +44,6 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------- tiny models
 
 
-SMALL = dict(num_hidden_layers=2, vocab_size=50, max_position_embeddings=32)
-
-
-def tiny_llama(hidden_size: int = 24) -> nn.Module:
-    config = LlamaConfig(
-        hidden_size=hidden_size, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2, **SMALL
-    )
-    return LlamaForCausalLM(config)
-
-
-def tiny_opt() -> nn.Module:
-    return OPTForCausalLM(
-        OPTConfig(hidden_size=16, ffn_dim=36, num_attention_heads=2, word_embed_proj_dim=16, **SMALL)
-    )
-
-
-def tiny_gpt2() -> nn.Module:
-    # GPT-2's blocks are transformers Conv1D layers (weights stored as (in, out)).
-    config = GPT2Config(
-        n_embd=20, n_layer=2, n_head=4, n_positions=32, vocab_size=50, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config)
-
-
 @dataclass
 class Arch:
     """A tiny base model and the adapters put on it (the first one covers the largest layers)."""
@@ -85,8 +53,7 @@ class Arch:
     adapters: dict[str, dict]
     fan_in_fan_out: bool = False
 
-    def base(self, seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
+    def base(self) -> nn.Module:
         return self.build().eval()
 
 
@@ -118,7 +85,7 @@ ARCHS = {
         fan_in_fan_out=True,
     ),
 }
-INPUT = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+INPUT = token_batch()
 
 
 def randomize(model: nn.Module, seed: int = 1) -> None:
@@ -226,7 +193,7 @@ def test_saved_layout_uses_peft_names_subdirectories_and_a_fingerprint(tmp_path)
     )
     assert len(tensors) == 2 * 4 * 2 + 2  # two lambdas x four targets x two layers, plus the projections
     fingerprint = json.loads(metadata[adapter_io.FINGERPRINT_KEY])
-    assert fingerprint["vera_A_shape"] == [arch.r, 40] and fingerprint["vera_B_shape"] == [40, arch.r]
+    assert fingerprint["vera_A_shape"] == [arch.r, 44] and fingerprint["vera_B_shape"] == [44, arch.r]
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "VERA" and config["inference_mode"] is True and config["r"] == arch.r
     third, _ = read_file(tmp_path / "third" / WEIGHTS_NAME)
@@ -303,9 +270,9 @@ def test_lora_factors_are_the_scaled_projection_slices(tmp_path):
     model = make_vera(ARCHS["gpt2"], save_projection=True)
     model.save_as_lora(tmp_path, adapter_name="other")
     tensors, _ = read_file(tmp_path / WEIGHTS_NAME)
-    layer = model.model.transformer.h[1].attn.c_attn  # Conv1D (20 -> 60)
+    layer = model.model.transformer.h[1].attn.c_attn  # Conv1D (24 -> 72)
     key = "base_model.model.transformer.h.1.attn.c_attn"
-    A_s, B_s = model.vera_A[:, :20], model.vera_B[:60]
+    A_s, B_s = model.vera_A[:, :24], model.vera_B[:72]
     assert torch.equal(tensors[f"{key}.lora_A.weight"], layer.vera_lambda_d["other"].detach()[:, None] * A_s)
     assert torch.equal(tensors[f"{key}.lora_B.weight"], layer.vera_lambda_b["other"].detach()[:, None] * B_s)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["target_modules"] == ["c_attn"]
@@ -313,20 +280,10 @@ def test_lora_factors_are_the_scaled_projection_slices(tmp_path):
 
 def test_classifier_head_and_biases_travel_both_ways_and_into_lora(tmp_path):
     def base():
+        gpt2 = tiny_gpt2()
+        gpt2.config.update(dict(num_labels=3, pad_token_id=0))
         torch.manual_seed(0)
-        return GPT2ForSequenceClassification(
-            GPT2Config(
-                n_embd=20,
-                n_layer=2,
-                n_head=4,
-                vocab_size=50,
-                n_positions=32,
-                num_labels=3,
-                pad_token_id=0,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        ).eval()
+        return GPT2ForSequenceClassification(gpt2.config).eval()
 
     config = dict(
         r=5,
@@ -621,13 +578,18 @@ def test_broken_files_are_refused_naming_the_file_and_nothing_is_half_loaded(bro
 
 
 def test_an_adapter_for_another_architecture_or_other_shapes_is_refused(tmp_path):
+    def wider_mlp() -> nn.Module:
+        config = tiny_llama().config
+        config.intermediate_size = 60
+        return LlamaForCausalLM(config)
+
     make_vera(ARCHS["llama"], save_projection=True).save_pretrained(tmp_path, selected_adapters=["default"])
     gpt2 = ARCHS["gpt2"].base()
     with pytest.raises(AdapterLoadError, match=r"does not fit the model.*match no module of GPT2LMHeadModel"):
         VeraModel.from_pretrained(gpt2, tmp_path)
     assert_untouched_base(gpt2, ARCHS["gpt2"])
 
-    wider = Arch(lambda: tiny_llama(hidden_size=32), r=6, adapters={})
+    wider = Arch(wider_mlp, r=6, adapters={})
     base = wider.base()
     with pytest.raises(AdapterLoadError, match=r"has shape \(\d+,\) but the model needs \(\d+,\)"):
         VeraModel.from_pretrained(base, tmp_path)
@@ -676,7 +638,7 @@ def test_loading_into_an_existing_adapter_replaces_its_weights_in_place(tmp_path
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self, count: int = 8):
         generator = torch.Generator().manual_seed(0)
-        self.rows = [torch.randint(0, 50, (8,), generator=generator) for _ in range(count)]
+        self.rows = [torch.randint(0, VOCAB, (8,), generator=generator) for _ in range(count)]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -6,7 +6,7 @@ A plain `Trainer` special-cases PEFT's `PeftModel` only; any other model has its
 `_load_best_model`) to write and read the adapter files of `VeraModel.save_pretrained` instead. The
 optimizer, scheduler and RNG states stay the Trainer's own business; the adapter weights are restored in
 place, so the restored optimizer state still refers to them. Like the Trainer does for PEFT models, it reads
-label names and dataset columns off the wrapped model's `forward` (VeraModel's takes `**kwargs`).
+label names off the wrapped model's class (the class `VeraModel.forward` takes `**kwargs`).
 
     trainer = VeraTrainer(model=vera_model, args=TrainingArguments(...), train_dataset=...)
     trainer.train(resume_from_checkpoint=True)
@@ -17,7 +17,6 @@ label names and dataset columns off the wrapped model's `forward` (VeraModel's t
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -40,19 +39,6 @@ class VeraTrainerMixin:
             if self.args.label_names is None:
                 self.label_names = find_labels(base_class)
             self.can_return_loss = can_return_loss(base_class)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        vera_model = self._vera_model()
-        if vera_model is None or self._signature_columns is not None:
-            return super()._set_signature_columns_if_needed()
-        forward = inspect.signature(vera_model.get_base_model().forward)
-        self._signature_columns = [
-            *forward.parameters,
-            "adapter_names",
-            "label",
-            "label_ids",
-            *self.label_names,
-        ]
 
     def _vera_model(self, model=None) -> VeraModel | None:
         model = self.accelerator.unwrap_model(
