@@ -230,6 +230,11 @@ def test_veralab_adapters_round_trip_through_veralab_and_peft(arch, save_project
     assert not torch.allclose(expected["default"], expected["other"])  # the adapters differ, so names matter
 
 
+@pytest.mark.fault(
+    "file",
+    "a PEFT adapter saved without projections (no fingerprint)",
+    "loads, with a UserWarning that the regenerated projections cannot be verified",
+)
 @BOTH
 def test_peft_adapters_load_into_veralab_and_save_back_identically(arch, save_projection, tmp_path):
     peft_model = make_peft(arch, save_projection)
@@ -360,6 +365,11 @@ def test_a_later_adapter_saved_alone_loads_alone_with_the_projections_it_was_tra
     assert torch.equal(outputs(alone, ["other"])["other"], expected)
 
 
+@pytest.mark.fault(
+    "file",
+    "`save_projection=False` while the model's projections are not what the key regenerates",
+    "ValueError before anything is written",
+)
 def test_saving_without_projections_refuses_projections_the_key_cannot_regenerate(tmp_path):
     model = make_vera(ARCHS["opt"], save_projection=False)
     with torch.no_grad():
@@ -369,6 +379,11 @@ def test_saving_without_projections_refuses_projections_the_key_cannot_regenerat
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.fault(
+    "file",
+    "projections regenerated from the key differ (another torch version or device)",
+    "ProjectionMismatchError saying how to recover (re-save with save_projection=True where it was saved); base model restored",
+)
 def test_regenerated_projections_that_differ_are_refused_with_a_recovery_hint(tmp_path, monkeypatch):
     arch = ARCHS["llama"]
     make_vera(arch, save_projection=False).save_pretrained(tmp_path, selected_adapters=["default"])
@@ -386,14 +401,37 @@ def test_regenerated_projections_that_differ_are_refused_with_a_recovery_hint(tm
     assert_untouched_base(base, arch)
 
 
+def tampered(case: str, tamper, message: str, id: str):
+    return pytest.param(
+        tamper,
+        message,
+        id=id,
+        marks=pytest.mark.fault("file", case, "ProjectionMismatchError naming the file"),
+    )
+
+
 @pytest.mark.parametrize(
     "tamper, message",
     [
-        (lambda fp: fp.update(sha256="0" * 64), "do not match the fingerprint"),
-        (lambda fp: fp.update(vera_A_shape=[3, 3]), "projections of shapes"),
-        (lambda fp: fp.update(projection_prng_key=7), "restore the config's original key"),
+        tampered(
+            "fingerprint hash edited",
+            lambda fp: fp.update(sha256="0" * 64),
+            "do not match the fingerprint",
+            "hash",
+        ),
+        tampered(
+            "fingerprint shapes edited",
+            lambda fp: fp.update(vera_A_shape=[3, 3]),
+            "projections of shapes",
+            "shape",
+        ),
+        tampered(
+            "config's `projection_prng_key` differs from the fingerprint's",
+            lambda fp: fp.update(projection_prng_key=7),
+            "restore the config's original key",
+            "key",
+        ),
     ],
-    ids=["hash", "shape", "key"],
 )
 def test_tampered_fingerprints_are_refused(tmp_path, tamper, message):
     arch = ARCHS["gpt2"]
@@ -405,18 +443,28 @@ def test_tampered_fingerprints_are_refused(tmp_path, tamper, message):
         metadata[adapter_io.FINGERPRINT_KEY] = json.dumps(fingerprint)
 
     rewrite_file(tmp_path / WEIGHTS_NAME, edit)
+    base = arch.base()
     with pytest.raises(ProjectionMismatchError, match=message):
-        VeraModel.from_pretrained(arch.base(), tmp_path)
+        VeraModel.from_pretrained(base, tmp_path)
+    assert_untouched_base(base, arch)
 
 
+@pytest.mark.fault("file", "saved vera_A/vera_B bytes corrupted", "AdapterLoadError: the file is corrupted")
 def test_corrupted_saved_projections_are_caught_by_the_fingerprint(tmp_path):
     arch = ARCHS["opt"]
     make_vera(arch, save_projection=True).save_pretrained(tmp_path, selected_adapters=["default"])
     rewrite_file(tmp_path / WEIGHTS_NAME, lambda tensors, _: tensors["base_model.vera_A"].neg_())
+    base = arch.base()
     with pytest.raises(AdapterLoadError, match="file is corrupted"):
-        VeraModel.from_pretrained(arch.base(), tmp_path)
+        VeraModel.from_pretrained(base, tmp_path)
+    assert_untouched_base(base, arch)
 
 
+@pytest.mark.fault(
+    "file",
+    "`load_adapter` of an adapter whose saved projections differ from the model's shared pair",
+    "AdapterLoadError pointing to `VeraModel.from_pretrained`; model unchanged",
+)
 def test_an_adapter_with_other_saved_projections_does_not_join_a_model(tmp_path):
     arch = ARCHS["llama"]
     donor = make_vera(arch, save_projection=True)
@@ -433,6 +481,11 @@ def test_an_adapter_with_other_saved_projections_does_not_join_a_model(tmp_path)
 # --------------------------------------------------------------------------------------------- safe writes
 
 
+@pytest.mark.fault(
+    "file",
+    "a save that fails midway (disk full)",
+    "the previous files stay byte-identical and loadable; no staging directory is left, no new directory appears",
+)
 def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
     arch = ARCHS["llama"]
     model = make_vera(arch, save_projection=True)
@@ -503,66 +556,117 @@ def corrupt_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-BROKEN_FILES = {
-    "missing config": (lambda d: (d / CONFIG_NAME).unlink(), CONFIG_NAME, "missing"),
-    "missing weights": (lambda d: (d / WEIGHTS_NAME).unlink(), WEIGHTS_NAME, "missing"),
-    "pickle only": (
+LOAD_REFUSAL = "AdapterLoadError naming the file and the problem; model unchanged, base model restored"
+
+
+def broken(case: str, damage, file_name: str, message: str, id: str):
+    """One damaged adapter directory: loading must raise `message` naming `file_name` and change nothing."""
+    return pytest.param(
+        damage, file_name, message, id=id, marks=pytest.mark.fault("file", case, LOAD_REFUSAL)
+    )
+
+
+def truncate(path: Path, keep) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+BROKEN_FILES = [
+    broken(
+        "adapter_config.json missing",
+        lambda d: (d / CONFIG_NAME).unlink(),
+        CONFIG_NAME,
+        "missing",
+        "no-config",
+    ),
+    broken(
+        "adapter_model.safetensors missing",
+        lambda d: (d / WEIGHTS_NAME).unlink(),
+        WEIGHTS_NAME,
+        "missing",
+        "no-weights",
+    ),
+    broken(
+        "only a pickled adapter_model.bin (never unpickled)",
         lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"),
         "adapter_model.bin",
         "safetensors only",
+        "pickle-only",
     ),
-    "truncated weights": (
-        lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-12]),
+    broken(
+        "truncated adapter_model.safetensors",
+        lambda d: truncate(d / WEIGHTS_NAME, -12),
         WEIGHTS_NAME,
         "truncated",
+        "truncated-weights",
     ),
-    "corrupted header": (lambda d: corrupt_header(d / WEIGHTS_NAME), WEIGHTS_NAME, "corrupted"),
-    "truncated config": (
-        lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text()[:40]),
+    broken(
+        "corrupted safetensors header",
+        lambda d: corrupt_header(d / WEIGHTS_NAME),
+        WEIGHTS_NAME,
+        "corrupted",
+        "corrupted-header",
+    ),
+    broken(
+        "truncated adapter_config.json",
+        lambda d: truncate(d / CONFIG_NAME, 40),
         CONFIG_NAME,
         "not valid JSON",
+        "truncated-config",
     ),
-    "wrong peft_type": (
+    broken(
+        "`peft_type` of another method (LORA)",
         lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(peft_type="LORA")),
         CONFIG_NAME,
         "peft_type='LORA'",
+        "wrong-peft-type",
     ),
-    "unknown config field": (
+    broken(
+        "unknown field in adapter_config.json",
         lambda d: edit_config(d / CONFIG_NAME, lambda c: c.update(lora_alpha=8)),
         CONFIG_NAME,
         "unknown VeraConfig",
+        "unknown-field",
     ),
-    "missing key": (
+    broken(
+        "a tensor missing from the file",
         lambda d: rewrite_file(d / WEIGHTS_NAME, drop_a_lambda),
         WEIGHTS_NAME,
         "missing 1 tensor",
+        "missing-key",
     ),
-    "unexpected key": (
+    broken(
+        "an unexpected tensor in the file",
         lambda d: rewrite_file(
             d / WEIGHTS_NAME, lambda t, m: t.update({"base_model.model.extra": torch.ones(2)})
         ),
         WEIGHTS_NAME,
         "unexpected tensor",
+        "unexpected-key",
     ),
-    "integer dtype": (
+    broken(
+        "an integer tensor where lambdas are floats",
         lambda d: rewrite_file(d / WEIGHTS_NAME, integer_lambda),
         WEIGHTS_NAME,
         "dtype torch.int32",
+        "integer-dtype",
     ),
-    "corrupted fingerprint": (
+    broken(
+        "corrupted projection fingerprint in the metadata",
         lambda d: rewrite_file(d / WEIGHTS_NAME, lambda t, m: m.update({adapter_io.FINGERPRINT_KEY: "{"})),
         WEIGHTS_NAME,
         "metadata is corrupted",
+        "corrupted-fingerprint",
     ),
-}
+]
 
 
-@pytest.mark.parametrize("broken", list(BROKEN_FILES))
-def test_broken_files_are_refused_naming_the_file_and_nothing_is_half_loaded(broken, tmp_path):
+@pytest.mark.parametrize("damage, file_name, message", BROKEN_FILES)
+def test_broken_files_are_refused_naming_the_file_and_nothing_is_half_loaded(
+    damage, file_name, message, tmp_path
+):
     arch = ARCHS["opt"]
     make_vera(arch, save_projection=True).save_pretrained(tmp_path, selected_adapters=["default", "other"])
     intact = make_vera(arch, save_projection=True)
-    damage, file_name, message = BROKEN_FILES[broken]
     damage(tmp_path / "other")
 
     before = snapshot(intact)
@@ -577,6 +681,8 @@ def test_broken_files_are_refused_naming_the_file_and_nothing_is_half_loaded(bro
     assert_untouched_base(base, arch)
 
 
+@pytest.mark.fault("file", "an adapter of another architecture (targets not in the model)", LOAD_REFUSAL)
+@pytest.mark.fault("file", "an adapter of a model with other layer sizes", LOAD_REFUSAL)
 def test_an_adapter_for_another_architecture_or_other_shapes_is_refused(tmp_path):
     def wider_mlp() -> nn.Module:
         config = tiny_llama().config
@@ -615,6 +721,9 @@ def test_is_trainable_decides_whether_a_loaded_adapter_trains(tmp_path):
     assert lambdas and all(p.requires_grad for p in lambdas)
 
 
+@pytest.mark.fault(
+    "file", "loading weights into an adapter that is merged", "ValueError asking to unmerge first"
+)
 def test_loading_into_an_existing_adapter_replaces_its_weights_in_place(tmp_path):
     arch = ARCHS["gpt2"]
     model = make_vera(arch, save_projection=False)
@@ -627,7 +736,7 @@ def test_loading_into_an_existing_adapter_replaces_its_weights_in_place(tmp_path
         model.load_adapter(sub, name, is_trainable=True)
     assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer holding them still works
     assert all(torch.equal(outputs(model, [n])[n], expected[n]) for n in arch.adapters)
-    model.merge_adapter(["other"])
+    model.merge_adapter(["other"])  # loading into a merged adapter would leave stale merged weights
     with pytest.raises(ValueError, match="unmerge_adapter"):
         model.load_adapter(tmp_path / "other", "other")
 
