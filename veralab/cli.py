@@ -6,7 +6,7 @@
     veralab evaluate --adapter run1
     veralab merge --adapter run1 --output run1-merged
     veralab export-lora --adapter run1 --output run1-lora
-    veralab count --model DIR --r 256 --lora-r 8
+    veralab count --model DIR --rank 256 --lora-rank 8
 
 A mistake in the arguments or the inputs ends the command with one line saying what was wrong and exit
 status 2; only a bug in veralab shows a traceback.
@@ -91,7 +91,8 @@ def _add_finetune(commands) -> None:
                       help="where the adapter, loss_curve.png and summary.json go (default: veralab-output)")
 
     vera = p.add_argument_group("VeRA")
-    vera.add_argument("--r", type=int, default=256, help="rank of the shared projections (default: 256)")
+    # Not "--r": torchrun would take it for an abbreviation of one of its own options.
+    vera.add_argument("--rank", type=int, default=256, help="VeRA's r, the rank of the shared projections (default: 256)")
     vera.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
                       "(default: the model type's usual targets, e.g. q_proj,v_proj)")
     vera.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input (default: 0)")
@@ -112,7 +113,7 @@ def _add_finetune(commands) -> None:
                           help=f"AdamW learning rate; VeRA wants ~10x LoRA's (default: {DEFAULTS.learning_rate})")
     training.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay (default: 0)")
     training.add_argument("--seed", type=int, default=DEFAULTS.seed, help="shuffle, split and dropout seed (default: 0)")
-    training.add_argument("--lora-r", type=int, default=8, help="rank of the LoRA the summary compares with (default: 8)")
+    training.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA the summary compares with (default: 8)")
     training.add_argument("--quiet", action="store_true", help="no progress bar or messages; files are still written")
     p.set_defaults(run=_run_finetune)
 
@@ -125,6 +126,8 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--data", metavar="FILE", help="examples to evaluate on, JSON lines (default: the embedded "
                    "alarm task's held-out examples)")
     p.add_argument("--max-eval-examples", type=int, default=64, metavar="N", help="at most N examples (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest answer generated (default: the longest expected answer + 2 tokens)")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -148,10 +151,10 @@ def _add_count(commands) -> None:
     )
     p.add_argument("--model", metavar="PATH", help="a model directory or a config.json (default: the embedded "
                    "SmolLM2-135M-Instruct)")
-    p.add_argument("--r", type=int, default=256, help="VeRA's rank (default: 256)")
+    p.add_argument("--rank", type=int, default=256, help="VeRA's r (default: 256)")
     p.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
                    "(default: the model type's usual targets)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA's rank (default: 8)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA's rank (default: 8)")
     p.set_defaults(run=_run_count)
 
 
@@ -178,7 +181,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # save_projection=False is the CLI's documented default
         vera = VeraConfig(
-            r=args.r,
+            r=args.rank,
             target_modules=parse_targets(args.targets),
             vera_dropout=args.dropout,
             d_initial=args.d_initial,
@@ -204,7 +207,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         quantization=args.quantization,
         vera=vera,
         training=training,
-        lora_r=args.lora_r,
+        lora_r=args.lora_rank,
         progress=not args.quiet,
     )
     finetune(options)
@@ -229,11 +232,13 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from veralab.data import alarm_task, read_jsonl
     from veralab.evaluate import exact_match
 
-    if args.max_eval_examples < 1:
-        raise UsageError(f"--max-eval-examples {args.max_eval_examples} is invalid: expected a positive number")
+    for name in ("max_eval_examples", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} is invalid: expected a positive number")
     examples = (read_jsonl(args.data) if args.data else alarm_task().held_out)[: args.max_eval_examples]
     model, tokenizer, _ = _load_adapted(args)
-    result = exact_match(model, tokenizer, examples)
+    result = exact_match(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
     print(f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on "
           f"{args.data or 'the embedded alarm task held-out examples'}")
 
@@ -268,18 +273,18 @@ def _run_count(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {str(source)!r} is neither a model directory with a config.json nor a .json config")
     config = AutoConfig.from_pretrained(source)
     model = build_meta_model(config, auto_class=_auto_class_for(config))
-    vera = VeraConfig(r=args.r, target_modules=parse_targets(args.targets))
+    vera = VeraConfig(r=args.rank, target_modules=parse_targets(args.targets))
     targets = resolve_target_modules(model, vera)
     shapes = adapted_layer_shapes(model, targets)
     total = sum(p.numel() for p in model.parameters())
-    vera_parameters, lora_parameters = vera_count(shapes, args.r), lora_trainable_parameters(shapes, args.lora_r)
+    vera_parameters, lora_parameters = vera_count(shapes, args.rank), lora_trainable_parameters(shapes, args.lora_rank)
     max_out, max_in = max(s.out_features for s in shapes), max(s.in_features for s in shapes)
     print(format_rows(f"VeRA vs LoRA on {type(model).__name__} ({source})", [
         ("model parameters", f"{total:,}"),
         ("adapted layers", f"{len(shapes)} ({targets if isinstance(targets, str) else ', '.join(targets)})"),
-        (f"VeRA r={args.r}", f"{vera_parameters:,} trainable ({100 * vera_parameters / total:.4f}%); frozen shared "
-                             f"vera_A ({args.r} x {max_in}) and vera_B ({max_out} x {args.r})"),
-        (f"LoRA r={args.lora_r}", f"{lora_parameters:,} trainable ({100 * lora_parameters / total:.4f}%)"),
+        (f"VeRA r={args.rank}", f"{vera_parameters:,} trainable ({100 * vera_parameters / total:.4f}%); frozen shared "
+                             f"vera_A ({args.rank} x {max_in}) and vera_B ({max_out} x {args.rank})"),
+        (f"LoRA r={args.lora_rank}", f"{lora_parameters:,} trainable ({100 * lora_parameters / total:.4f}%)"),
         ("LoRA / VeRA", f"{lora_parameters / vera_parameters:.1f}x"),
     ]))
 
@@ -302,6 +307,14 @@ def _auto_class_for(config):
 USER_ERRORS = (UsageError, ValueError, FetchError, OSError, ImportError)
 
 
+def _quiet_transformers() -> None:
+    """No loading bars or advice from transformers: the command shows its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `veralab` command; returns the exit status (0, or 2 after a one-line error)."""
     parser = build_parser()
@@ -314,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             return USAGE_ERROR
         args = parser.parse_args(argv)
         command = f"veralab {args.command}"
+        _quiet_transformers()
         run: Callable[[argparse.Namespace], None] = args.run
         run(args)
     except USER_ERRORS as e:

@@ -85,6 +85,7 @@ def exact_match(
     cluster: Cluster | None = None,
     batch_size: int = 32,
     samples: int = 3,
+    max_new_tokens: int | None = None,
 ) -> ExactMatch:
     """Exact-match accuracy of greedy generation on `examples`, each rank generating its share.
 
@@ -95,13 +96,15 @@ def exact_match(
         cluster: the processes sharing the work (default: this one alone).
         batch_size: prompts generated together.
         samples: how many (prompt, expected, generated) triples to keep for display.
+        max_new_tokens: the longest answer generated (default: the longest expected answer + 2 tokens).
     """
     cluster = cluster or Cluster()
     if not examples:
         raise ValueError("no held-out examples to evaluate; give at least one")
-    longest_answer = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
+    if max_new_tokens is None:
+        max_new_tokens = 2 + max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
     mine = cluster.shard(examples)
-    answers = generate_answers(model, tokenizer, [e.prompt for e in mine], longest_answer + 2, batch_size)
+    answers = generate_answers(model, tokenizer, [e.prompt for e in mine], max_new_tokens, batch_size)
     correct = sum(answer.strip() == e.completion.strip() for answer, e in zip(answers, mine, strict=True))
     (correct_total,) = cluster.sum([correct])
     kept = [(e.prompt, e.completion, answer) for e, answer in zip(mine[:samples], answers[:samples], strict=True)]

@@ -118,6 +118,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
     say = log if (cluster.is_main and options.progress) else _silent
     try:
         task = load_task(options)
+        options.training.validate(len(task.train), cluster.world_size)  # before any download or load
         model_dir = resolve_model_dir(options.model, cluster, say)
         say(f"veralab: loading {model_dir}")
         base, tokenizer = load_base_model(model_dir, options.quantization, cluster.device)
@@ -194,7 +195,8 @@ def _show(
         return
     log("held-out samples after training:")
     for prompt, expected, generated in after.samples:
-        log(f"  ...{prompt.replace(chr(10), ' | ')[-64:]} -> {generated.strip()!r} (expected {expected.strip()!r})")
+        shown = " | ".join(prompt.strip().splitlines()[-2:])
+        log(f"  {shown} -> {generated.strip()!r} (expected {expected.strip()!r})")
     log(summary_table(summary))
     log(f"wrote {output}/: the adapter (PEFT format), loss_curve.png, summary.json")
     log("load it:")

@@ -39,8 +39,9 @@ def quantization_config(quantization: str | None):
             f"--load-in-{quantization} needs veralab.fast.bnb (VeRA layers over bitsandbytes), which this veralab "
             "version lacks; train in full precision instead"
         )
-    import veralab.fast.bnb  # noqa: F401  (registers the bitsandbytes VeRA layers with get_model)
     from transformers import BitsAndBytesConfig
+
+    import veralab.fast.bnb  # noqa: F401  (registers the bitsandbytes VeRA layers with get_model)
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -69,11 +69,7 @@ class RunSummary:
 def summary_table(summary: RunSummary) -> str:
     """The end-of-run table, one fact a row."""
     s = summary
-    projections = (
-        "includes vera_A/vera_B"
-        if s.projections_saved
-        else f"lambdas only; vera_A/vera_B are regenerated from the key on load ({s.lora_bytes / max(s.adapter_bytes, 1):.1f}x smaller than LoRA)"
-    )
+    stored = "with vera_A/vera_B" if s.projections_saved else "lambdas only, vera_A/vera_B are regenerated on load"
     rows = [
         ("model", s.model),
         ("data", f"{s.data}: {s.train_examples} train / {s.held_out_examples} held-out examples"),
@@ -82,8 +78,12 @@ def summary_table(summary: RunSummary) -> str:
             "trainable parameters",
             f"{s.trainable_parameters:,} of {s.total_parameters:,} ({100 * s.trainable_parameters / s.total_parameters:.4f}%)",
         ),
-        ("adapter on disk", f"{s.adapter_bytes:,} bytes ({projections})"),
-        (f"LoRA r={s.lora_r}, same layers", f"{s.lora_parameters:,} parameters = {s.lora_bytes:,} bytes in float32"),
+        ("adapter on disk", f"{s.adapter_bytes:,} bytes ({stored})"),
+        (
+            f"LoRA r={s.lora_r}, same layers",
+            f"{s.lora_parameters:,} parameters = {s.lora_bytes:,} bytes in float32, "
+            f"{s.lora_bytes / max(s.adapter_bytes, 1):.1f}x the VeRA adapter file",
+        ),
         (
             "training",
             f"{s.steps} steps x batch {s.batch_size} on {s.processes} process(es): {s.train_seconds:.1f} s, "
