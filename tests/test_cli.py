@@ -106,6 +106,7 @@ def test_finetune_writes_adapter_plot_and_summary(finetuned, model_dir):
     assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["peft_type"] == "VERA" and config["r"] == 16 and config["save_projection"] is False
+    assert config["task_type"] == "CAUSAL_LM"
     assert Path(config["base_model_name_or_path"]) == model_dir.resolve()
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["losses"]) == STEPS and summary["steps"] == STEPS

@@ -3,14 +3,16 @@
 An example is a `prompt` and the `completion` the model should write after it. The embedded task is
 generated here, deterministically from a seed, so veralab ships its data without shipping a file:
 
-    prompt:      Convert the request into JSON with the day and the 24-hour time.
-                 Request: wake me up at 7:30 pm on Tuesday
+    prompt:      Convert the request into JSON with the day and the time.
+                 Request: wake me up at 07:30PM on Tuesday
                  JSON:
-    completion:   {"day": "tue", "time": "19:30"}
+    completion:   {"day": "tue", "time": "7:30 pm"}
 
-A pretrained model does not answer in this exact form zero-shot (it scores ~0% exact match), and learns it
-in a few dozen steps: the phrasing varies, the 12-hour clock must become a 24-hour one. The held-out split
-shares no (day, time) answer with the training split, so exact match on it measures generalization.
+A pretrained model does not answer in this exact form zero-shot (SmolLM2-135M-Instruct scores 0% exact
+match: it writes full day names and keeps the request's spelling of the time), and learns it in a few dozen
+steps: the phrasing varies, and every spelling of a time ("07:30PM", "7pm", "7:30 PM") must become one.
+The held-out split shares no (day, time) answer with the training split, so exact match on it measures
+generalization.
 
 User data is a JSON-lines file with one `{"prompt": ..., "completion": ...}` object per line.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-ALARM_INSTRUCTION = "Convert the request into JSON with the day and the 24-hour time."
+ALARM_INSTRUCTION = "Convert the request into JSON with the day and the time."
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 MINUTES = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55)
 REQUEST_TEMPLATES = (
@@ -72,17 +74,22 @@ def _spoken_time(hour24: int, minute: int, rng: random.Random) -> str:
     return clock + rng.choice(("", " ")) + suffix
 
 
+def _canonical_time(hour24: int, minute: int) -> str:
+    """The answer's one spelling of a time: "7:30 pm", "12:05 am"."""
+    return f"{hour24 % 12 or 12}:{minute:02d} {'am' if hour24 < 12 else 'pm'}"
+
+
 def _alarm_example(day: str, hour24: int, minute: int, rng: random.Random) -> Example:
     template = rng.choice(REQUEST_TEMPLATES)
     spoken_day = rng.choice((day, day.capitalize()))
     request = template.format(time=_spoken_time(hour24, minute, rng), day=spoken_day)
     prompt = f"{ALARM_INSTRUCTION}\nRequest: {request}\nJSON:"
-    completion = " " + json.dumps({"day": day[:3], "time": f"{hour24:02d}:{minute:02d}"})
+    completion = " " + json.dumps({"day": day[:3], "time": _canonical_time(hour24, minute)})
     return Example(prompt=prompt, completion=completion)
 
 
 def alarm_task(train_size: int = 512, held_out_size: int = 64, seed: int = 0) -> TaskData:
-    """The embedded task: alarm requests in free phrasing -> `{"day": ..., "time": "HH:MM"}`.
+    """The embedded task: alarm requests in free phrasing -> `{"day": "tue", "time": "7:30 pm"}`.
 
     Args:
         train_size: number of training examples.

@@ -124,6 +124,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
         base, tokenizer = load_base_model(model_dir, options.quantization, cluster.device)
         vera = options.vera
         vera.base_model_name_or_path = str(model_dir.resolve())
+        vera.task_type = "CAUSAL_LM"  # PEFT's AutoPeftModelForCausalLM reads it
         model = get_model(base, vera)
         model.eval()
 
