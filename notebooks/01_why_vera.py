@@ -20,18 +20,18 @@
 #    models' configs with `veralab.counting`, and drawn on a log scale.
 # 3. What it means on disk: the bytes of an adapter file, with and without the shared projections.
 #
-# Nothing here needs weights: models are built on PyTorch's *meta* device, where tensors have a shape and
-# no memory, so even LLaMA 13B is counted in a fraction of a second.
+# Counting needs no weights: models are built on PyTorch's *meta* device, where tensors have a shape and no
+# memory, so even LLaMA 13B is counted in a fraction of a second. Only section 3 builds a (tiny) real model.
 
 # %%
+import copy
 import os
 import struct
 import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from safetensors.torch import save_file
+import peft
 from transformers import BertConfig, BertModel
 
 from veralab import VeraConfig
@@ -100,7 +100,8 @@ plt.show()
 
 # %%
 rows = paper_table_rows()
-print(f"{'model':<14}{'layers':>7}{'VeRA r':>8}{'VeRA':>12}{'printed':>9}{'LoRA r':>8}{'LoRA':>14}{'printed':>9}")
+print(f"{'model':<14}{'layers':>7}{'VeRA r':>8}{'VeRA':>12}{'printed':>9}", end="")
+print(f"{'LoRA r':>8}{'LoRA':>14}{'printed':>9}")
 for row in rows:
     print(
         f"{row.label:<14}{row.adapted_layers:>7}{row.vera_r:>8}{row.vera_computed:>12,d}{row.paper_vera:>9}"
@@ -113,8 +114,8 @@ for row in rows:
 
 # %% [markdown]
 # Every VeRA figure of the paper comes out of the arithmetic, to the digits it printed. So does every LoRA
-# figure except GPT-2's: the paper copies those from the LoRA paper, which counted differently; `note`
-# says so rather than hiding it.
+# figure except GPT-2's: there the paper prints the LoRA paper's figures, which `r · (in + out)` over the
+# adapted q and v blocks does not reproduce; `note` says so rather than hiding it.
 
 # %%
 assert len(rows) == len(PAPER_TABLE) == 8
@@ -129,10 +130,35 @@ assert ratios["LLaMA 7B"] > 100 and ratios["LLaMA 13B"] > 100
 # %%
 labels = [f"{row.label}\nr = {row.lora_r} | {row.vera_r}" for row in rows]
 positions = np.arange(len(rows))
-width = 0.4
-fig, ax = plt.subplots(figsize=(10, 4.5))
-ax.bar(positions - width / 2, [row.lora_computed for row in rows], width, label="LoRA")
-ax.bar(positions + width / 2, [row.vera_computed for row in rows], width, label="VeRA")
+
+
+def bars_per_model(series, ylabel, title):
+    """Grouped bars on a log scale, one group per model of the paper's table.
+
+    Args:
+        series: {legend label: one value per model, in table order}.
+        ylabel, title: the axis label and the title.
+    """
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(positions + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(positions, labels, fontsize=9)
+    ax.set_xlabel("model, with the ranks used in the paper: LoRA | VeRA")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    return ax
+
+
+ax = bars_per_model(
+    {"LoRA": [row.lora_computed for row in rows], "VeRA": [row.vera_computed for row in rows]},
+    "trainable parameters (log scale)",
+    "The VeRA paper's models: LoRA trains this many times more parameters than VeRA",
+)
 for position, row in zip(positions, rows, strict=True):
     ax.annotate(
         f"{ratios[row.label]:.0f}×",
@@ -142,15 +168,7 @@ for position, row in zip(positions, rows, strict=True):
         ha="center",
         fontsize=9,
     )
-ax.set_yscale("log")
 ax.set_ylim(top=3 * max(row.lora_computed for row in rows))  # room for the labels
-ax.set_xticks(positions, labels, fontsize=9)
-ax.set_ylabel("trainable parameters (log scale)")
-ax.set_title("The VeRA paper's models: LoRA trains this many times more parameters than VeRA")
-ax.set_xlabel("model, with the ranks used in the paper: LoRA | VeRA")
-ax.legend()
-ax.grid(True, axis="y", which="both", alpha=0.3)
-fig.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -163,70 +181,52 @@ plt.show()
 # - `base_model.vera_A`, `base_model.vera_B`: the shared projections, unless `save_projection=False`
 #   (notebook 02 shows what leaving them out saves and risks).
 #
-# We adapt a tiny BERT with veralab, write its adapter both ways and a LoRA adapter for the same layers,
-# and look at the bytes.
+# We adapt a tiny BERT with veralab and save its adapter both ways with `save_pretrained`, save a LoRA adapter
+# for the same layers with PEFT, and look at the bytes.
 
 # %%
 bert = BertModel(
-    BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
 )
 targets = ["query", "value"]
-shapes = adapted_layer_shapes(bert, targets)  # before get_model, which swaps the layers for VeRA layers
+shapes = adapted_layer_shapes(bert, targets)
+lora_model = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=8, target_modules=targets))
 vera_model = get_model(bert, VeraConfig(r=32, target_modules=targets))
 
 
-def peft_vera_tensors(vera_model, save_projection, adapter_name="default"):
-    """The adapter's tensors under the keys PEFT writes to adapter_model.safetensors."""
-    tensors = {}
-    for key, tensor in vera_model.state_dict().items():
-        if key in ("vera_A", "vera_B") and save_projection:
-            tensors[f"base_model.{key}"] = tensor
-        elif ".vera_lambda_" in key and key.endswith(f".{adapter_name}"):
-            tensors["base_model." + key.removesuffix(f".{adapter_name}")] = tensor
-    return tensors
-
-
-def peft_lora_tensors(shapes, r):
-    """A LoRA adapter of rank r for the same layers: lora_A (r, in) and lora_B (out, r) per layer."""
-    tensors = {}
-    for name, out_features, in_features in shapes:
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(r, in_features)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(out_features, r)
-    return tensors
-
-
-def written_bytes(tensors, directory, name):
-    """Write the tensors as a safetensors file; return (file size, header size, tensor bytes)."""
-    path = os.path.join(directory, name)
-    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, path)
+def adapter_file_bytes(save_pretrained, directory):
+    """Save an adapter; return (file size, header size, tensor bytes) of its adapter_model.safetensors."""
+    save_pretrained(directory)
+    path = os.path.join(directory, "adapter_model.safetensors")
     with open(path, "rb") as f:
         (header_bytes,) = struct.unpack("<Q", f.read(8))  # little-endian u64: the JSON header's length
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return os.path.getsize(path), 8 + header_bytes, tensor_bytes
+    file_bytes = os.path.getsize(path)
+    return file_bytes, 8 + header_bytes, file_bytes - 8 - header_bytes
 
 
-files = {
-    "VeRA r=32, λ only": peft_vera_tensors(vera_model, save_projection=False),
-    "VeRA r=32, λ + A, B": peft_vera_tensors(vera_model, save_projection=True),
-    "LoRA r=8": peft_lora_tensors(shapes, r=8),
-}
+sizes = {}
 with tempfile.TemporaryDirectory() as directory:
-    sizes = {label: written_bytes(tensors, directory, f"{i}.safetensors") for i, (label, tensors) in enumerate(files.items())}
+    sizes["VeRA r=32, λ + A, B"] = adapter_file_bytes(vera_model.save_pretrained, f"{directory}/vera")
+    vera_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+    sizes["VeRA r=32, λ only"] = adapter_file_bytes(vera_model.save_pretrained, f"{directory}/vera_lambdas")
+    sizes["LoRA r=8 (PEFT)"] = adapter_file_bytes(lora_model.save_pretrained, f"{directory}/lora")
 for label, (file_bytes, header_bytes, tensor_bytes) in sizes.items():
-    print(f"{label:<22}{file_bytes:>8,d} bytes on disk = {header_bytes:>5,d} header + {tensor_bytes:>6,d} tensor bytes")
+    print(f"{label:<22}{file_bytes:>8,d} bytes on disk = ", end="")
+    print(f"{header_bytes:>5,d} header + {tensor_bytes:>6,d} tensor bytes")
 
 # %%
 vera_trainable, _ = vera_model.get_nb_trainable_parameters()
 assert vera_trainable == vera_trainable_parameters(shapes, r=32) == 4 * (32 + 64)
-# A file is exactly its header plus 4 bytes (float32) per number it stores.
-for file_bytes, header_bytes, tensor_bytes in sizes.values():
-    assert file_bytes == header_bytes + tensor_bytes
+# Past the header, a file holds exactly 4 bytes (float32) per number it stores.
 assert sizes["VeRA r=32, λ only"][2] == 4 * vera_trainable
 assert sizes["VeRA r=32, λ + A, B"][2] == 4 * (vera_trainable + 32 * 64 + 64 * 32)
-assert sizes["LoRA r=8"][2] == 4 * lora_trainable_parameters(shapes, r=8)
+assert sizes["LoRA r=8 (PEFT)"][2] == 4 * lora_trainable_parameters(shapes, r=8)
 
 # %% [markdown]
-# So an adapter's size is 4 bytes per stored float32 plus a header of roughly a hundred bytes per tensor.
+# So an adapter's size is 4 bytes per stored float32 plus a header of about a hundred bytes per tensor
+# (veralab adds a few hundred bytes: a fingerprint of the projections, which notebook 02 puts to use).
 # For the paper's models: VeRA's λ vectors, the shared projections (stored once, `r × max_in + max_out × r`
 # numbers, whatever the number of layers), and LoRA's matrices:
 
@@ -243,18 +243,12 @@ for label, (lambdas_only, with_projections, lora) in table.items():
     print(f"{label:<14}{lambdas_only / MB:>14.2f}{with_projections / MB:>16.2f}{lora / MB:>12.2f}")
 
 # %%
-width = 0.27
-fig, ax = plt.subplots(figsize=(10, 4.5))
-for column, (offset, kind) in enumerate(zip((-width, 0, width), ("VeRA, λ only", "VeRA, λ + A, B", "LoRA"), strict=True)):
-    ax.bar(positions + offset, [sizes[column] / MB for sizes in table.values()], width, label=kind)
-ax.set_yscale("log")
-ax.set_xticks(positions, labels, fontsize=9)
-ax.set_xlabel("model, with the ranks used in the paper: LoRA | VeRA")
-ax.set_ylabel("adapter file size, MB (log scale)")
-ax.set_title("Adapter file sizes (float32): the shared projections can outweigh the whole LoRA adapter")
-ax.legend()
-ax.grid(True, axis="y", which="both", alpha=0.3)
-fig.tight_layout()
+columns = ("VeRA, λ only", "VeRA, λ + A, B", "LoRA")
+bars_per_model(
+    {kind: [sizes[column] / MB for sizes in table.values()] for column, kind in enumerate(columns)},
+    "adapter file size, MB (log scale)",
+    "Adapter file sizes (float32): the shared projections can outweigh the whole LoRA adapter",
+)
 plt.show()
 
 # %%

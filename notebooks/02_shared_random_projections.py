@@ -22,18 +22,20 @@
 
 # %%
 import copy
+import json
 import math
+import os
+import tempfile
 import warnings
 
 import matplotlib.pyplot as plt
-import numpy as np
 import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import get_model
+from veralab.fast import ProjectionMismatchError, VeraModel, get_model
 
 # %% [markdown]
 # ## 1. Kaiming uniform, step by step
@@ -87,7 +89,9 @@ assert torch.equal(A_by_hand, A_reference)
 vera_A, vera_B = ref.init_projections(r, max_in, max_out, prng_key)
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-for ax, (name, matrix, bound) in zip(axes, [("vera_A", vera_A, bound_A), ("vera_B", vera_B, bound_B)], strict=True):
+for ax, (name, matrix, bound) in zip(
+    axes, [("vera_A", vera_A, bound_A), ("vera_B", vera_B, bound_B)], strict=True
+):
     values = matrix.flatten().numpy()
     ax.hist(values, bins=60, density=True, alpha=0.75, label="drawn values")
     ax.hlines(1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density")
@@ -164,7 +168,9 @@ llama = LlamaForCausalLM(
 targets = ["q_proj", "v_proj", "down_proj"]
 key = 1234
 
-veralab_model = get_model(copy.deepcopy(llama), VeraConfig(r=16, target_modules=targets, projection_prng_key=key))
+veralab_model = get_model(
+    copy.deepcopy(llama), VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+)
 peft_model = peft.get_peft_model(
     copy.deepcopy(llama), peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
 )
@@ -195,14 +201,30 @@ print(caught[0].message)
 assert len(caught) == 1 and "save_projection=False" in str(caught[0].message)
 
 # %% [markdown]
-# **What it saves:** `r · (max_in + max_out)` float32 numbers per file. Here that is most of the file:
+# **What it saves:** `r · (max_in + max_out)` float32 numbers per file. We save the tiny Llama's adapter both
+# ways with `save_pretrained` and compare the files:
+
 
 # %%
+def weights_file_bytes(directory):
+    return os.path.getsize(os.path.join(directory, "adapter_model.safetensors"))
+
+
 lambda_numbers, _ = veralab_model.get_nb_trainable_parameters()
 projection_numbers = veralab_model.vera_A.numel() + veralab_model.vera_B.numel()
-print(f"λ vectors: {4 * lambda_numbers:,d} bytes   projections: {4 * projection_numbers:,d} bytes")
-assert projection_numbers == 16 * (80 + 32)
-assert projection_numbers > lambda_numbers
+with tempfile.TemporaryDirectory() as directory:
+    veralab_model.save_pretrained(f"{directory}/with_projections")
+    veralab_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+    veralab_model.save_pretrained(f"{directory}/without_projections")
+    bytes_with = weights_file_bytes(f"{directory}/with_projections")
+    bytes_without = weights_file_bytes(f"{directory}/without_projections")
+print(f"{lambda_numbers} λ numbers, {projection_numbers} projection numbers")
+print(f"file with projections {bytes_with:,d} bytes, without {bytes_without:,d} bytes")
+
+# %%
+assert projection_numbers == 16 * (80 + 32) and projection_numbers > lambda_numbers
+# The difference is the projections' float32 bytes, plus their two entries in the file's header.
+assert 0 < (bytes_with - bytes_without) - 4 * projection_numbers < 256
 
 # %% [markdown]
 # For LLaMA 7B at r = 1024 that is 90 MB saved per adapter file (notebook 01).
@@ -215,48 +237,128 @@ assert projection_numbers > lambda_numbers
 #   across PyTorch versions and platforms;
 # - `max_in` and `max_out`, which come from the **set of targeted layers**, not from any one layer.
 #
-# The last one is easy to break without noticing. The generator fills `A` row by row, so the first
-# `64` columns of a `(16, 128)` draw are *not* the `(16, 64)` draw; and `B` comes after `A` in the stream,
-# so it changes too even when `max_out` does not. Suppose an adapter was trained on a model whose largest
-# targeted input is 64, and is loaded where one more, wider layer is targeted (`max_in` = 128). The same
-# λ vectors then scale a different random subspace:
+# The last one is easy to get wrong. The generator fills `A` row by row, so the first 32 columns of a
+# `(16, 80)` draw are *not* the `(16, 32)` draw from the same key — and `B` comes after `A` in the stream,
+# so it changes too:
 
 # %%
-in_features, out_features = 48, 32
-trained_A, trained_B = ref.init_projections(r=16, max_in=64, max_out=32, prng_key=key)
-regenerated_A, regenerated_B = ref.init_projections(r=16, max_in=128, max_out=32, prng_key=key)
-
-generator = torch.Generator().manual_seed(2)
-lambda_d = torch.randn(16, generator=generator)  # stand-ins for trained vectors
-lambda_b = torch.randn(out_features, generator=generator)
-weight = torch.randn(out_features, in_features, generator=generator) / math.sqrt(in_features)
-x = torch.randn(256, in_features, generator=generator)
-
-base = x @ weight.T
-as_trained = ref.vera_forward(x, weight, None, trained_A, trained_B, lambda_d, lambda_b) - base
-as_loaded = ref.vera_forward(x, weight, None, regenerated_A, regenerated_B, lambda_d, lambda_b) - base
-correlation = np.corrcoef(as_trained.flatten().numpy(), as_loaded.flatten().numpy())[0, 1]
-
-fig, ax = plt.subplots(figsize=(4.8, 4.5))
-ax.scatter(as_trained.flatten(), as_loaded.flatten(), s=2, alpha=0.3)
-limit = as_trained.abs().max().item()
-ax.plot([-limit, limit], [-limit, limit], color="black", linewidth=1, label="what loading should give")
-ax.set_xlabel("adapter's contribution, projections as trained")
-ax.set_ylabel("adapter's contribution, projections regenerated")
-ax.set_title(f"max_in 64 → 128 at load time: correlation {correlation:.2f}")
-ax.legend(loc="upper left")
-plt.show()
-
-# %%
-A_s_trained, _ = ref.slice_projections(trained_A, trained_B, in_features, out_features)
-A_s_loaded, _ = ref.slice_projections(regenerated_A, regenerated_B, in_features, out_features)
-assert not torch.equal(A_s_trained, A_s_loaded) and not torch.equal(trained_B, regenerated_B)
-assert abs(correlation) < 0.2  # the adapter's contribution is unrelated to what was trained
+A_80, B_80 = ref.init_projections(r=16, max_in=80, max_out=80, prng_key=key)
+A_32, B_32 = ref.init_projections(r=16, max_in=32, max_out=32, prng_key=key)
+assert not torch.equal(A_80[:, :32], A_32) and not torch.equal(B_80[:32], B_32)
 
 # %% [markdown]
-# Nothing fails: shapes fit, the model runs, and the adapter silently does something else. So:
+# Here is how that bites in practice. A model carries two adapters, which share one pair (notebook 03):
+# `wide` also adapts `down_proj` (80 inputs), `narrow` only `q_proj` and `v_proj` (32 inputs). The pair is
+# sized `(16, 80)` / `(80, 16)` for both. Saved without projections, `narrow`'s file holds its λ vectors and
+# its config — whose targets, on their own, would size a `(16, 32)` pair. We reload `narrow` alone, with
+# veralab and with PEFT, into fresh copies of the base model, and compare what the adapter adds to the logits.
+
+# %%
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # the save_projection=False warning, seen above
+    two_adapters = get_model(
+        copy.deepcopy(llama),
+        VeraConfig(r=16, target_modules=targets, projection_prng_key=key, save_projection=False),
+        adapter_name="wide",
+    )
+    narrow_config = VeraConfig(
+        r=16,
+        target_modules=["q_proj", "v_proj"],
+        projection_prng_key=key,
+        save_projection=False,
+        init_weights=False,
+    )
+    two_adapters.add_adapter("narrow", narrow_config)  # init_weights=False: random λ, as if trained
+two_adapters.set_adapter("narrow")
+input_ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+def adapter_contribution(model):
+    """What the active adapter adds to the logits: adapted minus base model."""
+    with torch.no_grad():
+        adapted = model(input_ids=input_ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=input_ids).logits
+    return (adapted - base).flatten()
+
+
+as_trained = adapter_contribution(two_adapters)
+with tempfile.TemporaryDirectory() as directory:
+    two_adapters.save_pretrained(directory)  # "narrow" goes into directory/narrow, as in PEFT
+    reloaded_by_veralab = VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+    reloaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+print(
+    "pair after reloading: veralab",
+    tuple(reloaded_by_veralab.vera_A.shape),
+    " PEFT",
+    tuple(reloaded_by_peft.base_model.vera_A["default"].shape),
+)
+
+by_veralab = adapter_contribution(reloaded_by_veralab)
+by_peft = adapter_contribution(reloaded_by_peft)
+error_peft = ((by_peft - as_trained).norm() / as_trained.norm()).item()  # relative to the adapter's effect
+
+fig, ax = plt.subplots(figsize=(5, 4.8))
+limit = as_trained.abs().max().item()
+ax.plot(
+    [-limit, limit],
+    [-limit, limit],
+    color="black",
+    linestyle="--",
+    linewidth=1,
+    label="what loading should give",
+)
+ax.scatter(
+    as_trained, by_peft, s=3, alpha=0.3, color="tab:red", label=f"PEFT reload (off by {error_peft:.0%})"
+)
+ax.scatter(as_trained, by_veralab, s=6, alpha=0.5, color="tab:green", label="veralab reload (exact)")
+ax.set_xlabel("adapter's contribution to the logits, as trained")
+ax.set_ylabel("... after saving without projections and reloading")
+ax.set_title("'narrow', saved with save_projection=False")
+ax.legend(loc="upper left", fontsize=8)
+plt.show()
+
+# %% [markdown]
+# PEFT sizes the regenerated pair from `narrow`'s own targets, draws a `(16, 32)` `A`, and the same λ vectors
+# now scale a different random subspace: the reloaded adapter still correlates with the trained one (both pass
+# through the same network), but its error is as large as the adapter's whole effect. Nothing fails: shapes
+# fit, the model runs, and the adapter silently does something else. veralab records a fingerprint of the
+# projections in the file's metadata — their shapes, key, generator and a sha256 of their values — regenerates
+# at the recorded shapes, and checks the result.
+
+# %%
+assert tuple(reloaded_by_veralab.vera_A.shape) == (16, 80)
+torch.testing.assert_close(by_veralab, as_trained)
+assert error_peft > 0.5  # PEFT's reload is off by more than half of what the adapter does
+
+# %% [markdown]
+# When the regeneration cannot match — another PyTorch whose generator draws differently, or, simulated here,
+# a config whose key was edited — veralab refuses to load instead of producing wrong outputs:
+
+# %%
+with tempfile.TemporaryDirectory() as directory:
+    two_adapters.save_pretrained(directory, selected_adapters=["narrow"])
+    config_path = os.path.join(directory, "narrow", "adapter_config.json")
+    with open(config_path) as f:
+        edited = json.load(f)
+    edited["projection_prng_key"] = key + 1
+    with open(config_path, "w") as f:
+        json.dump(edited, f)
+    try:
+        VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+        refused = None
+    except ProjectionMismatchError as error:
+        refused = error
+print(refused)
+assert isinstance(refused, ProjectionMismatchError)
+
+# %% [markdown]
+# So:
 #
 # - keep `save_projection=True` (the default) for any file that leaves your hands; it costs
-#   `4 · r · (max_in + max_out)` bytes, paid once per file;
-# - use `False` only when you control both ends — the same PyTorch, the same key, rank and *target set* —
-#   and check after loading that the model reproduces outputs you recorded at save time.
+#   `4 · r · (max_in + max_out)` bytes, paid once per file, and the file then loads the same everywhere —
+#   in PEFT too;
+# - use `False` only when you control both ends: the same PyTorch, the same key and rank. veralab's
+#   fingerprint turns a mismatch into an error rather than a silently different model, but a refused file is
+#   still a file you cannot use on that machine, and PEFT (which ignores the fingerprint) will load it either
+#   way.

@@ -82,9 +82,10 @@ assert ref.find_max_dims([(100, 20), (80, 50)]) == (100, 50)  # PEFT's example, 
 # `B`. Laid out like a matrix product — `B` on the left, `A` on top — the layer's `B_s A_s` is the
 # `out × in` block in the top-left corner of the big product `vera_B @ vera_A`:
 
+
 # %%
 def draw_slices(fig, name, out_features, in_features, r, prng_key=0):
-    """Draw vera_B (left), vera_A (top) and vera_B @ vera_A, with one layer's slices bright and the rest faded.
+    """Draw vera_B (left), vera_A (top) and vera_B @ vera_A: one layer's slices bright, the rest faded.
 
     Args:
         fig: the matplotlib figure (or subfigure) to draw in.
@@ -95,10 +96,16 @@ def draw_slices(fig, name, out_features, in_features, r, prng_key=0):
     """
     vera_A, vera_B = ref.init_projections(r, max_in, max_out, prng_key)
     A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
-    grid = fig.add_gridspec(2, 2, width_ratios=[r, max_in], height_ratios=[r, max_out], wspace=0.04, hspace=0.04)
+    grid = fig.add_gridspec(
+        2, 2, width_ratios=[r, max_in], height_ratios=[r, max_out], wspace=0.04, hspace=0.04
+    )
     ax_label, ax_A = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_B, ax_product = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
-    for ax, full, used in [(ax_A, vera_A, A_s), (ax_B, vera_B, B_s), (ax_product, vera_B @ vera_A, B_s @ A_s)]:
+    for ax, full, used in [
+        (ax_A, vera_A, A_s),
+        (ax_B, vera_B, B_s),
+        (ax_product, vera_B @ vera_A, B_s @ A_s),
+    ]:
         limit = full.abs().max()
         style = dict(cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.imshow(full, alpha=0.2, **style)
@@ -130,10 +137,10 @@ for subfigure, (short_name, (out_features, in_features)) in zip(
 plt.show()
 
 # %% [markdown]
-# Every bright block starts in the top-left corner: `k_proj` (16 × 32) uses the first 32 columns of `A` and the
-# first 16 rows of `B`; `gate_proj` (80 × 32) the same columns and every row of `B`; `down_proj` (32 × 80)
-# every column of `A` and the first 32 rows of `B`. Layers of the same width read the same columns: the
-# random subspace is shared, and only the λ vectors make each layer's update its own.
+# Every bright block starts in the top-left corner: `k_proj` (16 × 32) uses the first 32 columns of `A` and
+# the first 16 rows of `B`; `gate_proj` (80 × 32) the same columns and every row of `B`; `down_proj` (32 × 80)
+# every column of `A` and the first 32 rows of `B`. Layers of the same width read the same columns: the random
+# subspace is shared, and only the λ vectors make each layer's update its own.
 
 # %% [markdown]
 # ## 3. Views, not copies — and what the model computes with them
@@ -177,6 +184,7 @@ print(f"{sum(1 for _ in model.vera_layers())} adapted layers checked against the
 #
 # Move the controls to outline one layer's slices on a pair of any rank. (In the rendered documentation the
 # widget is not live; the figure in section 2 shows every distinct shape.)
+
 
 # %%
 def draw_one_layer(layer, rank):

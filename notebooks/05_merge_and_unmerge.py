@@ -115,7 +115,10 @@ weights_after = base_weights()
 
 print("adapter's effect on the logits:  ", (unmerged_logits - base_logits).abs().max().item())
 print("max |merged - unmerged| logits:   ", (merged_logits - unmerged_logits).abs().max().item())
-print("max |unmerged - original| weights:", max((weights_after[n] - weights_before[n]).abs().max().item() for n in weights_before))
+print(
+    "max |unmerged - original| weights:",
+    max((weights_after[n] - weights_before[n]).abs().max().item() for n in weights_before),
+)
 
 # %%
 # The adapter changes the logits a thousand times more than merging does, and merging stays within float32
@@ -156,7 +159,9 @@ torch.testing.assert_close(plain_logits, unmerged_logits)
 # %%
 model = get_model(LlamaForCausalLM(config).eval(), VeraConfig(r=256, target_modules="all-linear"))
 tokens = input_ids.numel()
-adapter_flops = sum(2 * tokens * 256 * (layer.in_features + layer.out_features) for _, layer in model.vera_layers())
+adapter_flops = sum(
+    2 * tokens * 256 * (layer.in_features + layer.out_features) for _, layer in model.vera_layers()
+)
 
 
 def forward_flops():
@@ -171,7 +176,8 @@ flops_unmerged = forward_flops()
 model.merge_adapter()
 flops_merged = forward_flops()
 model.unmerge_adapter()
-print(f"base {flops_base / 1e9:.2f} GFLOP   unmerged {flops_unmerged / 1e9:.2f} GFLOP   merged {flops_merged / 1e9:.2f} GFLOP")
+for state, flops in [("base", flops_base), ("unmerged", flops_unmerged), ("merged", flops_merged)]:
+    print(f"{state:<9}{flops / 1e9:.3f} GFLOP per forward")
 
 # %%
 assert flops_merged == flops_base  # merged inference costs exactly the base model
@@ -201,12 +207,18 @@ for _ in range(7):
     best["unmerge"] = min(best["unmerge"], seconds(model.unmerge_adapter))
 
 layers = sum(1 for _ in model.vera_layers())
-print(f"forward: base {1e3 * best['base']:.1f} ms, unmerged {1e3 * best['unmerged']:.1f} ms, merged {1e3 * best['merged']:.1f} ms")
-print(f"merge_adapter() {1e3 * best['merge']:.1f} ms, unmerge_adapter() {1e3 * best['unmerge']:.1f} ms ({layers} layers)")
+for state in ("base", "unmerged", "merged"):
+    print(f"forward, {state:<9}{1e3 * best[state]:6.1f} ms")
+print(f"merge_adapter()   {1e3 * best['merge']:6.1f} ms ({layers} layers)")
+print(f"unmerge_adapter() {1e3 * best['unmerge']:6.1f} ms")
 
 fig, (ax_flops, ax_time) = plt.subplots(1, 2, figsize=(10, 3.5))
 labels = ["base", "unmerged", "merged"]
-ax_flops.bar(labels, [flops_base / 1e9, flops_unmerged / 1e9, flops_merged / 1e9], color=["gray", "tab:red", "tab:green"])
+ax_flops.bar(
+    labels,
+    [flops_base / 1e9, flops_unmerged / 1e9, flops_merged / 1e9],
+    color=["gray", "tab:red", "tab:green"],
+)
 ax_flops.set_ylabel("GFLOP per forward (counted)")
 ax_time.bar(labels, [1e3 * best[label] for label in labels], color=["gray", "tab:red", "tab:green"])
 ax_time.set_ylabel("ms per forward (best of 7)")
@@ -215,7 +227,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Merging takes a few milliseconds (one `out × r × in` product per layer), and from then on every forward
+# Merging takes milliseconds (one `out × r × in` product per layer), and from then on every forward
 # pass costs what the base model costs. So: train unmerged (the λ vectors need their gradients), merge for
 # inference, and unmerge (or keep the unmerged copy) to train further or switch adapters. When many
 # adapters must serve one batch at once, merging is not an option; that is the topic of a later notebook.

@@ -34,7 +34,6 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
 from veralab import VeraConfig
@@ -57,10 +56,13 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 # - **new words**: sentences whose subject or adjective never appears in training at all.
 
 # %%
-FOOD = ["the pasta", "the soup", "the steak", "the dessert", "the pizza", "the salad", "the bread", "the curry", "the fish", "the coffee"]
-SERVICE = ["the waiter", "the staff", "the service", "the hostess", "the bartender", "the manager", "the cashier", "the sommelier", "the delivery", "the reception"]
-POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb", "fantastic", "pleasant", "amazing", "nice"]
-NEGATIVE = ["bad", "awful", "terrible", "poor", "horrible", "dreadful", "disappointing", "mediocre", "lousy", "unpleasant"]
+FOOD = ["the " + word for word in "pasta soup steak dessert pizza salad bread curry fish coffee".split()]
+SERVICE = [
+    "the " + word
+    for word in "waiter staff service hostess bartender manager cashier sommelier delivery reception".split()
+]
+POSITIVE = "good great excellent wonderful lovely superb fantastic pleasant amazing nice".split()
+NEGATIVE = "bad awful terrible poor horrible dreadful disappointing mediocre lousy unpleasant".split()
 TEMPLATES = [  # (template, negates the adjective)
     ("{subject} was {adjective}.", False),
     ("honestly, {subject} was {adjective}.", False),
@@ -87,7 +89,11 @@ def pairs(words):
 def sentences(pairs):
     """(text, label, negated) for every pair in every template; label = 2 * aspect + sentiment."""
     return [
-        (template.format(subject=subject, adjective=adjective).capitalize(), 2 * aspect + (polarity ^ negates), negates)
+        (
+            template.format(subject=subject, adjective=adjective).capitalize(),
+            2 * aspect + (polarity ^ negates),
+            negates,
+        )
         for aspect, subject, polarity, adjective in pairs
         for template, negates in TEMPLATES
     ]
@@ -104,7 +110,9 @@ test_sets = {
     "new combinations": rng.sample(sentences(held_out_pairs), 160),
     "new words": rng.sample(sentences(new_word_pairs), 160),
 }
-print(f"{len(train)} training sentences; held out: " + ", ".join(f"{len(v)} {k}" for k, v in test_sets.items()))
+print(
+    f"{len(train)} training sentences; held out: " + ", ".join(f"{len(v)} {k}" for k, v in test_sets.items())
+)
 for text, label, _ in train[:6]:
     print(f"  {CLASSES[label]:<17} {text}")
 
@@ -112,7 +120,9 @@ for text, label, _ in train[:6]:
 train_texts = {text for text, _, _ in train}
 assert not train_texts & {text for test in test_sets.values() for text, _, _ in test}
 train_words = {word for _, subject, _, adjective in train_pairs for word in (subject, adjective)}
-assert all(subject not in train_words or adjective not in train_words for _, subject, _, adjective in new_word_pairs)
+assert all(
+    subject not in train_words or adjective not in train_words for _, subject, _, adjective in new_word_pairs
+)
 
 # %% [markdown]
 # ## 2. A head that cannot learn
@@ -146,15 +156,19 @@ with torch.no_grad():
     prototypes = embed(base, PROTOTYPE_TEXTS)  # (4, 384), frozen from here on
 
 
-def nearest_prototype(encoder, examples):
-    """The predicted class of each example: the prototype with the highest cosine similarity."""
+def embeddings(encoder, examples):
     encoder.eval()
     with torch.no_grad():
-        return (embed(encoder, [text for text, _, _ in examples]) @ prototypes.T).argmax(-1)
+        return embed(encoder, [text for text, _, _ in examples])  # (examples, 384)
+
+
+def nearest_prototype(embedded):
+    """The predicted class of each embedded example: the prototype with the highest cosine similarity."""
+    return (embedded @ prototypes.T).argmax(-1)
 
 
 def scores(predictions, examples):
-    """Accuracy overall, on the aspect alone, and on the sentiment alone for plain and for negated sentences."""
+    """Accuracy overall, on the aspect alone, and on the sentiment alone (plain and negated sentences)."""
     labels = torch.tensor([label for _, label, _ in examples])
     negated = torch.tensor([negates for _, _, negates in examples])
     sentiment_right = predictions % 2 == labels % 2
@@ -167,13 +181,17 @@ def scores(predictions, examples):
 
 
 def print_scores(results):
-    print(f"{'':<19}{'test set':<18}" + "".join(f"{column:>20}" for column in next(iter(next(iter(results.values())).values()))))
+    print(
+        f"{'':<19}{'test set':<18}"
+        + "".join(f"{column:>20}" for column in next(iter(next(iter(results.values())).values())))
+    )
     for method, by_test in results.items():
         for test_name, values in by_test.items():
             print(f"{method:<19}{test_name:<18}" + "".join(f"{value:>20.0%}" for value in values.values()))
 
 
-zero_shot = {name: scores(nearest_prototype(base, test), test) for name, test in test_sets.items()}
+base_embeddings = {name: embeddings(base, test) for name, test in test_sets.items()}
+zero_shot = {name: scores(nearest_prototype(base_embeddings[name]), test) for name, test in test_sets.items()}
 print_scores({"zero-shot": zero_shot})
 
 # %% [markdown]
@@ -217,7 +235,9 @@ def fine_tune(model, learning_rate):
     """Train `model`'s trainable parameters; return the loss of every step."""
     batches = random.Random(1)  # the same batches for every method
     torch.manual_seed(0)  # the same dropout masks too
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+    )
     model.train()
     losses = []
     for _ in range(STEPS):
@@ -257,8 +277,7 @@ plt.show()
 
 # %%
 probe_examples = random.Random(2).sample(train, STEPS * BATCH)
-with torch.no_grad():
-    probe_inputs = embed(base, [text for text, _, _ in probe_examples])
+probe_inputs = embeddings(base, probe_examples)
 probe_labels = torch.tensor([label for _, label, _ in probe_examples])
 torch.manual_seed(0)
 head = torch.nn.Linear(384, len(CLASSES))
@@ -270,46 +289,44 @@ for _ in range(300):
     head_optimizer.step()
 
 
-def trained_head(examples):
-    with torch.no_grad():
-        return head(embed(base, [text for text, _, _ in examples])).argmax(-1)
-
-
+with torch.no_grad():
+    head_predictions = {name: head(embedded).argmax(-1) for name, embedded in base_embeddings.items()}
 results = {
     "zero-shot": zero_shot,
-    "trained head only": {name: scores(trained_head(test), test) for name, test in test_sets.items()},
-    "VeRA": {name: scores(nearest_prototype(vera, test), test) for name, test in test_sets.items()},
-    "LoRA": {name: scores(nearest_prototype(lora, test), test) for name, test in test_sets.items()},
+    "trained head only": {name: scores(head_predictions[name], test) for name, test in test_sets.items()},
+    "VeRA": {
+        name: scores(nearest_prototype(embeddings(vera, test)), test) for name, test in test_sets.items()
+    },
+    "LoRA": {
+        name: scores(nearest_prototype(embeddings(lora, test)), test) for name, test in test_sets.items()
+    },
 }
 print_scores(results)
 
 # %% [markdown]
-# Trainable parameters, and the bytes of each adapter on disk: the trained tensors written with safetensors in
-# float32 (and, for VeRA, once more with the shared `vera_A`/`vera_B` included, as PEFT's default
-# `save_projection=True` would store them).
+# Trainable parameters (both libraries answer `get_nb_trainable_parameters()`), and the bytes of each adapter
+# on disk as its library's `save_pretrained` writes it — PEFT's format in both cases. VeRA is saved twice:
+# with the shared `vera_A`/`vera_B` (the default, `save_projection=True`) and without them.
 
 
 # %%
-def trainable_state(model):
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def file_bytes(tensors):
+def adapter_file_bytes(save_pretrained):
     with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "adapter.safetensors")
-        save_file({name: t.contiguous() for name, t in tensors.items()}, path)
-        return os.path.getsize(path)
+        save_pretrained(directory)
+        return os.path.getsize(os.path.join(directory, "adapter_model.safetensors"))
 
 
 trainable = {
     "trained head only": sum(p.numel() for p in head.parameters()),
-    "VeRA": sum(p.numel() for p in trainable_state(vera).values()),
-    "LoRA": sum(p.numel() for p in trainable_state(lora).values()),
+    "VeRA": vera.get_nb_trainable_parameters()[0],
+    "LoRA": lora.get_nb_trainable_parameters()[0],
 }
+with_projections = adapter_file_bytes(vera.save_pretrained)
+vera.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
 adapter_bytes = {
-    "VeRA": file_bytes(trainable_state(vera)),
-    "VeRA + vera_A, vera_B": file_bytes({**trainable_state(vera), "vera_A": vera.vera_A, "vera_B": vera.vera_B}),
-    "LoRA": file_bytes(trainable_state(lora)),
+    "VeRA": adapter_file_bytes(vera.save_pretrained),
+    "VeRA + vera_A, vera_B": with_projections,
+    "LoRA": adapter_file_bytes(lora.save_pretrained),
 }
 for name, count in trainable.items():
     print(f"trainable parameters, {name:<22}{count:>8,d}")
@@ -323,7 +340,9 @@ methods = list(results)
 width = 0.38
 for offset, test_name in zip((-width / 2, width / 2), test_sets, strict=True):
     values = [100 * results[method][test_name]["overall"] for method in methods]
-    bars = ax_accuracy.bar([i + offset for i in range(len(methods))], values, width, label=f"held out: {test_name}")
+    bars = ax_accuracy.bar(
+        [i + offset for i in range(len(methods))], values, width, label=f"held out: {test_name}"
+    )
     ax_accuracy.bar_label(bars, fmt="%.0f", fontsize=8)
 ax_accuracy.axhline(25, color="gray", linestyle=":", label="chance (4 classes)")
 ax_accuracy.set_xticks(
@@ -335,7 +354,9 @@ ax_accuracy.set_ylim(0, 122)
 ax_accuracy.set_title("Held-out accuracy, frozen cosine head (except 'trained head only')")
 ax_accuracy.legend(loc="upper left", ncols=3, fontsize=8)
 bars = ax_bytes.barh(
-    list(adapter_bytes), [size / 1024 for size in adapter_bytes.values()], color=["tab:green", "tab:olive", "tab:purple"]
+    list(adapter_bytes),
+    [size / 1024 for size in adapter_bytes.values()],
+    color=["tab:green", "tab:olive", "tab:purple"],
 )
 ax_bytes.bar_label(bars, fmt="%.0f KiB", fontsize=8, padding=2)
 ax_bytes.set_xlim(right=1.2 * max(adapter_bytes.values()) / 1024)

@@ -32,7 +32,12 @@ def test_docs_build_strict_without_warnings(tmp_path):
 
     # Every notebook became a page, and the API reference holds the documented objects.
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        assert (site / "notebooks" / notebook.stem / "index.html").is_file(), f"{notebook.name} was not rendered"
-    api = {page: (site / "api" / page / "index.html").read_text(encoding="utf-8") for page in ("reference", "fast")}
+        assert (site / "notebooks" / notebook.stem / "index.html").is_file(), (
+            f"{notebook.name} was not rendered"
+        )
+    api = {
+        page: (site / "api" / page / "index.html").read_text(encoding="utf-8")
+        for page in ("reference", "fast")
+    }
     assert "init_projections" in api["reference"] and "vera_forward" in api["reference"]
     assert "get_model" in api["fast"] and "VeraModel" in api["fast"]

@@ -13,7 +13,9 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-SYNC = "run `jupytext --sync notebooks/*.py` (it takes the cells from whichever file of a pair was edited last)"
+SYNC = (
+    "run `jupytext --sync notebooks/*.py` (it takes the cells from whichever file of a pair was edited last)"
+)
 
 
 def _stems(pattern: str) -> set[str]:
@@ -51,7 +53,9 @@ def test_py_and_ipynb_hold_the_same_cells(stem):
 @pytest.mark.parametrize("stem", PAIRED)
 def test_committed_ipynb_has_no_outputs(stem):
     notebook = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
-    with_outputs = [i for i, cell in enumerate(notebook.cells) if cell.get("outputs") or cell.get("execution_count")]
+    with_outputs = [
+        i for i, cell in enumerate(notebook.cells) if cell.get("outputs") or cell.get("execution_count")
+    ]
     assert not with_outputs, (
         f"notebooks/{stem}.ipynb has outputs in cells {with_outputs}: commit it without them, "
         f"e.g. `jupyter nbconvert --clear-output --inplace notebooks/{stem}.ipynb`"
