@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -37,7 +38,7 @@ from veralab.targets import (
 )
 
 # Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
-# (subclasses of nn.Linear) in front when bitsandbytes is installed.
+# (subclasses of nn.Linear) in front; VeraModel imports it when bitsandbytes is loaded.
 LAYER_TYPES: list[tuple[type[nn.Module], type[VeraLinear]]] = [(nn.Linear, VeraLinear), (Conv1D, VeraLinear)]
 
 
@@ -86,6 +87,12 @@ class VeraModel(nn.Module):
         self._active_adapters: list[str] = []
         self._adapters_disabled = False
         self.model.requires_grad_(False)
+        if sys.modules.get("bitsandbytes") is not None:
+            # A model can only hold bitsandbytes layers once bitsandbytes is imported; importing it only then keeps
+            # `import veralab.fast` free of its slow, noisy import.
+            from veralab.fast.bnb import keep_standard_layouts
+
+            keep_standard_layouts(self.model)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
 
