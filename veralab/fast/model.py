@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -93,6 +94,9 @@ class VeraModel(nn.Module):
             from veralab.fast.bnb import keep_standard_layouts
 
             keep_standard_layouts(self.model)
+        # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
+        # expose the wrapped model's (our forward adds only `adapter_names`).
+        self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
 
@@ -155,7 +159,8 @@ class VeraModel(nn.Module):
         targets = self._find_targets(config)
         self._check_against_projections(config, targets)
         if config.modules_to_save is None and config.task_type == "SEQ_CLS":
-            config.modules_to_save = [name for name in SEQ_CLS_HEAD_NAMES if self._find_modules_to_save([name])]
+            present = {name.rpartition(".")[2] for name, _ in self._candidate_modules()}
+            config.modules_to_save = [name for name in SEQ_CLS_HEAD_NAMES if name in present] or None
         modules_to_save = self._find_modules_to_save(config.modules_to_save or [])
 
         if self._projections is None:
@@ -566,11 +571,3 @@ class VeraModel(nn.Module):
         names = list(dict.fromkeys(adapter_names))
         index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long)
         return RowAdapters(names=names, index=index)
-
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        """Enable the wrapped model's gradient checkpointing; inputs are made to require grad so the frozen
-        embeddings still pass gradients through checkpointed blocks to the lambdas."""
-        self.model.gradient_checkpointing_enable(**kwargs)
-        enable_input_grads = getattr(self.model, "enable_input_require_grads", None)
-        if callable(enable_input_grads):
-            enable_input_grads()
