@@ -19,17 +19,12 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    BitsAndBytesConfig,
-    GPT2Config,
-    LlamaConfig,
-    OPTConfig,
-)
+from helpers import randomize_lambdas, tiny_gpt2, tiny_llama, tiny_opt, token_batch  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from veralab import VeraConfig  # noqa: E402
 from veralab import reference as ref  # noqa: E402
-from veralab.fast import VeraLinear, VeraModel, get_model  # noqa: E402
+from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model  # noqa: E402
 from veralab.fast.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -126,13 +121,9 @@ class QuantizedStack(nn.Module):
 
 
 def adapted(quant: Quant, device: str = "cpu", r: int = 6, **kwargs) -> VeraModel:
-    """QuantizedStack with `up` and `down` adapted; lambdas non-zero, λ_b small enough for ΔW ~ W."""
+    """QuantizedStack with `up` and `down` adapted, and non-zero lambdas."""
     model = get_model(QuantizedStack(quant, device, **kwargs), VeraConfig(r=r, target_modules=["up", "down"]))
-    generator = torch.Generator().manual_seed(1)
-    for _, layer in model.vera_layers():
-        for lambdas, scale in ((layer.vera_lambda_d, 1.0), (layer.vera_lambda_b, 0.1)):
-            values = scale * torch.randn(lambdas["default"].shape, generator=generator)
-            lambdas["default"].data.copy_(values.to(device))
+    randomize_lambdas(model)
     return model
 
 
@@ -299,6 +290,14 @@ def test_get_model_picks_the_quantized_layer_for_bitsandbytes_layers(quant):
     assert model.vera_A.shape == (4, 54) and model.vera_B.shape == (54, 4)
 
 
+@pytest.mark.parametrize("quant", [INT8, FOUR_BIT[0]], ids=str)
+def test_fan_in_fan_out_is_refused_for_bitsandbytes_layers(quant):
+    layer = quantize(nn.Linear(64, 32), quant, "cpu")
+    layer_cls = Linear8bitLt if quant.bits == 8 else Linear4bit
+    with pytest.raises(ValueError, match=f"fan_in_fan_out=True does not apply to {type(layer).__name__}"):
+        layer_cls(layer, SharedProjections.create(4, 64, 32, prng_key=0), fan_in_fan_out=True)
+
+
 def test_import_veralab_fast_does_not_need_bitsandbytes():
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"  # makes `import bitsandbytes` fail
@@ -318,33 +317,21 @@ def test_import_veralab_fast_does_not_need_bitsandbytes():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quant", ALL_QUANTS, ids=str)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_adapter_term_equals_the_reference_term(quant, mode, device):
+def test_forward_adapter_term_is_the_references_and_output_is_within_the_base_error(quant, mode, device):
     model = adapted(quant, device)
     model.train(mode == "train")
     for _, layer in model.vera_layers():
         x = layer_input(layer, device)
         with torch.no_grad():
             output, base = layer(x), layer.base_layer(x)
-        expected, bound = reference_adapter_term(x, layer, model)
-        # output - base cancels in fp32: add the rounding of both
-        assert_within(output - base, expected, bound + 2 * U32 * (output.abs() + base.abs()))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("quant", ALL_QUANTS, ids=str)
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_layer_output_matches_the_reference_on_the_dequantized_weight(quant, mode, device):
-    model = adapted(quant, device)
-    model.train(mode == "train")
-    for _, layer in model.vera_layers():
-        x = layer_input(layer, device)
-        with torch.no_grad():
-            output = layer(x)
+        term, term_bound = reference_adapter_term(x, layer, model)
+        # The adapter is exact over the approximate base: output - base cancels in fp32, add both roundings.
+        assert_within(output - base, term, term_bound + 2 * U32 * (output.abs() + base.abs()))
+        # The whole layer is the reference on the dequantized weight, within the base's quantization error.
         weight, bias = layer.get_base_weight().float(), layer.base_layer.bias.float()
         A_s, B_s, lambda_d, lambda_b = vera_terms(layer, model.vera_A, model.vera_B)
         expected = ref.vera_forward(x, weight, bias, A_s, B_s, lambda_d, lambda_b)
-        _, adapter_bound = reference_adapter_term(x, layer, model)
-        assert_within(output, expected, base_error_bound(x, weight, bias, quant) + adapter_bound)
+        assert_within(output, expected, base_error_bound(x, weight, bias, quant) + term_bound)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -361,6 +348,24 @@ def test_adapter_term_is_computed_in_float32_and_cast_back_for_half_inputs(quant
     # two roundings to `dtype`: the fp32 term cast back, then the sum
     u = unit_roundoff(dtype)
     assert_within(output, base.float() + expected, bound + u * expected.abs() + u * output.float().abs())
+
+
+@pytest.mark.parametrize("quant", [INT8, FOUR_BIT[0]], ids=str)
+def test_mixed_adapter_batch_rows_equal_each_adapter_alone(quant):
+    model = adapted(quant).eval()
+    model.add_adapter("second", VeraConfig(r=6, target_modules=["up", "down"], init_weights=False))
+    x = torch.randn(4, 38, generator=torch.Generator().manual_seed(10))
+    names = ["second", "default", "__base__", "second"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(x[row : row + 1])
+            else:
+                model.set_adapter(name)
+                alone = model(x[row : row + 1])
+            torch.testing.assert_close(mixed[row : row + 1], alone)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,21 +422,26 @@ def train_gradients(model: VeraModel, x: torch.Tensor, upstream: torch.Tensor):
     }
 
 
+def assert_gradients_match_the_reference(model: VeraModel, x: torch.Tensor, upstream: torch.Tensor) -> None:
+    grad_x, grad_lambdas = train_gradients(model, x, upstream)
+    expected_x, expected_lambdas = reference_gradients(model, x, upstream)
+    magnitude_x, magnitude_lambdas = reference_gradients(model, x, upstream, absolute=True)
+    # backprop depth: 3 layers of at most (in + out + r) terms each
+    r, max_in, max_out = model.vera_A.shape[0], model.vera_A.shape[1], model.vera_B.shape[0]
+    tolerance = 3 * (max_in + max_out + r) * U32
+    assert_within(grad_x, expected_x, tolerance * magnitude_x)
+    for name, (grad_d, grad_b) in grad_lambdas.items():
+        assert grad_d.abs().max() > 0 and grad_b.abs().max() > 0
+        assert_within(grad_d, expected_lambdas[name][0], tolerance * magnitude_lambdas[name][0])
+        assert_within(grad_b, expected_lambdas[name][1], tolerance * magnitude_lambdas[name][1])
+
+
 @pytest.mark.parametrize(("quant", "device"), EXACT_BACKPROP)
 def test_gradients_reach_the_lambdas_and_the_input_and_match_the_reference(quant, device):
     model = adapted(quant, device)
     x = layer_input(model.model.up, device)
     upstream = torch.randn(3, 5, 29, generator=torch.Generator().manual_seed(3)).to(device)
-    grad_x, grad_lambdas = train_gradients(model, x, upstream)
-    expected_x, expected_lambdas = reference_gradients(model, x, upstream)
-    # backprop depth: at most 3 layers of (in + out + r) terms each
-    magnitude_x, magnitude_lambdas = reference_gradients(model, x, upstream, absolute=True)
-    depth = 3 * (54 + 54 + 6)
-    assert_within(grad_x, expected_x, depth * U32 * magnitude_x)
-    for name, (grad_d, grad_b) in grad_lambdas.items():
-        assert grad_d.abs().max() > 0 and grad_b.abs().max() > 0
-        assert_within(grad_d, expected_lambdas[name][0], depth * U32 * magnitude_lambdas[name][0])
-        assert_within(grad_b, expected_lambdas[name][1], depth * U32 * magnitude_lambdas[name][1])
+    assert_gradients_match_the_reference(model, x, upstream)
 
 
 @pytest.mark.parametrize("quant", MAIN_QUANTS, ids=str)
@@ -668,39 +678,14 @@ def test_a_weight_repacked_before_get_model_is_restored_and_trains():
         assert_within(bnb_dequantized(module), dequantized[name], bound)
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(7))
     upstream = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
-    grad_x, grad_lambdas = train_gradients(model, x, upstream)
-    expected_x, expected_lambdas = reference_gradients(model, x, upstream)
-    torch.testing.assert_close(grad_x, expected_x)
-    for name, grads in grad_lambdas.items():
-        torch.testing.assert_close(grads, expected_lambdas[name])
+    assert_gradients_match_the_reference(model, x, upstream)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tiny transformers models loaded in 8-bit and 4-bit
 # ---------------------------------------------------------------------------------------------------------
 
-ARCHITECTURES = {
-    "llama": LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    ),
-    "opt": OPTConfig(
-        vocab_size=64,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-    ),
-    "gpt2": GPT2Config(
-        vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
-    ),
-}
+ARCHITECTURES = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
 # The seeds' examples (004): how the base is loaded, and the VeRA config put on top of it.
 QUANTIZATION_CONFIGS = {
     "8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
@@ -716,10 +701,9 @@ SEED_VERA_CONFIGS = {"8bit": VeraConfig(r=128, vera_dropout=0.1), "4bit": VeraCo
 def saved_models(tmp_path_factory):
     """Each tiny architecture saved once, with random weights, to be reloaded quantized."""
     paths = {}
-    for name, config in ARCHITECTURES.items():
-        torch.manual_seed(0)
+    for name, build in ARCHITECTURES.items():
         paths[name] = tmp_path_factory.mktemp(name)
-        AutoModelForCausalLM.from_config(config).save_pretrained(paths[name])
+        build().save_pretrained(paths[name])
     return paths
 
 
@@ -728,7 +712,7 @@ def load_quantized(path, bits: str, device: str = "cpu", configs=QUANTIZATION_CO
 
 
 def batch(device: str = "cpu") -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(9)).to(device)
+    ids = token_batch(batch=4, seq=12).to(device)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -780,12 +764,13 @@ def test_quantized_transformers_model_trains_merges_and_saves(
 def test_trainable_parameter_counts_match_peft_on_a_4bit_model(saved_models):
     peft = pytest.importorskip("peft")
     config = VeraConfig(r=16)
-    ours = get_model(load_quantized(saved_models["llama"], "4bit"), config).get_nb_trainable_parameters()
+    model = get_model(load_quantized(saved_models["llama"], "4bit"), config)
+    ours = model.get_nb_trainable_parameters()
     theirs = peft.get_peft_model(
         load_quantized(saved_models["llama"], "4bit"), peft.VeraConfig(r=16)
     ).get_nb_trainable_parameters()
     assert ours == theirs
-    assert ours[0] == 2 * (16 + 32)  # q_proj, v_proj: r + out each
+    assert ours[0] == sum(16 + layer.out_features for _, layer in model.vera_layers())  # r + out per layer
 
 
 # PEFT casts vera_A / vera_B to a 4-bit layer's compute dtype (fp16 in the seeds' config), so its adapter term

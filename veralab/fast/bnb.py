@@ -27,6 +27,7 @@ import warnings
 
 import bitsandbytes as bnb
 import torch
+from torch import nn
 
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import LAYER_TYPES
@@ -34,14 +35,31 @@ from veralab.fast.projections import SharedProjections
 
 
 class QuantizedVeraLinear(VeraLinear):
-    """What both quantized layers share: the adapter term in the lambdas' dtype, and a warning on merge."""
+    """What both quantized layers share: the adapter term in the lambdas' dtype, and a warning on merge.
+
+    Args:
+        base_layer: the frozen bitsandbytes layer.
+        projections: the model's shared `vera_A` / `vera_B`.
+        fan_in_fan_out: must be False: bitsandbytes layers store their weight as (out, in).
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
+    ) -> None:
+        if fan_in_fan_out:
+            raise ValueError(
+                f"fan_in_fan_out=True does not apply to {type(base_layer).__name__}: bitsandbytes layers store "
+                "their weight as (out, in) (transformers converts GPT-2's Conv1D when quantizing); pass False"
+            )
+        super().__init__(base_layer, projections)
 
     def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
         # The lambdas are float32; the base may run in fp16/bf16, the small adapter term should not.
         return next(iter(self.vera_lambda_d.values())).dtype
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see `VeraLinear.merge`)."""
+        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see `VeraLinear.merge`),
+        with a warning that this rounds."""
         names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
         if names:
             warnings.warn(
@@ -59,12 +77,8 @@ class Linear8bitLt(QuantizedVeraLinear):
 
     With `has_fp16_weights=False` (what transformers' `load_in_8bit=True` builds) the weight is int8 `CB`
     with one float32 scale per output row, `SCB = max_i |W[o, i]|`, and `W ≈ CB * SCB[:, None] / 127`.
-    With `has_fp16_weights=True` the weight is a dense fp16 tensor and `VeraLinear`'s seam applies as is.
-
-    Args:
-        base_layer: the frozen `bnb.nn.Linear8bitLt`.
-        projections: the model's shared `vera_A` / `vera_B`.
-        fan_in_fan_out: must be False (bitsandbytes stores (out, in)).
+    With `has_fp16_weights=True` the weight is stored dense (quantized in each forward) and `VeraLinear`'s
+    seam applies as is. Arguments as `QuantizedVeraLinear`.
     """
 
     def get_base_weight(self) -> torch.Tensor:
@@ -95,12 +109,7 @@ class Linear4bit(QuantizedVeraLinear):
 
     The weight is packed two 4-bit codes a byte (shape (out*in/2, 1)); `in_features` / `out_features` give
     the logical (out, in). Every use first puts the weight in bitsandbytes' standard layout
-    (see `keep_standard_layout`).
-
-    Args:
-        base_layer: the frozen `bnb.nn.Linear4bit`.
-        projections: the model's shared `vera_A` / `vera_B`.
-        fan_in_fan_out: must be False (bitsandbytes stores (out, in)).
+    (see `keep_standard_layout`). Arguments as `QuantizedVeraLinear`.
     """
 
     def __init__(
@@ -143,8 +152,9 @@ def keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
     first time the layer runs in eval mode on an input that does not require grad (e.g. under `torch.no_grad`).
     Afterwards no gradient flows back through the layer (silently: earlier layers' lambdas get wrong
     gradients), a layer with a bias fails in training, dequantizing (merging) returns garbage, and layers whose
-    out_features is not a multiple of 32 fail outright. This turns the repacking off (`support_avx512bf16_for_cpu = False`, which stays off after `unload` / `merge_and_unload`)
-    and undoes it where it already happened. The repacked layout keeps the block scales in bf16, so a weight
+    out_features is not a multiple of 32 fail outright. This turns the repacking off
+    (`support_avx512bf16_for_cpu = False`, which stays off after `unload` / `merge_and_unload`) and undoes it
+    where it already happened. The repacked layout keeps the block scales in bf16, so a weight
     repacked before `get_model` comes back with bf16-rounded scales.
     """
     layer.support_avx512bf16_for_cpu = False
@@ -160,7 +170,7 @@ def keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
         layer.weight.data, layer.weight.quant_state = data, quant_state
 
 
-def keep_standard_layouts(model: torch.nn.Module) -> None:
+def keep_standard_layouts(model: nn.Module) -> None:
     """Put every 4-bit layer of `model` in the standard layout, adapted or not: gradients reach the lambdas of
     earlier layers through the frozen ones."""
     for module in model.modules():
