@@ -1,0 +1,23 @@
+"""Test-suite plumbing: `--fault-catalog PATH` writes the reliability page from the collected fault markers."""
+
+from pathlib import Path
+
+from fault_catalog import AREAS, faults_from_items, render_markdown
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fault-catalog", metavar="PATH", default=None,
+        help="write the reliability catalog (docs/reliability.md) generated from the fault markers to PATH",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    path = config.getoption("--fault-catalog")
+    if path is None:
+        return
+    faults = faults_from_items(items)
+    unknown = sorted({f.area for f in faults} - set(AREAS))
+    if unknown:
+        raise ValueError(f"fault markers with unknown area(s) {unknown}; use one of {sorted(AREAS)}")
+    Path(path).write_text(render_markdown(faults), encoding="utf-8")
