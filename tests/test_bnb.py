@@ -290,6 +290,11 @@ def test_get_model_picks_the_quantized_layer_for_bitsandbytes_layers(quant):
     assert model.vera_A.shape == (4, 54) and model.vera_B.shape == (54, 4)
 
 
+@pytest.mark.fault(
+    "model",
+    "`fan_in_fan_out=True` on a bitsandbytes layer",
+    "ValueError: bitsandbytes stores (out, in); pass False",
+)
 @pytest.mark.parametrize("quant", [INT8, FOUR_BIT[0]], ids=str)
 def test_fan_in_fan_out_is_refused_for_bitsandbytes_layers(quant):
     layer = quantize(nn.Linear(64, 32), quant, "cpu")
@@ -493,6 +498,11 @@ def test_bitsandbytes_8bit_optimizer_trains_the_lambdas(quant):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "numerics",
+    "merging into an 8-bit or 4-bit bitsandbytes weight (requantization rounds)",
+    "UserWarning; merged outputs stay within the bound derived from the quantization scheme",
+)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quant", ALL_QUANTS, ids=str)
 def test_merged_output_matches_unmerged_within_the_requantization_error(quant, device):
@@ -600,6 +610,11 @@ def test_get_delta_weight_is_the_references(quant):
         assert_within(layer.delta_weight("default"), expected, (layer.r["default"] + 2) * U32 * magnitude)
 
 
+@pytest.mark.fault(
+    "model",
+    "NaN/inf lambdas merged into a bitsandbytes layer with `safe_merge=True`",
+    "ValueError before requantizing; the quantized weights are untouched",
+)
 @pytest.mark.parametrize("quant", MAIN_QUANTS, ids=str)
 def test_safe_merge_refuses_non_finite_weights_and_leaves_them_untouched(quant):
     model = adapted(quant)
@@ -624,6 +639,11 @@ def is_repacked(layer: nn.Module) -> bool:
     return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
+@pytest.mark.fault(
+    "numerics",
+    "4-bit model run in eval without grad (AVX-512 bf16 CPU repacking), then trained",
+    "repacking kept off: gradients equal those of training alone",
+)
 @pytest.mark.parametrize("quant", [FOUR_BIT[0], FOUR_BIT[4]], ids=str)
 def test_eval_without_grad_then_training_gives_the_same_gradients_as_training_alone(quant):
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(5))
@@ -646,6 +666,11 @@ def test_eval_without_grad_then_training_gives_the_same_gradients_as_training_al
     assert not any(is_repacked(m) for m in after_eval.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
+@pytest.mark.fault(
+    "numerics",
+    "4-bit layer merged after an eval pass without grad",
+    "merged weight within the requantization error of W + ΔW",
+)
 @pytest.mark.parametrize("quant", [FOUR_BIT[0], FOUR_BIT[4]], ids=str)
 def test_merge_after_eval_without_grad_is_within_the_requantization_error(quant):
     model = adapted(quant, shapes=REPACKABLE).eval()
@@ -658,6 +683,11 @@ def test_merge_after_eval_without_grad_is_within_the_requantization_error(quant)
     assert_within(layer.get_base_weight(), target, requantization_error(target, layer.base_layer, quant))
 
 
+@pytest.mark.fault(
+    "numerics",
+    "4-bit weights already repacked by bitsandbytes before `get_model`",
+    "restored to the standard layout (with bitsandbytes' scrambled scales fixed); gradients match the reference",
+)
 @pytest.mark.skipif(
     not HAS_AVX512_BF16, reason="bitsandbytes repacks 4-bit weights only on AVX-512 bf16 CPUs"
 )
