@@ -1,11 +1,14 @@
 """veralab.fast: the production VeRA path (PEFT's API and names; `get_model` replaces `get_peft_model`)."""
 
 from veralab.fast.functional import adapter_delta, mixed_adapter_delta
+from veralab.fast.io import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init
 
 __all__ = [
+    "AdapterLoadError",
+    "ProjectionMismatchError",
     "SharedProjections",
     "VeraLinear",
     "VeraModel",
