@@ -1,8 +1,20 @@
-"""Test-suite plumbing: `--fault-catalog PATH` writes the reliability page from the collected fault markers."""
+"""Test-suite plumbing: `--fault-catalog PATH` writes the reliability page from the collected fault markers;
+the `one_torch_thread` fixture for modules of tiny models."""
 
 from pathlib import Path
 
+import pytest
+import torch
 from fault_catalog import AREAS, faults_from_items, render_markdown
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a busy 2-core machine spend their time spin-waiting between threads: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_addoption(parser):

@@ -27,18 +27,10 @@ from veralab import reference as ref  # noqa: E402
 from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model  # noqa: E402
 from veralab.fast.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
 U32 = torch.finfo(torch.float32).eps / 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine spend their time spinning between threads; one is faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -837,11 +829,6 @@ def test_logits_match_peft_over_the_same_quantized_base(saved_models, bits):
 # Saving and loading adapters (veralab.fast.io)
 # ---------------------------------------------------------------------------------------------------------
 
-needs_io = pytest.mark.skipif(
-    not hasattr(VeraModel, "save_pretrained"),
-    reason="pending on veralab.fast.io (save_pretrained / from_pretrained)",
-)
-
 
 def lambdas_of(model: VeraModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     return {
@@ -851,25 +838,36 @@ def lambdas_of(model: VeraModel, adapter_name: str = "default") -> dict[str, tor
     }
 
 
-@needs_io
+def assert_loaded_as_trained(
+    loaded: VeraModel, trained: VeraModel, inputs, adapter_name: str = "default"
+) -> None:
+    """The loaded lambdas are bit for bit the trained ones, and they lower the loaded base's loss."""
+    expected = lambdas_of(trained)
+    for key, value in lambdas_of(loaded, adapter_name).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    loaded.set_adapter(adapter_name)
+    with loaded.disable_adapter():
+        base_loss = eval_loss(loaded, inputs)
+    assert eval_loss(loaded, inputs) < base_loss
+
+
 @pytest.mark.parametrize("bits", QUANTIZATION_CONFIGS)
-def test_adapter_trained_over_a_quantized_base_loads_onto_the_unquantized_base(saved_models, bits, tmp_path):
+def test_adapter_trained_over_a_quantized_base_loads_onto_the_unquantized_and_the_quantized_base(
+    saved_models, bits, tmp_path
+):
     inputs = batch()
     model = get_model(load_quantized(saved_models["llama"], bits), VeraConfig(r=16))
     train(model, inputs, steps=3)
     model.save_pretrained(tmp_path)
-    full = AutoModelForCausalLM.from_pretrained(saved_models["llama"])
-    loaded = VeraModel.from_pretrained(full, tmp_path)
+    loaded = VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_models["llama"]), tmp_path)
     assert {type(layer) for _, layer in loaded.vera_layers()} == {VeraLinear}
-    trained = lambdas_of(model)
-    for key, value in lambdas_of(loaded).items():
-        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
-    assert eval_loss(loaded, inputs) < eval_loss(
-        AutoModelForCausalLM.from_pretrained(saved_models["llama"]), inputs
-    )
+    assert_loaded_as_trained(loaded, model, inputs)
+    # ...and back onto the same quantized base: exactly the trained model
+    reloaded = VeraModel.from_pretrained(load_quantized(saved_models["llama"], bits), tmp_path)
+    assert_loaded_as_trained(reloaded, model, inputs)
+    assert eval_loss(reloaded, inputs) == eval_loss(model, inputs)
 
 
-@needs_io
 @pytest.mark.parametrize("bits", QUANTIZATION_CONFIGS)
 def test_adapter_trained_over_the_unquantized_base_loads_onto_a_quantized_base(saved_models, bits, tmp_path):
     inputs = batch()
@@ -877,17 +875,10 @@ def test_adapter_trained_over_the_unquantized_base_loads_onto_a_quantized_base(s
     train(model, inputs, steps=3)
     model.save_pretrained(tmp_path)
     loaded = VeraModel.from_pretrained(load_quantized(saved_models["llama"], bits), tmp_path)
-    expected_type = Linear8bitLt if bits == "8bit" else Linear4bit
-    assert {type(layer) for _, layer in loaded.vera_layers()} == {expected_type}
-    trained = lambdas_of(model)
-    for key, value in lambdas_of(loaded).items():
-        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
-    loaded_loss = eval_loss(loaded, inputs)
-    assert loaded_loss < eval_loss(load_quantized(saved_models["llama"], bits), inputs)
-
-    # load_adapter: a second adapter from the same file, next to the first, on the quantized base
+    assert {type(layer) for _, layer in loaded.vera_layers()} == {
+        Linear8bitLt if bits == "8bit" else Linear4bit
+    }
+    assert_loaded_as_trained(loaded, model, inputs)
+    # load_adapter: the same file again as a second adapter next to the first, on the quantized base
     loaded.load_adapter(tmp_path, adapter_name="other")
-    for key, value in lambdas_of(loaded, "other").items():
-        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
-    loaded.set_adapter("other")
-    assert eval_loss(loaded, inputs) == loaded_loss
+    assert_loaded_as_trained(loaded, model, inputs, adapter_name="other")

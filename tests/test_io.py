@@ -21,18 +21,9 @@ from veralab.fast.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, Project
 from veralab.fast.trainer import VeraTrainer
 
 # PEFT and veralab warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 EPS = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids spin-waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
