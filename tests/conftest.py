@@ -1,20 +1,16 @@
-"""Test-suite plumbing: `--fault-catalog PATH` writes the reliability page from the collected fault markers;
-the `one_torch_thread` fixture for modules of tiny models."""
+"""Test-suite plumbing: one torch thread for the tiny test models, and `--fault-catalog PATH`, which writes the
+reliability page from the collected fault markers."""
 
 from pathlib import Path
 
-import pytest
 import torch
 from fault_catalog import AREAS, faults_from_items, render_markdown
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a busy 2-core machine spend their time spin-waiting between threads: use one."""
-    threads = torch.get_num_threads()
+def pytest_configure(config):
+    # The tests' matmuls are tiny: on a 2-core machine a second thread only spin-waits (the suite runs
+    # markedly faster on one). Benchmarks and multi-process tests run in their own processes.
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pytest_addoption(parser):

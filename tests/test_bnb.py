@@ -27,7 +27,6 @@ from veralab import reference as ref  # noqa: E402
 from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model  # noqa: E402
 from veralab.fast.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
 U32 = torch.finfo(torch.float32).eps / 2

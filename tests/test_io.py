@@ -21,7 +21,7 @@ from veralab.fast.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, Project
 from veralab.fast.trainer import VeraTrainer
 
 # PEFT and veralab warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 EPS = torch.finfo(torch.float32).eps
 
