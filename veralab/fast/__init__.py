@@ -12,6 +12,8 @@ __all__ = [
     "SharedProjections",
     "VeraLinear",
     "VeraModel",
+    "VeraTrainer",
+    "VeraTrainerMixin",
     "adapter_delta",
     "find_max_dims",
     "get_model",
@@ -19,3 +21,12 @@ __all__ = [
     "kaiming_init",
     "mixed_adapter_delta",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers.Trainer (and accelerate): loaded only when asked for.
+    if name in ("VeraTrainer", "VeraTrainerMixin"):
+        from veralab.fast import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'veralab.fast' has no attribute {name!r}")
