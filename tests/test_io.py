@@ -26,15 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 EPS = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids spin-waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Same weights, another float32 evaluation order (LoRA's (x A'^T) B'^T): a few roundings per output."""
     scale = expected.abs().max().item()
@@ -515,6 +506,33 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, m
     )
 
 
+@pytest.mark.fault(
+    "file",
+    "a read-only output directory",
+    "OSError naming the adapter and the directory; the adapter already there stays byte-identical and loadable",
+)
+def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypatch):
+    arch = ARCHS["llama"]
+    model = make_vera(arch, save_projection=True)
+    expected = outputs(model, ["default"])["default"]
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize(model, seed=2)
+
+    def read_only(*args, **kwargs):
+        # Tests run as root, which ignores chmod; fail where the OS would for a read-only directory.
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(adapter_io.tempfile, "mkdtemp", read_only)
+    with pytest.raises(PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"):
+        model.save_pretrained(tmp_path, selected_adapters=["default"])
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+    assert torch.equal(
+        outputs(VeraModel.from_pretrained(arch.base(), tmp_path), ["default"])["default"], expected
+    )
+
+
 # --------------------------------------------------------------------------------------------- load errors
 
 
@@ -591,6 +609,20 @@ BROKEN_FILES = [
         "adapter_model.bin",
         "safetensors only",
         "pickle-only",
+    ),
+    broken(
+        "empty adapter_model.safetensors (0 bytes)",
+        lambda d: (d / WEIGHTS_NAME).write_bytes(b""),
+        WEIGHTS_NAME,
+        "empty",
+        "empty-weights",
+    ),
+    broken(
+        "empty adapter_config.json (0 bytes)",
+        lambda d: (d / CONFIG_NAME).write_bytes(b""),
+        CONFIG_NAME,
+        "empty",
+        "empty-config",
     ),
     broken(
         "truncated adapter_model.safetensors",

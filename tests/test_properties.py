@@ -2,6 +2,8 @@
 
 import copy
 import math
+import tempfile
+import warnings
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import SharedProjections, VeraLinear, get_model
+from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -128,3 +130,37 @@ def test_long_training_stays_finite(dtype):
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "vera_lambda_" in n)
     assert losses[-1] < losses[0]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@pytest.mark.fault("numerics", "save then load, for random layer shapes, ranks and both save_projection settings", "outputs restored bit for bit")
+@given(
+    shapes=st.lists(st.tuples(dims, dims), min_size=1, max_size=3), r=ranks, save_projection=st.booleans(),
+    batch=st.integers(1, 4), seed=st.integers(0, 2**16),
+)
+def test_save_then_load_restores_outputs(shapes, r, save_projection, batch, seed):
+    torch.manual_seed(seed)
+    layers = {f"layer{i}": nn.Linear(in_features, out_features) for i, (out_features, in_features) in enumerate(shapes)}
+
+    class Parallel(nn.Module):  # layers of unrelated shapes side by side: every one reads its own input
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleDict(copy.deepcopy(layers))
+
+        def forward(self, inputs):
+            return [self.layers[name](x) for name, x in zip(self.layers, inputs, strict=True)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = VeraConfig(r=r, target_modules=list(layers), save_projection=save_projection, init_weights=False)
+        model = get_model(Parallel(), config, adapter_name="default")
+    inputs = [torch.randn(batch, layer.in_features) for layer in layers.values()]
+    with torch.no_grad():
+        expected = model(inputs)
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(directory)
+        loaded = VeraModel.from_pretrained(Parallel(), directory)
+    with torch.no_grad():
+        for got, want in zip(loaded(inputs), expected, strict=True):
+            assert torch.equal(got, want)

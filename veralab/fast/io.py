@@ -240,14 +240,20 @@ def save_pretrained(
         )
     for name in names:
         metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
-        write_files_atomically(
-            adapter_directory(save_directory, name),
-            {
-                WEIGHTS_NAME: safetensors.torch.save(adapter_tensors(model, name), metadata=metadata),
-                # Replaced last: the config says which weights it goes with.
-                CONFIG_NAME: _config_json(_config_for_file(model, model.peft_config[name])),
-            },
-        )
+        directory = adapter_directory(save_directory, name)
+        files = {
+            WEIGHTS_NAME: safetensors.torch.save(adapter_tensors(model, name), metadata=metadata),
+            # Replaced last: the config says which weights it goes with.
+            CONFIG_NAME: _config_json(_config_for_file(model, model.peft_config[name])),
+        }
+        try:
+            write_files_atomically(directory, files)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"could not save adapter {name!r} to {directory}: {e.strerror or e}; any adapter already there "
+                "is unchanged (check the directory is writable and the disk has space)",
+            ) from e
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -425,6 +431,11 @@ def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
         raise AdapterLoadError(
             f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
+    for path in (config_path, weights_path):
+        if path.stat().st_size == 0:
+            raise AdapterLoadError(
+                f"{path}: the file is empty (0 bytes); whatever wrote it did not finish, save the adapter again"
+            )
     return AdapterFiles(
         config_path, weights_path, _read_config(config_path), *_read_safetensors(weights_path)
     )

@@ -170,23 +170,28 @@ class VeraLinear(nn.Module):
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
 
+    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adapter term is computed in: the input's (quantized layers use the lambdas')."""
+        return x.dtype
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_forward(x, *args, **kwargs)
         if self.disable_adapters:
             return result.to(x.dtype)
+        x_adapter = x.to(self.adapter_dtype(x))
         if self._row_adapters is not None:
-            delta = self._mixed_batch_delta(x)
+            delta = self._mixed_batch_delta(x_adapter)
             return (result + delta.to(result.dtype)).to(x.dtype)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x.dtype, x.device)
+            A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
             delta = adapter_delta(
-                self.vera_dropout[name](x),
+                self.vera_dropout[name](x_adapter),
                 A_s,
                 B_s,
-                self.vera_lambda_d[name].to(x.dtype),
-                self.vera_lambda_b[name].to(x.dtype),
+                self.vera_lambda_d[name].to(x_adapter.dtype),
+                self.vera_lambda_b[name].to(x_adapter.dtype),
             )
             result = result + delta.to(result.dtype)
         return result.to(x.dtype)

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -40,7 +41,7 @@ from veralab.targets import (
 )
 
 # Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
-# (subclasses of nn.Linear) in front when bitsandbytes is installed.
+# (subclasses of nn.Linear) in front; VeraModel imports it when bitsandbytes is loaded.
 LAYER_TYPES: list[tuple[type[nn.Module], type[VeraLinear]]] = [(nn.Linear, VeraLinear), (Conv1D, VeraLinear)]
 
 
@@ -89,6 +90,12 @@ class VeraModel(nn.Module):
         self._active_adapters: list[str] = []
         self._adapters_disabled = False
         self.model.requires_grad_(False)
+        if sys.modules.get("bitsandbytes") is not None:
+            # A model can only hold bitsandbytes layers once bitsandbytes is imported; importing it only then keeps
+            # `import veralab.fast` free of its slow, noisy import.
+            from veralab.fast.bnb import keep_standard_layouts
+
+            keep_standard_layouts(self.model)
         # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
         # expose the wrapped model's (our forward adds only `adapter_names`).
         self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
