@@ -344,19 +344,34 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _has_bnb_layers() -> bool:
+@pytest.mark.parametrize(("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")])
+def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import veralab.finetune
+
+    adapted, real_get_model = [], veralab.finetune.get_model
+
+    def get_model_spy(model, config):
+        adapted.append(real_get_model(model, config))
+        return adapted[-1]
+
+    monkeypatch.setattr(veralab.finetune, "get_model", get_model_spy)
+    argv = finetune_args(model_dir, data_files, tmp_path / "out") + [flag, "--steps", "1", "--quiet"]
+    assert main(argv) == 0
+    layers = [type(layer).__name__ for _, layer in adapted[0].vera_layers()]
+    assert layers == [layer_class] * 6  # q_proj, v_proj, down_proj in 2 layers, each over a quantized base
+    assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUT_FILES
+    assert any(t.abs().max() > 0 for k, t in load_lambdas(tmp_path / "out").items() if k.endswith("lambda_b"))
+
+
+def test_quantized_base_without_bitsandbytes_is_one_clear_line(model_dir, data_files, tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    return importlib.util.find_spec("veralab.fast.bnb") is not None
-
-
-@pytest.mark.skipif(_has_bnb_layers(), reason="veralab.fast.bnb exists: the quantized path itself is tested")
-@pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])
-def test_quantized_base_without_bnb_layers_is_one_clear_line(flag, model_dir, data_files, tmp_path, capsys):
-    argv = finetune_args(model_dir, data_files, tmp_path / "out") + [flag]
-    code, _, err = run_cli(argv, capsys)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name))
+    code, _, err = run_cli(finetune_args(model_dir, data_files, tmp_path / "out") + ["--load-in-4bit"], capsys)
     assert code == 2 and err.count("\n") == 1
-    assert "needs veralab.fast.bnb" in err or "needs bitsandbytes" in err
+    assert "--load-in-4bit needs bitsandbytes: pip install 'veralab[bnb]'" in err
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,11 +34,6 @@ def quantization_config(quantization: str | None):
         raise ValueError(f"quantization={quantization!r} is invalid: expected one of {list(QUANTIZATIONS)} or None")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"--load-in-{quantization} needs bitsandbytes: pip install 'veralab[bnb]'")
-    if importlib.util.find_spec("veralab.fast.bnb") is None:
-        raise ValueError(
-            f"--load-in-{quantization} needs veralab.fast.bnb (VeRA layers over bitsandbytes), which this veralab "
-            "version lacks; train in full precision instead"
-        )
     from transformers import BitsAndBytesConfig
 
     import veralab.fast.bnb  # noqa: F401  (registers the bitsandbytes VeRA layers with get_model)
