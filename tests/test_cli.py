@@ -324,7 +324,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.fault(
     "cli",
     "bad arguments and inputs: unknown command, non-numbers, conflicting flags, invalid VeRA or training values, "
-    "targets that match nothing, missing or malformed model, data and adapter paths (23 cases)",
+    "targets that match nothing, missing or malformed model, data and adapter paths (21 cases)",
     "one line `veralab <command>: error: ...` naming the problem, exit status 2, no traceback, nothing written",
 )
 @pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS)
