@@ -6,7 +6,7 @@
 Two tables of medians (variants timed interleaved, no grad): the eval forward of the 8 x 512 batch (base model,
 veralab merged and unmerged, PEFT VeRA unmerged), and a mixed batch of 32 rows x 128 tokens using 32 different
 adapters through `adapter_names` against the same batch with one adapter, with 32 separate forward passes and
-PEFT for context (PEFT 0.21 accepts `adapter_names` for VeRA; the table says whether its rows are right).
+PEFT for context (PEFT 0.21 accepts `adapter_names` for VeRA; the table says whether its rows are right). --quick uses 4 rows.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from benchmarks.common import (
 )
 from veralab import VeraConfig
 
-ADAPTERS = 32
-MIXED_SEQ = {False: 128, True: 16}  # tokens per row of the mixed batch (full, quick)
+# The mixed batch: rows (one adapter each) and tokens per row, for the full run and the quick one.
+MIXED = {False: (32, 128), True: (4, 16)}
 
 
 def with_random_lambdas(model, seed: int) -> None:
@@ -151,24 +151,25 @@ def rows_right(run, reference) -> str:
 
 
 def mixed_table(args, setup: Setup, base) -> None:
-    mixed_setup = Setup(**{**setup.__dict__, "batch": ADAPTERS, "seq": MIXED_SEQ[args.quick]})
+    adapters, seq = MIXED[args.quick]
+    mixed_setup = Setup(**{**setup.__dict__, "batch": adapters, "seq": seq})
     ids = make_batch(mixed_setup, args.device, seed=3)
     ours = build_variant(VERALAB, base, setup).eval()
-    names = add_adapters(ours, ADAPTERS, lambda: VeraConfig(r=setup.r, target_modules=TARGETS), seed=10)
+    names = add_adapters(ours, adapters, lambda: VeraConfig(r=setup.r, target_modules=TARGETS), seed=10)
     theirs = build_variant(PEFT_VERA, base, setup).eval()
-    add_adapters(theirs, ADAPTERS, lambda: peft.VeraConfig(r=setup.r, target_modules=TARGETS), seed=10)
+    add_adapters(theirs, adapters, lambda: peft.VeraConfig(r=setup.r, target_modules=TARGETS), seed=10)
 
     ours_separately = separate_passes(ours, ids, names)
     # name -> (the run, the run whose output it must equal; None for a reference itself)
     runs = {
-        f"veralab, {ADAPTERS} adapters (adapter_names)": (eval_forward(ours, ids, adapter_names=names), ours_separately),
+        f"veralab, {adapters} adapters (adapter_names)": (eval_forward(ours, ids, adapter_names=names), ours_separately),
         "veralab, 1 adapter (adapter_names)": (
-            eval_forward(ours, ids, adapter_names=[names[0]] * ADAPTERS),
+            eval_forward(ours, ids, adapter_names=[names[0]] * adapters),
             eval_forward(ours, ids),
         ),
         "veralab, 1 adapter (plain forward)": (eval_forward(ours, ids), None),
-        f"veralab, {ADAPTERS} separate forward passes": (ours_separately, None),
-        f"PEFT VeRA, {ADAPTERS} adapters (adapter_names)": (
+        f"veralab, {adapters} separate forward passes": (ours_separately, None),
+        f"PEFT VeRA, {adapters} adapters (adapter_names)": (
             peft_mixed_batch(theirs, ids, names),
             separate_passes(theirs, ids, names),
         ),
@@ -177,13 +178,13 @@ def mixed_table(args, setup: Setup, base) -> None:
     timed = {name: run for name, (run, _) in runs.items() if not correct[name].startswith("fails")}
     medians = interleaved_medians(timed, setup.warmup, setup.steps, args.device)
     one = medians["veralab, 1 adapter (adapter_names)"]
-    mixed = medians[f"veralab, {ADAPTERS} adapters (adapter_names)"]
+    mixed = medians[f"veralab, {adapters} adapters (adapter_names)"]
     print_table(
-        f"Mixed batch, {ADAPTERS} rows x {mixed_setup.seq} tokens (no grad), medians of {setup.steps} interleaved runs",
+        f"Mixed batch, {adapters} rows x {mixed_setup.seq} tokens (no grad), medians of {setup.steps} interleaved runs",
         ["variant", "forward (s)", "/ veralab 1 adapter (adapter_names)", "rows right"],
         [[name, medians.get(name, float("nan")), medians.get(name, float("nan")) / one, correct[name]] for name in correct],
         [
-            f"{ADAPTERS} different adapters / one adapter, same batch through adapter_names: {mixed / one:.3f} "
+            f"{adapters} different adapters / one adapter, same batch through adapter_names: {mixed / one:.3f} "
             f"(target <= 1.1: {verdict(mixed / one, 1.1)})",
         ],
     )

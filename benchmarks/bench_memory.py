@@ -72,11 +72,13 @@ def measure_variant(name: str, args) -> dict[str, float]:
     saved = saved_activation_bytes(step)
     for _ in range(setup.warmup + 2):
         step()
+    if args.same_process:
+        return {"saved": saved}
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"saved": saved, "peak": peak}
+    return {"saved": saved, "peak": float(peak)}
 
 
 def run_in_own_process(name: str, argv: list[str]) -> dict[str, float]:
@@ -88,11 +90,19 @@ def run_in_own_process(name: str, argv: list[str]) -> dict[str, float]:
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
+def add_options(parser) -> None:
+    parser.add_argument("--child", help="(internal) measure this one variant and print its result")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="measure every variant in this process (fast, for smoke runs): saved activations stay exact, peak "
+        "memory is not reported since it would mix the variants",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(
-        __doc__.splitlines()[0], argv, extra=lambda p: p.add_argument("--child", help="(internal) measure one variant")
-    )
+    args = parse_args(__doc__.splitlines()[0], argv, extra=add_options)
     configure(args)
     note = gpu_unavailable_note(args, "bench_memory")
     if args.device == "cuda" and note:
@@ -102,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_PREFIX + json.dumps(measure_variant(args.child, args)))
         return
 
-    results = {name: run_in_own_process(name, argv) for name in VARIANTS}
+    if args.same_process:
+        results = {name: {**measure_variant(name, args), "peak": float("nan")} for name in VARIANTS}
+    else:
+        results = {name: run_in_own_process(name, argv) for name in VARIANTS}
     base_saved = results[FROZEN_BASE]["saved"]
     peft_peak = results[PEFT_VERA]["peak"]
     peak_label = "peak GPU memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
@@ -127,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             f"saved activations of one training forward, veralab / frozen base: {saved_ratio:.3f} "
             f"(target <= 1.12: {verdict(saved_ratio, 1.12)}); PEFT VeRA / frozen base: "
             f"{results[PEFT_VERA]['saved'] / base_saved:.3f}",
-            f"{peak_label}, veralab / PEFT VeRA: {peak_ratio:.3f} (target <= 1.0: {verdict(peak_ratio, 1.0)})",
+            f"{peak_label}, veralab / PEFT VeRA: {peak_ratio:.3f} (target <= 1.0: {verdict(peak_ratio, 1.0)})"
+            if not args.same_process
+            else "peak memory: not measured with --same-process (run without it: one process per variant)",
         ],
     )
     if note:

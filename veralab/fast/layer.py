@@ -6,7 +6,8 @@ The shared projections are referenced through one `SharedProjections` object per
 
 Everything that touches the base weight goes through two methods, `get_base_weight` and
 `set_base_weight`; the bitsandbytes layers (`veralab.fast.bnb`) override only those two (and the base
-forward's quirks), so merge, unmerge and safe merge are written once.
+forward's quirks), so merge, unmerge and safe merge are written once. They also set
+`supports_weight_space = False`, which routes their forward to the activation-space path over `base_forward`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class RowAdapters:
 class VeraLinear(nn.Module):
     """VeRA over a frozen linear-like layer (`nn.Linear`, or `Conv1D` with `fan_in_fan_out=True`).
 
-    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, computed in the dtype of `x`
-    and returned in the dtype of `x`.
+    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, returned in the dtype of `x`,
+    computed exactly on one of two paths (`veralab.fast.functional`, chosen by `compute_path`): in weight space
+    as one matmul with `W + ΔW` (float32/float64 plain dense bases, no dropout, enough tokens), otherwise in
+    activation space over `base_forward`. Either way only `h = x A_s^T` is kept for the backward, once for all
+    the layers reading the same x.
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
