@@ -137,15 +137,14 @@ def peft_mixed_batch(model, ids: torch.Tensor, names: list[str]):
     return run
 
 
-def rows_right(run, reference) -> str:
-    """Whether `run` gives the rows `reference` gives ("fails: ..." when it raises)."""
+def rows_right(run, expected: torch.Tensor | None) -> str:
+    """Whether `run` gives the `expected` rows ("fails: ..." when it raises; "(reference)" for no expectation)."""
     try:
         output = run()
     except Exception as error:  # PEFT may refuse or crash: the table says so instead of a number
         return f"fails: {type(error).__name__}: {str(error).splitlines()[0][:60]}"
-    if reference is None:
+    if expected is None:
         return "(reference)"
-    expected = reference()
     tolerance = 100 * torch.finfo(output.dtype).eps * expected.abs().max().item()
     return "yes" if (output - expected).abs().max().item() <= tolerance else "NO: rows get another adapter"
 
@@ -159,22 +158,20 @@ def mixed_table(args, setup: Setup, base) -> None:
     theirs = build_variant(PEFT_VERA, base, setup).eval()
     add_adapters(theirs, adapters, lambda: peft.VeraConfig(r=setup.r, target_modules=TARGETS), seed=10)
 
-    ours_separately = separate_passes(ours, ids, names)
-    # name -> (the run, the run whose output it must equal; None for a reference itself)
+    ours_separately, ours_plain = separate_passes(ours, ids, names), eval_forward(ours, ids)
+    expected_rows, expected_one = ours_separately(), ours_plain()
+    # name -> (the run, the output it must give; None for a reference itself)
     runs = {
-        f"veralab, {adapters} adapters (adapter_names)": (eval_forward(ours, ids, adapter_names=names), ours_separately),
-        "veralab, 1 adapter (adapter_names)": (
-            eval_forward(ours, ids, adapter_names=[names[0]] * adapters),
-            eval_forward(ours, ids),
-        ),
-        "veralab, 1 adapter (plain forward)": (eval_forward(ours, ids), None),
+        f"veralab, {adapters} adapters (adapter_names)": (eval_forward(ours, ids, adapter_names=names), expected_rows),
+        "veralab, 1 adapter (adapter_names)": (eval_forward(ours, ids, adapter_names=[names[0]] * adapters), expected_one),
+        "veralab, 1 adapter (plain forward)": (ours_plain, None),
         f"veralab, {adapters} separate forward passes": (ours_separately, None),
         f"PEFT VeRA, {adapters} adapters (adapter_names)": (
             peft_mixed_batch(theirs, ids, names),
-            separate_passes(theirs, ids, names),
+            separate_passes(theirs, ids, names)(),
         ),
     }
-    correct = {name: rows_right(run, reference) for name, (run, reference) in runs.items()}
+    correct = {name: rows_right(run, expected) for name, (run, expected) in runs.items()}
     timed = {name: run for name, (run, _) in runs.items() if not correct[name].startswith("fails")}
     medians = interleaved_medians(timed, setup.warmup, setup.steps, args.device)
     one = medians["veralab, 1 adapter (adapter_names)"]

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     saved_ratio = results[VERALAB]["saved"] / base_saved
     peak_ratio = results[VERALAB]["peak"] / peft_peak
     print_table(
-        "Training memory, each variant in its own process",
+        "Training memory, " + ("all variants in this process" if args.same_process else "each variant in its own process"),
         ["variant", "saved activations (MB)", "/ frozen base", peak_label, "/ PEFT VeRA"],
         rows,
         [

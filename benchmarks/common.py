@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import platform
 import statistics
 import time
@@ -78,11 +79,22 @@ def gpu_unavailable_note(args: argparse.Namespace, script: str) -> str | None:
 
 
 def machine_line(args: argparse.Namespace) -> str:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     return (
-        f"machine: {device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"{args.dtype}; setup: {describe(args.setup)}"
+        f"machine: {device} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {args.dtype}; setup: {describe(args.setup)}"
     )
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def describe(setup: Setup) -> str:

@@ -38,6 +38,8 @@ from veralab.fast.projections import DerivedCache
 
 # Odd sizes on purpose; the projections are sized larger than the layer so that slicing matters.
 IN, OUT, R = 7, 11, 5
+# float64 results: beyond round-off (a few thousand eps of float64 over these short reductions) is a bug.
+ROUNDOFF = dict(rtol=1e4 * torch.finfo(torch.float64).eps, atol=1e4 * torch.finfo(torch.float64).eps)
 FUNCTION_NAMES = {"WeightSpaceVeraBackward": WEIGHT_SPACE, "ActivationSpaceVeraBackward": ACTIVATION_SPACE}
 
 
@@ -198,6 +200,35 @@ def test_inference_takes_the_cheapest_path_and_matches_the_reference():
             truth = reference_run(layer, inputs, None, torch.float64)[0]
             low = reference_run(layer, inputs, None, torch.float32)[0]
             assert_close_to_truth(layer(inputs), low, truth, torch.float32, IN + R)
+
+
+def test_a_dropout_adapter_adds_in_activation_space_over_a_weight_space_adapter():
+    layer = make_layer(dtype=torch.float64, adapters=("a", "b"))
+    layer.vera_dropout["b"] = nn.Dropout(0.5)  # only b drops its input
+    layer.train()
+    x = torch.randn(4, 9, IN, dtype=torch.float64)
+    grad_output = torch.randn(4, 9, OUT, dtype=torch.float64)
+    y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=3)
+    assert path == ACTIVATION_SPACE  # b, added last
+    assert type(y.grad_fn).__name__ == "ActivationSpaceVeraBackward"
+    assert layer.compute_path(x.requires_grad_(), ["a"]) == WEIGHT_SPACE  # a, underneath
+    truth = reference_run(layer, x, grad_output, torch.float64, seed=3)
+    torch.testing.assert_close(y, truth[0], **ROUNDOFF)
+    torch.testing.assert_close(grad_x, truth[1], **ROUNDOFF)
+    for name in ("a", "b"):
+        torch.testing.assert_close(grads_d[name], truth[2][name], **ROUNDOFF)
+        torch.testing.assert_close(grads_b[name], truth[3][name], **ROUNDOFF)
+
+
+def test_inference_mode_inputs_work_without_the_shared_h_cache():
+    layer = make_layer().eval()
+    x = torch.randn(1, 2, IN)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        inference_x = x.clone()  # an inference tensor: it has no version counter to check h against
+        torch.testing.assert_close(layer(inference_x), expected)
+    assert len(layer._projections._hidden) == 0
 
 
 def test_merged_layer_costs_exactly_the_base_layer():
@@ -363,9 +394,6 @@ def loss_and_grads(model, shape):
     grads = {n.split("base_model.")[-1]: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return out.logits.detach(), embeds.grad, grads
 
-
-# float64 models: beyond round-off (a few thousand eps of float64 over these short reductions) is a bug.
-ROUNDOFF = dict(rtol=1e4 * torch.finfo(torch.float64).eps, atol=1e4 * torch.finfo(torch.float64).eps)
 
 
 @pytest.mark.parametrize("path", [WEIGHT_SPACE, ACTIVATION_SPACE])
