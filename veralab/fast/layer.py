@@ -288,10 +288,17 @@ class VeraLinear(nn.Module):
         def build() -> torch.Tensor:
             return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
 
+        return self._kept_while_frozen(self._scaled_cache, names, [B_s], dtype, build)
+
+    def _kept_while_frozen(self, cache: DerivedCache, names: list[str], other_sources: list, key, build):
+        """`build()`, kept in `cache` across forwards unless this forward trains the lambdas of `names`.
+
+        The cached value is rebuilt when one of those lambdas or `other_sources` changes, or `key` differs.
+        """
         if self._lambdas_train(names):
             return build()
-        sources = [B_s, *(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
-        return self._scaled_cache.get(sources, key=dtype, build=build)
+        sources = [*other_sources, *(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
+        return cache.get(sources, key=key, build=build)
 
     def _lambdas_train(self, names: list[str]) -> bool:
         """Whether this forward builds a graph to the lambdas of `names` (they may change before the next)."""
@@ -330,10 +337,7 @@ class VeraLinear(nn.Module):
             )
 
         present = [name for name in rows.names if name in self.vera_lambda_d]
-        if self._lambdas_train(present):
-            return build()
-        sources = [*(self.vera_lambda_d[n] for n in present), *(self.vera_lambda_b[n] for n in present)]
-        return self._row_lambda_cache.get(sources, key=(tuple(rows.names), x.dtype, x.device), build=build)
+        return self._kept_while_frozen(self._row_lambda_cache, present, [], (tuple(rows.names), x.dtype, x.device), build)
 
     @staticmethod
     def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,10 @@ class _SharedHidden:
 
     h: torch.Tensor
     input_version: int
-    generation: int
 
 
 class SharedProjections:
-    """Holds `vera_A (r x max_in)` and `vera_B (max_out x r)` and caches their per-layer slices.
+    """Holds `vera_A (r x max_in)` and `vera_B (max_out x r)`, caches their per-layer slices and the shared h.
 
     Args:
         vera_A: the shared (r, max_in) projection.
@@ -52,8 +51,6 @@ class SharedProjections:
         self.prng_key = prng_key
         self._cache: dict[tuple, torch.Tensor] = {}
         self._cache_stamp: tuple | None = None
-        # Bumped whenever the cached forms are dropped, so caches built on them (h, S) know they are stale.
-        self.generation = 0
         # input tensor -> {(in_features, dtype, device): _SharedHidden}; an entry dies with its input.
         self._hidden: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -126,9 +123,9 @@ class SharedProjections:
             entries = self._hidden[x] = {}
         key = (A_s.shape[1], A_s.dtype, A_s.device)
         entry = entries.get(key)
-        if entry is None or entry.input_version != x._version or entry.generation != self.generation:
+        if entry is None or entry.input_version != x._version:
             with torch.no_grad():
-                entry = entries[key] = _SharedHidden(F.linear(x, A_s), x._version, self.generation)
+                entry = entries[key] = _SharedHidden(F.linear(x, A_s), x._version)
         return entry.h
 
     def _cached(self, which: str, size: int, dtype: torch.dtype, device: torch.device, view) -> torch.Tensor:
@@ -148,7 +145,6 @@ class SharedProjections:
     def _clear_caches(self) -> None:
         self._cache.clear()
         self._hidden = WeakIdKeyDictionary()
-        self.generation += 1
 
     def __getstate__(self) -> dict:
         # Copies (deepcopy, pickle) start with empty caches: weak references cannot be copied or pickled.
