@@ -42,7 +42,7 @@ def check_table(header: list[str], rows: list[list[str]], variants: list[str], n
 
 
 def run(script, argv, capsys) -> str:
-    script.main(argv)
+    script.main([*argv, "--threads", "1"])  # the suite's one thread (conftest): the quick runs only smoke-test
     return capsys.readouterr().out
 
 

@@ -39,26 +39,33 @@ def test_defaults_match_installed_peft():
         assert ours[name] == theirs[name], name
 
 
+def invalid(kwargs, field, case):
+    return pytest.param(
+        kwargs, field, id=f"{field}={kwargs[field]!r}",
+        marks=pytest.mark.fault("config", case, f"ValueError naming `{field}`, the value and what is allowed"),
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"r": 0}, "r"),
-        ({"r": -3}, "r"),
-        ({"r": 2.5}, "r"),
-        ({"r": True}, "r"),
-        ({"vera_dropout": 1.0}, "vera_dropout"),
-        ({"vera_dropout": -0.1}, "vera_dropout"),
-        ({"d_initial": float("nan")}, "d_initial"),
-        ({"bias": "lora_only"}, "bias"),
-        ({"layers_pattern": "layers"}, "layers_pattern"),
-        ({"layers_to_transform": [-1]}, "layers_to_transform"),
-        ({"layers_to_transform": []}, "layers_to_transform"),
-        ({"target_modules": []}, "target_modules"),
-        ({"target_modules": ""}, "target_modules"),
-        ({"target_modules": ["q_proj", 3]}, "target_modules"),
-        ({"projection_prng_key": -1}, "projection_prng_key"),
-        ({"save_projection": "yes"}, "save_projection"),
-        ({"peft_type": "LORA"}, "peft_type"),
+        invalid({"r": 0}, "r", "`r=0`"),
+        invalid({"r": -3}, "r", "`r=-3`"),
+        invalid({"r": 2.5}, "r", "`r=2.5` (not an int)"),
+        invalid({"r": True}, "r", "`r=True` (a bool is not a rank)"),
+        invalid({"vera_dropout": 1.0}, "vera_dropout", "`vera_dropout=1.0` (outside [0, 1))"),
+        invalid({"vera_dropout": -0.1}, "vera_dropout", "`vera_dropout=-0.1`"),
+        invalid({"d_initial": float("nan")}, "d_initial", "`d_initial=nan`"),
+        invalid({"bias": "lora_only"}, "bias", "unknown `bias` mode"),
+        invalid({"layers_pattern": "layers"}, "layers_pattern", "`layers_pattern` without `layers_to_transform`"),
+        invalid({"layers_to_transform": [-1]}, "layers_to_transform", "negative layer index"),
+        invalid({"layers_to_transform": []}, "layers_to_transform", "empty `layers_to_transform`"),
+        invalid({"target_modules": []}, "target_modules", "empty target list"),
+        invalid({"target_modules": ""}, "target_modules", "empty target regex"),
+        invalid({"target_modules": ["q_proj", 3]}, "target_modules", "a non-string target"),
+        invalid({"projection_prng_key": -1}, "projection_prng_key", "negative `projection_prng_key`"),
+        invalid({"save_projection": "yes"}, "save_projection", "a string where a bool is expected"),
+        invalid({"peft_type": "LORA"}, "peft_type", "`peft_type` other than VERA"),
     ],
 )
 def test_invalid_value_raises_naming_field_value_and_allowed(kwargs, field):
@@ -70,6 +77,7 @@ def test_invalid_value_raises_naming_field_value_and_allowed(kwargs, field):
     assert "expected" in message
 
 
+@pytest.mark.fault("config", "`save_projection=False`", "UserWarning on the risk and how veralab guards it (fingerprint)")
 def test_save_projection_false_warns():
     with pytest.warns(UserWarning, match="save_projection=False"):
         VeraConfig(save_projection=False)
@@ -120,16 +128,19 @@ def test_json_peft_reads_back(tmp_path):
         assert value == expected, f.name
 
 
+@pytest.mark.fault("config", "unknown key in a loaded adapter_config.json", "ValueError naming the key and the allowed fields")
 def test_unknown_key_in_json_raises_naming_it():
     with pytest.raises(ValueError, match="lora_alpha"):
         VeraConfig.from_dict({"r": 8, "lora_alpha": 16})
 
 
+@pytest.mark.fault("config", "adapter_config.json of another PEFT method", "ValueError: not a VeRA adapter config")
 def test_wrong_peft_type_in_json_raises():
     with pytest.raises(ValueError, match="not a VeRA adapter"):
         VeraConfig.from_dict({"peft_type": "LORA", "r": 8})
 
 
+@pytest.mark.fault("config", "corrupted adapter_config.json", "ValueError naming the file and the JSON error")
 def test_corrupted_json_file_names_the_file(tmp_path):
     path = tmp_path / "adapter_config.json"
     path.write_text('{"r": 8,')

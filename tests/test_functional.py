@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import randomize_lambdas, tiny_llama, token_batch
 from torch import nn
 from torch.nn import functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
@@ -115,6 +115,14 @@ def reference_run(layer: VeraLinear, x: torch.Tensor, grad_output, dtype: torch.
     )
 
 
+def path_taken(y: torch.Tensor) -> str:
+    """The VeRA Function that produced y (through the cast back to x's dtype under autocast)."""
+    node = y.grad_fn
+    if type(node).__name__ == "ToCopyBackward0":
+        node = node.next_functions[0][0]
+    return FUNCTION_NAMES[type(node).__name__]
+
+
 def fast_run(layer: VeraLinear, x: torch.Tensor, grad_output: torch.Tensor, seed: int):
     """The same as `reference_run` through the layer itself, plus the path its forward took."""
     for p in layer.parameters():
@@ -122,7 +130,7 @@ def fast_run(layer: VeraLinear, x: torch.Tensor, grad_output: torch.Tensor, seed
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = layer(x)
-    path = FUNCTION_NAMES[type(y.grad_fn).__name__]
+    path = path_taken(y)
     y.backward(grad_output.to(y.dtype))
     bias = layer.base_layer.bias
     return (
@@ -202,6 +210,24 @@ def test_inference_takes_the_cheapest_path_and_matches_the_reference():
             assert_close_to_truth(layer(inputs), low, truth, torch.float32, IN + R)
 
 
+def test_autocast_takes_activation_space_and_stays_within_autocasts_own_error():
+    layer = make_layer(adapters=("a", "b"))
+    x = torch.randn(4, 9, IN)
+    grad_output = torch.randn(4, 9, OUT)
+    truth = reference_run(layer, x, grad_output, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.compute_path(x.requires_grad_(), ["a", "b"]) == ACTIVATION_SPACE  # bf16 matmuls drop ΔW
+        y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=0)
+        low = reference_run(layer, x, grad_output, torch.float32)  # PyTorch's own error under the same autocast
+    assert path == ACTIVATION_SPACE and y.dtype == torch.float32
+    length = IN + R + 36
+    assert_close_to_truth(y, low[0], truth[0], torch.bfloat16, length)
+    assert_close_to_truth(grad_x, low[1], truth[1], torch.bfloat16, length)
+    for name in ("a", "b"):
+        assert_close_to_truth(grads_d[name], low[2][name], truth[2][name], torch.bfloat16, length)
+        assert_close_to_truth(grads_b[name], low[3][name], truth[3][name], torch.bfloat16, length)
+
+
 def test_a_dropout_adapter_adds_in_activation_space_over_a_weight_space_adapter():
     layer = make_layer(dtype=torch.float64, adapters=("a", "b"))
     layer.vera_dropout["b"] = nn.Dropout(0.5)  # only b drops its input
@@ -210,7 +236,6 @@ def test_a_dropout_adapter_adds_in_activation_space_over_a_weight_space_adapter(
     grad_output = torch.randn(4, 9, OUT, dtype=torch.float64)
     y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=3)
     assert path == ACTIVATION_SPACE  # b, added last
-    assert type(y.grad_fn).__name__ == "ActivationSpaceVeraBackward"
     assert layer.compute_path(x.requires_grad_(), ["a"]) == WEIGHT_SPACE  # a, underneath
     truth = reference_run(layer, x, grad_output, torch.float64, seed=3)
     torch.testing.assert_close(y, truth[0], **ROUNDOFF)
@@ -225,10 +250,11 @@ def test_inference_mode_inputs_work_without_the_shared_h_cache():
     x = torch.randn(1, 2, IN)
     with torch.no_grad():
         expected = layer(x)
+    cached = len(layer._projections._hidden)
     with torch.inference_mode():
         inference_x = x.clone()  # an inference tensor: it has no version counter to check h against
         torch.testing.assert_close(layer(inference_x), expected)
-    assert len(layer._projections._hidden) == 0
+    assert len(layer._projections._hidden) == cached  # nothing cached for it
 
 
 def test_merged_layer_costs_exactly_the_base_layer():
@@ -361,29 +387,23 @@ def test_layer_dispatch_respects_trained_base_weight_hooks_and_extra_arguments()
 
 # ------------------------------------------------------------------ whole models: PEFT, sharing, checkpointing
 
-LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BLOCKS = tiny_llama().config.num_hidden_layers
 LLAMA_R = 16
-# (batch, sequence) for which every layer takes each path in training (see path_costs).
+# (batch, sequence) for which every layer of helpers.tiny_llama takes each path in training (see path_costs).
 TOKENS = {WEIGHT_SPACE: (2, 24), ACTIVATION_SPACE: (2, 3)}
 
 
-def tiny_llama(seed=0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(**LLAMA, num_key_value_heads=4, max_position_embeddings=64)
-    return LlamaForCausalLM(config).double()
-
-
 def veralab_llama(base=None, seed=1) -> torch.nn.Module:
-    config = VeraConfig(r=LLAMA_R, target_modules=TARGETS, init_weights=False)
-    base = copy.deepcopy(base or tiny_llama())
-    torch.manual_seed(seed)  # the random lambdas of init_weights=False
-    return get_model(base, config).double()
+    """helpers.tiny_llama in float64 with VeRA on every block linear and random non-zero lambdas."""
+    base = copy.deepcopy(base or tiny_llama()).double()
+    model = get_model(base, VeraConfig(r=LLAMA_R, target_modules=TARGETS)).double()
+    randomize_lambdas(model, seed=seed)
+    return model
 
 
 def embeds_for(model, shape, seed=2):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, LLAMA["vocab_size"], shape, generator=generator)
+    ids = token_batch(*shape, seed=seed)
     return ids, model.get_input_embeddings()(ids).detach().requires_grad_(True)
 
 
@@ -399,13 +419,11 @@ def loss_and_grads(model, shape):
 @pytest.mark.parametrize("path", [WEIGHT_SPACE, ACTIVATION_SPACE])
 def test_llama_matches_peft_outputs_and_gradients(path):
     peft = pytest.importorskip("peft")
-    base = tiny_llama()
+    base = tiny_llama().double()
     ours = veralab_llama(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(
-            copy.deepcopy(base), peft.VeraConfig(r=LLAMA_R, target_modules=TARGETS, init_weights=False)
-        ).double()
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=LLAMA_R, target_modules=TARGETS)).double()
     their_params = dict(theirs.named_parameters())
     with torch.no_grad():
         for name, param in ours.named_parameters():
@@ -414,13 +432,16 @@ def test_llama_matches_peft_outputs_and_gradients(path):
     assert torch.equal(ours.vera_A, theirs.base_model.vera_A["default"].double())
 
     shape = TOKENS[path]
-    x = torch.empty(shape[0] * shape[1], LLAMA["hidden_size"], dtype=torch.float64, requires_grad=True)
-    assert {layer.compute_path(x[:, : layer.in_features], ["default"]) for _, layer in ours.vera_layers()} == {path}
+    paths = {
+        layer.compute_path(torch.empty(*shape, layer.in_features, dtype=torch.float64, requires_grad=True), ["default"])
+        for _, layer in ours.vera_layers()
+    }
+    assert paths == {path}
     our_logits, our_input_grad, our_grads = loss_and_grads(ours, shape)
     their_logits, their_input_grad, their_grads = loss_and_grads(theirs, shape)
     torch.testing.assert_close(our_logits, their_logits, **ROUNDOFF)
     torch.testing.assert_close(our_input_grad, their_input_grad, **ROUNDOFF)
-    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 2 * 7 * LLAMA["num_hidden_layers"]
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 2 * 7 * BLOCKS
     for name, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[name], **ROUNDOFF)
 
@@ -447,7 +468,7 @@ def test_layers_reading_one_input_share_one_h(path):
     saved, loss = saved_tensors_of_one_forward(model, (batch, seq))
     hidden = [s for s in saved.values() if s[0] == (batch, seq, LLAMA_R)]
     # per block: one h for q, k and v; one for o; one for gate and up; one for down
-    assert len(hidden) == 4 * LLAMA["num_hidden_layers"]
+    assert len(hidden) == 4 * BLOCKS
     assert len(model._projections._hidden) == 0  # every cached h died with its input, before the backward
     loss.backward()
 
@@ -464,9 +485,10 @@ def test_saved_activations_add_only_the_shared_h_to_the_frozen_model():
     def activation_bytes(saved):
         return sum(nbytes for ptr, (_, nbytes) in saved.items() if ptr not in parameters)
 
-    h_bytes = 4 * LLAMA["num_hidden_layers"] * shape[0] * shape[1] * LLAMA_R * 8  # float64
+    h_bytes = 4 * BLOCKS * shape[0] * shape[1] * LLAMA_R * 8  # float64
     extra = activation_bytes(adapted) - activation_bytes(frozen)
-    small = 8 * (LLAMA_R + 2 * LLAMA["intermediate_size"]) * 7 * LLAMA["num_hidden_layers"] * 4  # stacked lambdas
+    widest = max(layer.out_features for _, layer in model.vera_layers())
+    small = 8 * (LLAMA_R + widest) * 7 * BLOCKS * 4  # the stacked lambdas (one copy each, float64)
     slices = sum(t.untyped_storage().nbytes() for t in model._projections._cache.values())
     assert h_bytes <= extra <= h_bytes + small + slices
 
@@ -474,7 +496,7 @@ def test_saved_activations_add_only_the_shared_h_to_the_frozen_model():
 def test_shared_h_is_tied_to_no_graph_so_sibling_layers_can_train_one_after_the_other():
     model = veralab_llama()
     attention = model.model.model.layers[0].self_attn
-    x = torch.randn(2, 24, LLAMA["hidden_size"], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 24, attention.q_proj.in_features, dtype=torch.float64, requires_grad=True)
     attention.q_proj(x).sum().backward()
     grad_after_q = x.grad.clone()
     attention.k_proj(x).sum().backward()  # reuses q's h: it carries no graph that q's backward freed
@@ -507,7 +529,7 @@ def test_torch_compile_traces_the_functions_and_the_sharing():
     def qkv(x):
         return sum(p(x).sum() for p in projections)
 
-    x = torch.randn(2, 24, LLAMA["hidden_size"], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 24, attention.q_proj.in_features, dtype=torch.float64, requires_grad=True)
     expected = qkv(x)
     expected.backward()
     expected_grad = x.grad.clone()

@@ -38,8 +38,9 @@ class VeraConfig:
             `False` draws random non-zero lambdas, for tests.
         layers_to_transform: layer indices to adapt (with `layers_pattern` naming the layer list).
         layers_pattern: name of the `nn.ModuleList` holding the layers (e.g. "layers", "h").
-        peft_type, task_type, inference_mode, base_model_name_or_path, revision, auto_mapping,
-        peft_version: the bookkeeping fields of PEFT's adapter_config.json.
+
+    The remaining fields, `peft_type`, `task_type`, `inference_mode`, `base_model_name_or_path`, `revision`,
+    `auto_mapping` and `peft_version`, are the bookkeeping fields of PEFT's adapter_config.json.
     """
 
     r: int = 256

@@ -9,6 +9,7 @@ from veralab.fast.functional import (
     path_costs,
     weight_space_vera,
 )
+from veralab.fast.io import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init
@@ -16,9 +17,13 @@ from veralab.fast.projections import SharedProjections, find_max_dims, init_proj
 __all__ = [
     "ACTIVATION_SPACE",
     "WEIGHT_SPACE",
+    "AdapterLoadError",
+    "ProjectionMismatchError",
     "SharedProjections",
     "VeraLinear",
     "VeraModel",
+    "VeraTrainer",
+    "VeraTrainerMixin",
     "activation_space_vera",
     "choose_path",
     "find_max_dims",
@@ -29,3 +34,12 @@ __all__ = [
     "path_costs",
     "weight_space_vera",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers.Trainer (and accelerate): loaded only when asked for.
+    if name in ("VeraTrainer", "VeraTrainerMixin"):
+        from veralab.fast import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'veralab.fast' has no attribute {name!r}")

@@ -39,6 +39,13 @@ ACTIVATION_SPACE = "activation space"
 DELTA_KEEPING_DTYPES = (torch.float32, torch.float64)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type, or None when autocast is off (or unknown there)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def scaled_projection(B_s: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
     """S = B_s ⊙ (Λ_b^T Λ_d), (out, r), in the dtype of B_s: every active adapter folded into one matrix.
 
@@ -65,13 +72,16 @@ def lambda_grads(
     Args:
         grad_output: G, the gradient of the layer's output, (N, out).
         h: x A_s^T, (N, r).
-        B_s, lambda_d, lambda_b: as in `scaled_projection`.
-        needs_d, needs_b: which of the two gradients to return (the other is None).
+        B_s: the layer's slice of vera_B, (out, r), in the dtype the gradients are formed in.
+        lambda_d: the adapters' λ_d stacked, (K, r).
+        lambda_b: the adapters' λ_b stacked, (K, out).
+        needs_d: return the gradient of lambda_d (else None).
+        needs_b: return the gradient of lambda_b (else None).
     """
     if not (needs_d or needs_b):
         return None, None
     dtype = B_s.dtype
-    P = (grad_output.T @ h.to(grad_output.dtype)).to(dtype)  # (out, r): dL/dS
+    P = (grad_output.to(h.dtype).T @ h).to(dtype)  # (out, r): dL/dS
     Q = B_s * P  # (out, r)
     grad_d = (lambda_b.detach().to(dtype) @ Q).to(lambda_d.dtype) if needs_d else None  # (K, r)
     grad_b = (lambda_d.detach().to(dtype) @ Q.T).to(lambda_b.dtype) if needs_b else None  # (K, out)
@@ -84,13 +94,13 @@ class ActivationSpaceVera(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_output, x, h, S, A_s, B_s, lambda_d, lambda_b):
         out_features, r = S.shape
-        output = torch.addmm(
-            base_output.reshape(-1, out_features),
-            h.reshape(-1, r).to(base_output.dtype),
-            S.to(base_output.dtype).T,
-        )  # (N, out)
+        h_2d = h.reshape(-1, r)  # (N, r)
+        if h.dtype == base_output.dtype:
+            output = torch.addmm(base_output.reshape(-1, out_features), h_2d, S.to(h.dtype).T)  # (N, out)
+        else:  # the adapter term runs in its own dtype (quantized bases: float32) and is cast back
+            output = base_output.reshape(-1, out_features) + (h_2d @ S.to(h.dtype).T).to(base_output.dtype)
         ctx.save_for_backward(h, A_s, B_s, lambda_d, lambda_b)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return output.view(base_output.shape)
 
     @staticmethod
@@ -101,9 +111,9 @@ class ActivationSpaceVera(torch.autograd.Function):
         G = grad_output.reshape(-1, out_features)  # (N, out)
         grad_x = None
         if ctx.needs_input_grad[1]:
-            S = scaled_projection(B_s, lambda_d, lambda_b).to(A_s.dtype)
-            grad_h = G.to(A_s.dtype) @ S  # (N, r)
-            grad_x = (grad_h @ A_s).view(ctx.x_shape)  # (..., in)
+            S = scaled_projection(B_s, lambda_d, lambda_b).to(h.dtype)
+            grad_h = G.to(h.dtype) @ S  # (N, r)
+            grad_x = (grad_h @ A_s.to(h.dtype)).to(ctx.x_dtype).view(ctx.x_shape)  # (..., in)
         grad_d, grad_b = lambda_grads(
             G, h.reshape(-1, r), B_s, lambda_d, lambda_b, ctx.needs_input_grad[6], ctx.needs_input_grad[7]
         )
@@ -161,11 +171,13 @@ def activation_space_vera(
     Args:
         base_output: the base layer's output, (..., out); its gradient passes through unchanged.
         x: the adapter's input, (..., in): it receives the adapter's input gradient `(G S) A_s`.
-        h: `x A_s^T` (..., r) computed without grad (it may be shared with other layers reading x).
-        S: `scaled_projection(B_s, lambda_d, lambda_b)`, in any dtype (cast to the output's).
-        A_s: (r, in) in x's dtype.
+        h: `x A_s^T` (..., r) computed without grad (it may be shared with other layers reading x), in the
+            dtype the adapter term is computed in; the term is cast to base_output's dtype when it differs.
+        S: `scaled_projection(B_s, lambda_d, lambda_b)`, in any dtype (used in h's).
+        A_s: (r, in) in h's dtype.
         B_s: (out, r), in the dtype the lambda gradients are computed in (float32 or float64).
-        lambda_d: (K, r) stacked λ_d of the adapters; lambda_b: (K, out) stacked λ_b.
+        lambda_d: (K, r) stacked λ_d of the adapters.
+        lambda_b: (K, out) stacked λ_b of the adapters.
     """
     return ActivationSpaceVera.apply(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
@@ -188,8 +200,12 @@ def weight_space_vera(
         h: `x A_s^T` (..., r) computed without grad (the input gradient already includes the adapter through
             W + ΔW); None when the lambdas need no gradient.
         S: `scaled_projection(B_s, lambda_d, lambda_b)`.
-        weight: the frozen base weight, (out, in); bias: the base bias (out,) or None (it may be trained).
-        A_s: (r, in) in the weight's dtype; B_s: (out, r); lambda_d: (K, r); lambda_b: (K, out).
+        weight: the frozen base weight, (out, in).
+        bias: the base bias, (out,), or None; it may be trained.
+        A_s: (r, in), in the weight's dtype.
+        B_s: (out, r).
+        lambda_d: (K, r) stacked λ_d of the adapters.
+        lambda_b: (K, out) stacked λ_b of the adapters.
     """
     return WeightSpaceVera.apply(x, h, S, weight, bias, A_s, B_s, lambda_d, lambda_b)
 
@@ -203,7 +219,9 @@ def path_costs(tokens: int, in_features: int, out_features: int, r: int, needs_g
 
     Args:
         tokens: N, the number of rows the layer sees (batch x sequence).
-        in_features, out_features, r: the layer's and the projections' sizes.
+        in_features: the layer's input size.
+        out_features: the layer's output size.
+        r: the projections' rank.
         needs_grad: whether a backward pass will run through the layer.
     """
     build_weight = out_features * in_features * (r + 1)  # S A_s, then the add
@@ -231,9 +249,14 @@ def choose_path(
     """Weight space where it is exact and cheaper by `path_costs`, activation space otherwise.
 
     Args:
-        tokens, in_features, out_features, r, needs_grad: as in `path_costs`.
+        tokens: N, the number of rows the layer sees (batch x sequence).
+        in_features: the layer's input size.
+        out_features: the layer's output size.
+        r: the projections' rank.
+        needs_grad: whether a backward pass will run through the layer.
         weight_dtype: the base weight's dtype; only float32/float64 keep ΔW exactly.
-        input_dtype: x's dtype; weight space runs the matmul in the weight's dtype, so they must agree.
+        input_dtype: the dtype x's matmuls run in (the autocast dtype under autocast); weight space runs the
+            matmul in the weight's dtype, so they must agree.
         dropout_active: the adapter reads dropout(x), which no weight can express.
         weight_space_supported: the base layer is a plain dense layer whose weight the matmul may replace
             (False for quantized layers, layers with hooks or extra forward arguments).
@@ -262,8 +285,9 @@ def mixed_batch_vera(
         base_output: (batch, ..., out).
         h: x A_s^T, (batch, ..., r).
         B_s: (out, r) in h's dtype.
-        lambda_d_rows: (batch, r), lambda_b_rows: (batch, out): each row's lambdas, gathered by the caller
-            (zeros for rows that use no adapter), in h's dtype.
+        lambda_d_rows: (batch, r), each row's λ_d, gathered by the caller (zeros for rows that use no adapter),
+            in h's dtype.
+        lambda_b_rows: (batch, out), each row's λ_b, likewise.
     """
     # (batch, r) -> (batch, 1, ..., 1, r) so it broadcasts over the middle (e.g. sequence) dims.
     middle = (1,) * (h.dim() - 2)

@@ -24,6 +24,7 @@ from veralab.config import VeraConfig
 from veralab.fast.functional import (
     WEIGHT_SPACE,
     activation_space_vera,
+    autocast_dtype,
     choose_path,
     mixed_batch_vera,
     scaled_projection,
@@ -189,6 +190,10 @@ class VeraLinear(nn.Module):
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
 
+    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adapter term is computed in: the input's (quantized layers use the lambdas')."""
+        return x.dtype
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """`base(x)` plus every active, unmerged adapter's term, computed on the path `compute_path` picks."""
         if self.disable_adapters:
@@ -211,7 +216,8 @@ class VeraLinear(nn.Module):
             if undropped:
                 result = self._activation_space_forward(result, x, undropped)
         for name in dropped:
-            result = self._activation_space_forward(result, self.vera_dropout[name](x), [name])
+            x_adapter = x.to(self.adapter_dtype(x))
+            result = self._activation_space_forward(result, self.vera_dropout[name](x_adapter), [name])
         return result
 
     def compute_path(self, x: torch.Tensor, adapter_names: list[str], extra_arguments: bool = False) -> str:
@@ -231,7 +237,7 @@ class VeraLinear(nn.Module):
             r=self._projections.r,
             needs_grad=torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in lambdas)),
             weight_dtype=weight.dtype,
-            input_dtype=x.dtype,
+            input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
             dropout_active=any(self._drops_input(n) for n in adapter_names),
             weight_space_supported=self._plain_dense_base() and not extra_arguments and not weight.requires_grad,
         )
@@ -261,11 +267,12 @@ class VeraLinear(nn.Module):
         return weight_space_vera(x, h, S, weight, self.base_layer.bias, A_s, B_s, lambda_d, lambda_b)
 
     def _activation_space_forward(self, base_output: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        dtype = self.adapter_dtype(x)
         lambda_d, lambda_b = self._stacked_lambdas(names)
-        A_s = self._projections.sliced_A(self.in_features, x.dtype, x.device)
+        A_s = self._projections.sliced_A(self.in_features, dtype, x.device)
         B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
         h = self._projections.hidden(x, A_s)
-        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, base_output.dtype)
+        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, dtype)
         return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
     def _stacked_lambdas(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,10 +322,11 @@ class VeraLinear(nn.Module):
                 "give exactly one adapter name per row"
             )
         result = self.base_forward(x, *args, **kwargs)
-        lambda_d_table, lambda_b_table = self._row_lambda_tables(rows, x)
+        x_adapter = x.to(self.adapter_dtype(x))
+        lambda_d_table, lambda_b_table = self._row_lambda_tables(rows, x_adapter)
         index = rows.index.to(x.device)
-        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x.dtype, x.device)
-        adapter_input = self._dropout_rows(x, rows)
+        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
+        adapter_input = self._dropout_rows(x_adapter, rows)
         if torch.is_grad_enabled() and adapter_input.requires_grad:
             h = F.linear(adapter_input, A_s)  # the input gradient flows through this h
         else:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -16,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
+from veralab.fast import io as adapter_io
 from veralab.fast.layer import (
     BASE_ROW,
     RowAdapters,
@@ -37,7 +41,7 @@ from veralab.targets import (
 )
 
 # Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
-# (subclasses of nn.Linear) in front when bitsandbytes is installed.
+# (subclasses of nn.Linear) in front; VeraModel imports it when bitsandbytes is loaded.
 LAYER_TYPES: list[tuple[type[nn.Module], type[VeraLinear]]] = [(nn.Linear, VeraLinear), (Conv1D, VeraLinear)]
 
 
@@ -86,6 +90,15 @@ class VeraModel(nn.Module):
         self._active_adapters: list[str] = []
         self._adapters_disabled = False
         self.model.requires_grad_(False)
+        if sys.modules.get("bitsandbytes") is not None:
+            # A model can only hold bitsandbytes layers once bitsandbytes is imported; importing it only then keeps
+            # `import veralab.fast` free of its slow, noisy import.
+            from veralab.fast.bnb import keep_standard_layouts
+
+            keep_standard_layouts(self.model)
+        # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
+        # expose the wrapped model's (our forward adds only `adapter_names`).
+        self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
 
@@ -147,9 +160,9 @@ class VeraModel(nn.Module):
         config.validate()
         targets = self._find_targets(config)
         self._check_against_projections(config, targets)
+        modules_to_save = self._find_modules_to_save(self._modules_to_save_names(config))
         if config.modules_to_save is None and config.task_type == "SEQ_CLS":
-            config.modules_to_save = [name for name in SEQ_CLS_HEAD_NAMES if self._find_modules_to_save([name])]
-        modules_to_save = self._find_modules_to_save(config.modules_to_save or [])
+            config.modules_to_save = self._modules_to_save_names(config) or None
 
         if self._projections is None:
             self._create_projections(config, targets)
@@ -280,6 +293,16 @@ class VeraModel(nn.Module):
                     "adapter; add the largest-layer adapter first, or target layers within that size"
                 )
 
+    def _modules_to_save_names(self, config: VeraConfig) -> list[str]:
+        """The config's modules_to_save. For task_type="SEQ_CLS" the classification heads are added, and head
+        names the model lacks are dropped, as PEFT does (its files list both "classifier" and "score")."""
+        names = list(config.modules_to_save or [])
+        if config.task_type != "SEQ_CLS":
+            return names
+        present = [n for n, _ in self._candidate_modules()]
+        heads = [h for h in SEQ_CLS_HEAD_NAMES if any(name_matches_entry(n, h) for n in present)]
+        return [n for n in names if n not in SEQ_CLS_HEAD_NAMES] + heads
+
     def _find_modules_to_save(self, names: list[str]) -> dict[str, nn.Module]:
         found = {}
         for name, module in self._candidate_modules():
@@ -357,15 +380,26 @@ class VeraModel(nn.Module):
         self._mark_trainable()
 
     def _mark_trainable(self) -> None:
-        """Only the active adapters' lambdas, their modules_to_save copies and the biases their mode asks for."""
+        """Only the active adapters' lambdas, their modules_to_save copies and the biases their mode asks for.
+
+        Adapters whose config has `inference_mode=True` (loaded with `is_trainable=False`) stay frozen.
+        """
         for name, param in self.model.named_parameters():
             if self.prefix not in name and ".modules_to_save." not in name:
                 param.requires_grad_(False)
+        frozen = [n for n in self._active_adapters if self.peft_config[n].inference_mode]
         for _, layer in self.vera_layers():
             layer.set_adapter(self._active_adapters)
+            for name in frozen:
+                if name in layer.r:
+                    layer.vera_lambda_d[name].requires_grad_(False)
+                    layer.vera_lambda_b[name].requires_grad_(False)
         for wrapper in self._wrappers():
             wrapper.set_adapter(self._active_adapters)
-        modes = {self.peft_config[n].bias for n in self._active_adapters}
+            for name in frozen:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(False)
+        modes = {self.peft_config[n].bias for n in self._active_adapters if n not in frozen}
         if "all" in modes:
             for name, param in self.model.named_parameters():
                 if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
@@ -560,10 +594,70 @@ class VeraModel(nn.Module):
         index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long)
         return RowAdapters(names=names, index=index)
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        """Enable the wrapped model's gradient checkpointing; inputs are made to require grad so the frozen
-        embeddings still pass gradients through checkpointed blocks to the lambdas."""
-        self.model.gradient_checkpointing_enable(**kwargs)
-        enable_input_grads = getattr(self.model, "enable_input_require_grads", None)
-        if callable(enable_input_grads):
-            enable_input_grads()
+    # ------------------------------------------------------------------ saving and loading (veralab.fast.io)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+    ) -> None:
+        """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter.
+
+        The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT;
+        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact.
+
+        Args:
+            save_directory: where to save.
+            selected_adapters: the adapters to save (default: all).
+            is_main_process: only the main process writes (distributed training).
+            safe_serialization: must be True: veralab writes safetensors only, never pickle.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors only "
+                "(PEFT reads them too). Drop the argument."
+            )
+        if is_main_process:
+            adapter_io.save_pretrained(self, save_directory, selected_adapters)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> VeraModel:
+        """Adapt `model` with a saved VeRA adapter (veralab's or PEFT's); the drop-in for
+        `peft.PeftModel.from_pretrained`. On any error `model` is left as it was.
+
+        Args:
+            model: the base model.
+            model_id: the adapter directory.
+            adapter_name: the name to give the adapter.
+            is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
+        """
+        return adapter_io.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of that
+        name has its weights replaced in place. All or nothing: on error the model is unchanged.
+
+        Args:
+            model_id: the adapter directory.
+            adapter_name: the name to load it under.
+            is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
+        """
+        adapter_io.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+
+    def save_as_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Export an adapter as a standard PEFT LoRA adapter with exactly the same outputs
+        (`lora_A = lambda_d * A_s`, `lora_B = lambda_b * B_s`, rank r, alpha r), for LoRA-only servers.
+
+        Args:
+            save_directory: where to write adapter_config.json and adapter_model.safetensors.
+            adapter_name: the adapter to export.
+        """
+        adapter_io.save_as_lora(self, save_directory, adapter_name)

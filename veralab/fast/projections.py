@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from veralab.fast.functional import autocast_dtype
 from veralab.reference import find_max_dims, init_projections, kaiming_init
 
 __all__ = ["DerivedCache", "SharedProjections", "find_max_dims", "init_projections", "kaiming_init"]
@@ -51,7 +52,7 @@ class SharedProjections:
         self.prng_key = prng_key
         self._cache: dict[tuple, torch.Tensor] = {}
         self._cache_stamp: tuple | None = None
-        # input tensor -> {(in_features, dtype, device): _SharedHidden}; an entry dies with its input.
+        # input tensor -> {(in_features, dtype, device, autocast dtype): _SharedHidden}; dies with its input.
         self._hidden: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @classmethod
@@ -112,20 +113,21 @@ class SharedProjections:
 
         Args:
             x: the input, (..., in).
-            A_s: `sliced_A(in, x.dtype, x.device)`.
+            A_s: `sliced_A(in, dtype, x.device)` in the dtype h is computed in (x is cast to it).
         """
         if torch.compiler.is_compiling() or x.is_inference():
             with torch.no_grad():
-                return F.linear(x, A_s)
+                return F.linear(x.to(A_s.dtype), A_s)
         self._drop_cache_if_stale()
         entries = self._hidden.get(x)
         if entries is None:
             entries = self._hidden[x] = {}
-        key = (A_s.shape[1], A_s.dtype, A_s.device)
+        # Under autocast the matmul (and so h) runs in autocast's dtype, whatever A_s's.
+        key = (A_s.shape[1], A_s.dtype, A_s.device, autocast_dtype(x.device.type))
         entry = entries.get(key)
         if entry is None or entry.input_version != x._version:
             with torch.no_grad():
-                entry = entries[key] = _SharedHidden(F.linear(x, A_s), x._version)
+                entry = entries[key] = _SharedHidden(F.linear(x.to(A_s.dtype), A_s), x._version)
         return entry.h
 
     def _cached(self, which: str, size: int, dtype: torch.dtype, device: torch.device, view) -> torch.Tensor:

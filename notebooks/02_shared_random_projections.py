@@ -1,0 +1,364 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · The shared random projections
+#
+# VeRA never trains its low-rank matrices. One pair, `vera_A (r × max_in)` and `vera_B (max_out × r)`, is
+# drawn once from a seeded random generator, frozen, and shared by every adapted layer. Because they are
+# never trained, they only have to be *reproducible*: the seed `projection_prng_key` stands for them.
+#
+# **What you will learn**
+#
+# 1. Kaiming (He) uniform initialisation, one step at a time, from a seeded `torch.Generator`.
+# 2. What the drawn values look like against the theoretical bound.
+# 3. Why the same key gives the same matrices (A drawn first, then B) — and the same matrices as PEFT.
+# 4. What `save_projection=False` saves on disk, and what it risks.
+
+# %%
+import copy
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import matplotlib.pyplot as plt
+import peft
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from veralab import VeraConfig
+from veralab import reference as ref
+from veralab.fast import ProjectionMismatchError, VeraModel, get_model
+
+# %% [markdown]
+# ## 1. Kaiming uniform, step by step
+#
+# A matrix with `fan_in` columns maps a vector of `fan_in` numbers to one number per row. Kaiming's rule
+# picks the spread of its entries so that this output keeps the input's scale after a ReLU:
+#
+# | step | formula |
+# |---|---|
+# | gain of ReLU | `gain = √2` |
+# | standard deviation | `std = gain / √fan_in` |
+# | bound of a uniform with that std | `bound = √3 · std` (a uniform on `[-b, b]` has std `b / √3`) |
+# | draw | `M ~ U(-bound, bound)` |
+#
+# `vera_A` is `(r, max_in)`, so its fan-in is `max_in`; `vera_B` is `(max_out, r)`, so its fan-in is `r`.
+# Here are the numbers for a RoBERTa-base-sized pair (hidden 768, MLP 3072) at rank 256:
+
+# %%
+r, max_in, max_out, prng_key = 256, 768, 3072, 0
+
+
+def kaiming_bound(fan_in):
+    gain = math.sqrt(2.0)
+    std = gain / math.sqrt(fan_in)
+    return math.sqrt(3.0) * std
+
+
+bound_A, bound_B = kaiming_bound(max_in), kaiming_bound(r)
+print(f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = {bound_A:.5f}")
+print(f"vera_B ({max_out} x {r}): fan_in = {r:4d}   bound = √6 / √{r}  = {bound_B:.5f}")
+
+# %% [markdown]
+# Now draw `A` by hand: a CPU generator seeded with the key, and `uniform_` on an empty tensor. The
+# reference's `kaiming_init` does exactly this, so both give the same bits.
+
+# %%
+generator = torch.Generator(device="cpu").manual_seed(prng_key)
+A_by_hand = torch.empty(r, max_in).uniform_(-bound_A, bound_A, generator=generator)
+
+A_reference = ref.kaiming_init((r, max_in), torch.Generator(device="cpu").manual_seed(prng_key))
+assert torch.equal(A_by_hand, A_reference)
+
+# %% [markdown]
+# ## 2. The values against the bound
+#
+# Every entry must lie in `[-bound, bound]`, spread evenly: the histogram should be flat at height
+# `1 / (2 · bound)` (a density) and stop at the dashed lines. `A` has 196,608 entries and `B` 786,432,
+# so the empirical spread should match `bound / √3` closely.
+
+# %%
+vera_A, vera_B = ref.init_projections(r, max_in, max_out, prng_key)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+for ax, (name, matrix, bound) in zip(
+    axes, [("vera_A", vera_A, bound_A), ("vera_B", vera_B, bound_B)], strict=True
+):
+    values = matrix.flatten().numpy()
+    ax.hist(values, bins=60, density=True, alpha=0.75, label="drawn values")
+    ax.hlines(1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density")
+    for edge in (-bound, bound):
+        ax.axvline(edge, color="red", linestyle="--")
+    ax.set_title(f"{name} {tuple(matrix.shape)}: bound = {bound:.4f}")
+    ax.set_xlabel("value")
+    ax.set_xlim(-1.25 * bound, 1.25 * bound)
+    ax.set_ylim(0, 1.4 / (2 * bound))  # room for the legend above the flat top
+axes[0].set_ylabel("density")
+axes[0].legend(loc="upper center", ncols=2)
+fig.tight_layout()
+plt.show()
+
+# %%
+for matrix, bound in [(vera_A, bound_A), (vera_B, bound_B)]:
+    assert matrix.abs().max() <= bound  # never outside the bound
+    assert matrix.abs().max() > 0.999 * bound  # and the draws reach it
+    assert abs(matrix.std().item() / (bound / math.sqrt(3)) - 1) < 0.01  # std of U(-b, b) is b / √3
+    assert abs(matrix.mean().item()) < 0.01 * bound
+
+# %% [markdown]
+# What the scale buys: for an input with unit-variance entries, each of the `r` coordinates of `A x` has
+# variance `fan_in · bound² / 3 = 2`, whatever the layer's width. (A layer narrower than `max_in` uses only
+# the first `in` columns, so its projection is proportionally smaller: notebook 03 is about that slicing.)
+
+# %%
+x = torch.randn(4096, max_in, generator=torch.Generator().manual_seed(1))
+projected = x @ vera_A.T  # (4096, r)
+print(f"variance of A x: {projected.var().item():.3f} (theory: 2)")
+assert abs(projected.var().item() - 2.0) < 0.05
+
+# %% [markdown]
+# ## 3. Same key, same matrices: A first, then B
+#
+# `init_projections` seeds **one** generator and draws `A` first, then `B`. `B`'s values are therefore the
+# generator's stream *after* `A`'s `r · max_in` draws. Drawing them in the other order gives different
+# matrices from the same key, so the order is part of the format.
+
+# %%
+generator = torch.Generator(device="cpu").manual_seed(prng_key)
+A_first = ref.kaiming_init((r, max_in), generator)
+B_second = ref.kaiming_init((max_out, r), generator)
+
+generator = torch.Generator(device="cpu").manual_seed(prng_key)
+B_first = ref.kaiming_init((max_out, r), generator)
+
+assert torch.equal(A_first, vera_A) and torch.equal(B_second, vera_B)
+assert not torch.equal(B_first, vera_B)  # same key, other order: other matrices
+
+again_A, again_B = ref.init_projections(r, max_in, max_out, prng_key)
+other_A, other_B = ref.init_projections(r, max_in, max_out, prng_key=1)
+assert torch.equal(again_A, vera_A) and torch.equal(again_B, vera_B)  # bit for bit
+assert not torch.equal(other_A, vera_A) and not torch.equal(other_B, vera_B)
+
+# %% [markdown]
+# ### The same matrices as PEFT's
+#
+# PEFT's `VeraModel` sizes the pair from the targeted layers and draws it the same way, so for the same key
+# and the same targets veralab, PEFT and the reference hold the same bits. We adapt a tiny Llama whose
+# targeted layers have three different shapes (GQA makes `k_proj`/`v_proj` narrower, the MLP wider).
+
+# %%
+llama = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+)
+targets = ["q_proj", "v_proj", "down_proj"]
+key = 1234
+
+veralab_model = get_model(
+    copy.deepcopy(llama), VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+)
+peft_model = peft.get_peft_model(
+    copy.deepcopy(llama), peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+)
+peft_A = peft_model.base_model.vera_A["default"]
+peft_B = peft_model.base_model.vera_B["default"]
+
+# The pair is sized for the largest in (down_proj: 80) and the largest out (q_proj: 32) of the targets.
+reference_A, reference_B = ref.init_projections(r=16, max_in=80, max_out=32, prng_key=key)
+print("veralab vera_A", tuple(veralab_model.vera_A.shape), " PEFT vera_A", tuple(peft_A.shape))
+print("veralab vera_B", tuple(veralab_model.vera_B.shape), " PEFT vera_B", tuple(peft_B.shape))
+
+# %%
+assert torch.equal(veralab_model.vera_A, peft_A) and torch.equal(veralab_model.vera_B, peft_B)
+assert torch.equal(veralab_model.vera_A, reference_A) and torch.equal(veralab_model.vera_B, reference_B)
+
+# %% [markdown]
+# ## 4. `save_projection=False`: what it saves, what it risks
+#
+# With the default `save_projection=True` the adapter file carries `vera_A` and `vera_B`. With `False` it
+# carries only the λ vectors, and the loader regenerates the pair from `projection_prng_key`. veralab's
+# config warns when you ask for it:
+
+# %%
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    VeraConfig(r=16, target_modules=targets, save_projection=False)
+print(caught[0].message)
+assert len(caught) == 1 and "save_projection=False" in str(caught[0].message)
+
+# %% [markdown]
+# **What it saves:** `r · (max_in + max_out)` float32 numbers per file. We save the tiny Llama's adapter both
+# ways with `save_pretrained` and compare the files:
+
+
+# %%
+def weights_file_bytes(directory):
+    return os.path.getsize(os.path.join(directory, "adapter_model.safetensors"))
+
+
+lambda_numbers, _ = veralab_model.get_nb_trainable_parameters()
+projection_numbers = veralab_model.vera_A.numel() + veralab_model.vera_B.numel()
+with tempfile.TemporaryDirectory() as directory:
+    veralab_model.save_pretrained(f"{directory}/with_projections")
+    veralab_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+    veralab_model.save_pretrained(f"{directory}/without_projections")
+    bytes_with = weights_file_bytes(f"{directory}/with_projections")
+    bytes_without = weights_file_bytes(f"{directory}/without_projections")
+print(f"{lambda_numbers} λ numbers, {projection_numbers} projection numbers")
+print(f"file with projections {bytes_with:,d} bytes, without {bytes_without:,d} bytes")
+
+# %%
+assert projection_numbers == 16 * (80 + 32) and projection_numbers > lambda_numbers
+# The difference is the projections' float32 bytes, plus their two entries in the file's header.
+assert 0 < (bytes_with - bytes_without) - 4 * projection_numbers < 256
+
+# %% [markdown]
+# For LLaMA 7B at r = 1024 that is 90 MB saved per adapter file (notebook 01).
+#
+# **What it risks:** the regenerated pair must equal the one the λ vectors were trained with, bit for bit.
+# That holds only if *everything* that shaped the draw is the same at load time:
+#
+# - the key, the rank, and the order of the draws (section 3);
+# - PyTorch's CPU generator and its `uniform_` algorithm — PEFT's documentation does not promise these
+#   across PyTorch versions and platforms;
+# - `max_in` and `max_out`, which come from the **set of targeted layers**, not from any one layer.
+#
+# The last one is easy to get wrong. The generator fills `A` row by row, so the first 32 columns of a
+# `(16, 80)` draw are *not* the `(16, 32)` draw from the same key — and `B` comes after `A` in the stream,
+# so it changes too:
+
+# %%
+A_80, B_80 = ref.init_projections(r=16, max_in=80, max_out=80, prng_key=key)
+A_32, B_32 = ref.init_projections(r=16, max_in=32, max_out=32, prng_key=key)
+assert not torch.equal(A_80[:, :32], A_32) and not torch.equal(B_80[:32], B_32)
+
+# %% [markdown]
+# Here is how that bites in practice. A model carries two adapters, which share one pair (notebook 03):
+# `wide` also adapts `down_proj` (80 inputs), `narrow` only `q_proj` and `v_proj` (32 inputs). The pair is
+# sized `(16, 80)` / `(80, 16)` for both. Saved without projections, `narrow`'s file holds its λ vectors and
+# its config — whose targets, on their own, would size a `(16, 32)` pair. We reload `narrow` alone, with
+# veralab and with PEFT, into fresh copies of the base model, and compare what the adapter adds to the logits.
+
+# %%
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # the save_projection=False warning, seen above
+    two_adapters = get_model(
+        copy.deepcopy(llama),
+        VeraConfig(r=16, target_modules=targets, projection_prng_key=key, save_projection=False),
+        adapter_name="wide",
+    )
+    narrow_config = VeraConfig(
+        r=16,
+        target_modules=["q_proj", "v_proj"],
+        projection_prng_key=key,
+        save_projection=False,
+        init_weights=False,
+    )
+    two_adapters.add_adapter("narrow", narrow_config)  # init_weights=False: random λ, as if trained
+two_adapters.set_adapter("narrow")
+input_ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+def adapter_contribution(model):
+    """What the active adapter adds to the logits: adapted minus base model."""
+    with torch.no_grad():
+        adapted = model(input_ids=input_ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=input_ids).logits
+    return (adapted - base).flatten()
+
+
+as_trained = adapter_contribution(two_adapters)
+with tempfile.TemporaryDirectory() as directory:
+    two_adapters.save_pretrained(directory)  # "narrow" goes into directory/narrow, as in PEFT
+    reloaded_by_veralab = VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+    reloaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+print(
+    "pair after reloading: veralab",
+    tuple(reloaded_by_veralab.vera_A.shape),
+    " PEFT",
+    tuple(reloaded_by_peft.base_model.vera_A["default"].shape),
+)
+
+by_veralab = adapter_contribution(reloaded_by_veralab)
+by_peft = adapter_contribution(reloaded_by_peft)
+error_peft = ((by_peft - as_trained).norm() / as_trained.norm()).item()  # relative to the adapter's effect
+
+fig, ax = plt.subplots(figsize=(5, 4.8))
+limit = as_trained.abs().max().item()
+ax.plot(
+    [-limit, limit],
+    [-limit, limit],
+    color="black",
+    linestyle="--",
+    linewidth=1,
+    label="what loading should give",
+)
+ax.scatter(
+    as_trained, by_peft, s=3, alpha=0.3, color="tab:red", label=f"PEFT reload (off by {error_peft:.0%})"
+)
+ax.scatter(as_trained, by_veralab, s=6, alpha=0.5, color="tab:green", label="veralab reload (exact)")
+ax.set_xlabel("adapter's contribution to the logits, as trained")
+ax.set_ylabel("... after saving without projections and reloading")
+ax.set_title("'narrow', saved with save_projection=False")
+ax.legend(loc="upper left", fontsize=8)
+plt.show()
+
+# %% [markdown]
+# PEFT sizes the regenerated pair from `narrow`'s own targets, draws a `(16, 32)` `A`, and the same λ vectors
+# now scale a different random subspace: the reloaded adapter still correlates with the trained one (both pass
+# through the same network), but its error is as large as the adapter's whole effect. Nothing fails: shapes
+# fit, the model runs, and the adapter silently does something else. veralab records a fingerprint of the
+# projections in the file's metadata — their shapes, key, generator and a sha256 of their values — regenerates
+# at the recorded shapes, and checks the result.
+
+# %%
+assert tuple(reloaded_by_veralab.vera_A.shape) == (16, 80)
+torch.testing.assert_close(by_veralab, as_trained)
+assert error_peft > 0.5  # PEFT's reload is off by more than half of what the adapter does
+
+# %% [markdown]
+# When the regeneration cannot match — another PyTorch whose generator draws differently, or, simulated here,
+# a config whose key was edited — veralab refuses to load instead of producing wrong outputs:
+
+# %%
+with tempfile.TemporaryDirectory() as directory:
+    two_adapters.save_pretrained(directory, selected_adapters=["narrow"])
+    config_path = os.path.join(directory, "narrow", "adapter_config.json")
+    with open(config_path) as f:
+        edited = json.load(f)
+    edited["projection_prng_key"] = key + 1
+    with open(config_path, "w") as f:
+        json.dump(edited, f)
+    try:
+        VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+        refused = None
+    except ProjectionMismatchError as error:
+        refused = error
+print(refused)
+assert isinstance(refused, ProjectionMismatchError)
+
+# %% [markdown]
+# So:
+#
+# - keep `save_projection=True` (the default) for any file that leaves your hands; it costs
+#   `4 · r · (max_in + max_out)` bytes, paid once per file, and the file then loads the same everywhere —
+#   in PEFT too;
+# - use `False` only when you control both ends: the same PyTorch, the same key and rank. veralab's
+#   fingerprint turns a mismatch into an error rather than a silently different model, but a refused file is
+#   still a file you cannot use on that machine, and PEFT (which ignores the fingerprint) will load it either
+#   way.

@@ -1,0 +1,151 @@
+"""Bad inputs to a model: each raises (or warns) clearly and leaves outputs and state dict exactly as they were."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import output_tensor, randomize_lambdas, tiny_llama, token_batch
+from torch import nn
+
+from veralab import VeraConfig
+from veralab.fast import get_model
+
+QV = ["q_proj", "v_proj"]
+
+
+def quiet_config(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return VeraConfig(**{"r": 8, "target_modules": QV, **kwargs})
+
+
+def two_adapter_model():
+    model = get_model(tiny_llama(), VeraConfig(r=8, target_modules=QV))
+    model.add_adapter("other", VeraConfig(r=8, target_modules=QV))
+    randomize_lambdas(model)
+    return model.eval()
+
+
+def merged(model):
+    model.merge_adapter()
+    return model
+
+
+def only_default(model):
+    model.delete_adapter("other")
+    return model
+
+
+def fault(case, behaviour, operation, expected, match, prepare=None):
+    """One model fault: `operation(model)` must raise/warn `expected` matching `match` and change nothing."""
+    return pytest.param(
+        prepare, operation, expected, match, id=case,
+        marks=pytest.mark.fault("model", case, behaviour + "; model unchanged"),
+    )
+
+
+MODEL_FAULTS = [
+    fault("target that matches nothing", "ValueError naming the target and showing real module names",
+          lambda m: m.add_adapter("x", quiet_config(target_modules=["q_proj", "nope"])), ValueError, r"\['nope'\] match no module"),
+    fault("target that is an Embedding", "ValueError naming the module and its type",
+          lambda m: m.add_adapter("x", quiet_config(target_modules=["embed_tokens"])), ValueError, "is a Embedding, which VeRA cannot adapt"),
+    fault("target that is a norm layer", "ValueError naming the module and its type",
+          lambda m: m.add_adapter("x", quiet_config(target_modules=["input_layernorm"])), ValueError, "LlamaRMSNorm, which VeRA cannot adapt"),
+    fault("layer indices that select nothing", "ValueError naming targets, indices and pattern",
+          lambda m: m.add_adapter("x", quiet_config(layers_to_transform=[9], layers_pattern="layers")), ValueError, "selects no module"),
+    fault("adapter with a different rank", "ValueError: every adapter shares one pair drawn for one rank",
+          lambda m: m.add_adapter("x", quiet_config(r=16)), ValueError, "r=16 differs"),
+    fault("adapter with a smaller rank", "ValueError up front (PEFT crashes later in forward)",
+          lambda m: m.add_adapter("x", quiet_config(r=2)), ValueError, "r=2 differs"),
+    fault("adapter with another projection_prng_key", "ValueError naming both keys",
+          lambda m: m.add_adapter("x", quiet_config(projection_prng_key=3)), ValueError, "projection_prng_key=3 differs"),
+    fault("adapter with another save_projection", "ValueError: all adapters must agree",
+          lambda m: m.add_adapter("x", quiet_config(save_projection=False)), ValueError, "save_projection=False differs"),
+    fault("adapter on a layer larger than the shared projections", "ValueError naming the layer and both sizes",
+          lambda m: m.add_adapter("x", quiet_config(target_modules=["gate_proj"])), ValueError, "shared projections were sized"),
+    fault("duplicate adapter name", "ValueError: already exists",
+          lambda m: m.add_adapter("other", quiet_config()), ValueError, "already exists"),
+    fault("reserved adapter name `__base__`", "ValueError: reserved for base rows of mixed batches",
+          lambda m: m.add_adapter("__base__", quiet_config()), ValueError, "reserved"),
+    fault("adapter name with a dot", "ValueError: it would corrupt state-dict keys",
+          lambda m: m.add_adapter("a.b", quiet_config()), ValueError, "without '.'"),
+    fault("activating a missing adapter", "ValueError listing the model's adapters",
+          lambda m: m.set_adapter("missing"), ValueError, r"unknown adapter\(s\) \['missing'\]"),
+    fault("deleting a missing adapter", "ValueError listing the model's adapters",
+          lambda m: m.delete_adapter("missing"), ValueError, "unknown adapter 'missing'"),
+    fault("deleting the last adapter", "ValueError pointing to unload()",
+          lambda m: m.delete_adapter("default"), ValueError, "last adapter", prepare=only_default),
+    fault("deleting a merged adapter", "ValueError: unmerge first",
+          lambda m: m.delete_adapter("default"), ValueError, "unmerge_adapter\\(\\) first", prepare=merged),
+    fault("merging twice", "UserWarning, the second merge is skipped",
+          lambda m: m.merge_adapter(), UserWarning, "already merged", prepare=merged),
+    fault("unmerging with nothing merged", "UserWarning, nothing happens",
+          lambda m: m.unmerge_adapter(), UserWarning, "nothing to unmerge"),
+    fault("merging an unknown adapter", "ValueError listing the model's adapters",
+          lambda m: m.merge_adapter(["nope"]), ValueError, "unknown adapter"),
+    fault("mixed batch naming an unknown adapter", "ValueError naming it",
+          lambda m: m(token_batch(batch=2), adapter_names=["default", "nope"]), ValueError, r"unknown adapter\(s\) \['nope'\]"),
+    fault("mixed batch with the wrong number of names", "ValueError with both counts",
+          lambda m: m(token_batch(batch=2), adapter_names=["default"]), ValueError, "1 entries but the batch has 2 rows"),
+    fault("mixed batch on merged weights", "ValueError: unmerge first",
+          lambda m: m(token_batch(batch=2), adapter_names=["default", "other"]), ValueError, "unmerged weights", prepare=merged),
+]
+
+
+@pytest.mark.parametrize("prepare, operation, expected, match", MODEL_FAULTS)
+def test_model_fault_is_clear_and_changes_nothing(prepare, operation, expected, match):
+    model = two_adapter_model()
+    if prepare is not None:
+        prepare(model)
+    ids = token_batch()
+    with torch.no_grad():
+        expected_output = output_tensor(model(ids))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters, active = dict(model.peft_config), model.active_adapters
+    checker = pytest.warns if issubclass(expected, Warning) else pytest.raises
+    with checker(expected, match=match):
+        operation(model)
+    assert dict(model.peft_config) == adapters and model.active_adapters == active
+    assert model.state_dict().keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(model(ids)), expected_output, rtol=0, atol=0)
+
+
+@pytest.mark.fault("model", "NaN/inf lambdas merged with `safe_merge=True`",
+                   "ValueError naming the layer before any weight changes; no layer is merged")
+def test_safe_merge_with_nan_lambdas_changes_nothing():
+    model = two_adapter_model()
+    last = list(model.vera_layers())[-1][1]
+    with torch.no_grad():
+        last.vera_lambda_d["default"][0] = float("inf")
+    weights = {n: layer.base_layer.weight.clone() for n, layer in model.vera_layers()}
+    with pytest.raises(ValueError, match="NaN/inf.*nothing was merged"):
+        model.merge_adapter(safe_merge=True)
+    for name, layer in model.vera_layers():
+        assert torch.equal(layer.base_layer.weight, weights[name]) and not layer.merged
+
+
+@pytest.mark.parametrize(
+    "module, target, kind",
+    [
+        pytest.param(nn.Sequential(nn.Conv2d(3, 4, 3)), "0", "Conv2d", id="conv2d",
+                     marks=pytest.mark.fault("model", "target that is a Conv2d", "ValueError naming the module and its type")),
+        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "1", "LayerNorm", id="layernorm",
+                     marks=pytest.mark.fault("model", "target that is a LayerNorm", "ValueError naming the module and its type")),
+    ],
+)
+def test_unsupported_layers_on_plain_modules(module, target, kind):
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"target '{target}' is a {kind}, which VeRA cannot adapt"):
+        get_model(module, VeraConfig(r=2, target_modules=[target]))
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
+    assert all(type(m).__module__.startswith("torch") for m in module.modules())  # nothing was replaced
+
+
+@pytest.mark.fault("model", "a model without a config and `target_modules=None`",
+                   "ValueError: no model type to look defaults up; set target_modules")
+def test_model_without_config_needs_explicit_targets():
+    with pytest.raises(ValueError, match="has no config.model_type"):
+        get_model(nn.Sequential(nn.Linear(3, 3)), VeraConfig(r=2))

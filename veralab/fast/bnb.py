@@ -1,0 +1,185 @@
+"""VeRA over bitsandbytes' quantized linear layers: `Linear8bitLt` (LLM.int8()) and `Linear4bit` (QLoRA nf4/fp4).
+
+The base stays quantized and frozen; only the lambdas train, so VeRA's few parameters sit on top of a model
+that takes a quarter (or an eighth) of its full-precision memory. Each class overrides only the weight seam
+of `VeraLinear`:
+
+- `get_base_weight`: dequantize to a dense (out, in) tensor;
+- `set_base_weight`: requantize with the layer's own scheme (8-bit: row-wise absmax int8, as bitsandbytes
+  quantizes; 4-bit: the same quant type, block size, statistics compression and storage dtype), the layer's
+  compute dtype untouched;
+- `adapter_dtype`: the adapter term is computed in the lambdas' dtype (float32) and cast back, as PEFT does,
+  whatever the (fp16 / bf16) activations;
+- 4-bit only: `base_forward` first makes sure the weight is in bitsandbytes' standard layout (the CPU
+  repacking pitfall, see `keep_standard_layout`).
+
+Merge, unmerge and safe merge are `VeraLinear`'s, written once. Merging rounds: the merged weight is the
+requantized `W + ΔW`, so a merged model matches the unmerged one only within the quantization error.
+
+Importing this module registers both classes at the front of `veralab.fast.model.LAYER_TYPES` (bitsandbytes'
+layers subclass `nn.Linear`, so they must be matched first). `veralab.fast.model` imports it on its own as
+soon as bitsandbytes is loaded; veralab works without bitsandbytes installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from veralab.fast.layer import VeraLinear
+from veralab.fast.model import LAYER_TYPES
+from veralab.fast.projections import SharedProjections
+
+
+class QuantizedVeraLinear(VeraLinear):
+    """What both quantized layers share: the adapter term in the lambdas' dtype, and a warning on merge.
+
+    Args:
+        base_layer: the frozen bitsandbytes layer.
+        projections: the model's shared `vera_A` / `vera_B`.
+        fan_in_fan_out: must be False: bitsandbytes layers store their weight as (out, in).
+    """
+
+    # The quantized weight is no dense matrix a matmul could take with ΔW added: activation space always.
+    supports_weight_space = False
+
+    def __init__(
+        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
+    ) -> None:
+        if fan_in_fan_out:
+            raise ValueError(
+                f"fan_in_fan_out=True does not apply to {type(base_layer).__name__}: bitsandbytes layers store "
+                "their weight as (out, in) (transformers converts GPT-2's Conv1D when quantizing); pass False"
+            )
+        super().__init__(base_layer, projections)
+
+    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # The lambdas are float32; the base may run in fp16/bf16, the small adapter term should not.
+        return next(iter(self.vera_lambda_d.values())).dtype
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see `VeraLinear.merge`),
+        with a warning that this rounds."""
+        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
+        if names:
+            warnings.warn(
+                f"merging VeRA adapter(s) {names} into a {type(self.base_layer).__name__} layer requantizes its "
+                "weight: outputs differ from the unmerged model by up to the quantization error, and unmerging "
+                "rounds again (it does not restore the original weight bit for bit).",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().merge(adapter_names, safe_merge=safe_merge)
+
+
+class Linear8bitLt(QuantizedVeraLinear):
+    """VeRA over `bitsandbytes.nn.Linear8bitLt`.
+
+    With `has_fp16_weights=False` (what transformers' `load_in_8bit=True` builds) the weight is int8 `CB`
+    with one float32 scale per output row, `SCB = max_i |W[o, i]|`, and `W ≈ CB * SCB[:, None] / 127`.
+    With `has_fp16_weights=True` the weight is stored dense (quantized in each forward) and `VeraLinear`'s
+    seam applies as is. Arguments as `QuantizedVeraLinear`.
+    """
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The dequantized weight `CB * SCB / 127`, float32 (out, in)."""
+        base = self.base_layer
+        if base.state.has_fp16_weights:
+            return super().get_base_weight()
+        weight = base.weight
+        # Before the layer's first forward SCB sits on the weight; afterwards in the layer's matmul state.
+        scale = weight.SCB if weight.SCB is not None else base.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Requantize row-wise to int8 from fp16, exactly as `Int8Params` quantizes a weight (fp16-weight layers:
+        write the dense weight)."""
+        base = self.base_layer
+        if base.state.has_fp16_weights:
+            super().set_base_weight(weight)
+        else:
+            CB, SCB, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            base.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        # Forget the int8 weight cached in the matmul state (fp16-weight layers reuse it in eval mode).
+        base.state.reset_grads()
+
+
+class Linear4bit(QuantizedVeraLinear):
+    """VeRA over `bitsandbytes.nn.Linear4bit` (nf4 or fp4, with or without double quantization).
+
+    The weight is packed two 4-bit codes a byte (shape (out*in/2, 1)); `in_features` / `out_features` give
+    the logical (out, in). Every use first puts the weight in bitsandbytes' standard layout
+    (see `keep_standard_layout`). Arguments as `QuantizedVeraLinear`.
+    """
+
+    def __init__(
+        self, base_layer: bnb.nn.Linear4bit, projections: SharedProjections, fan_in_fan_out: bool = False
+    ) -> None:
+        super().__init__(base_layer, projections, fan_in_fan_out=fan_in_fan_out)
+        keep_standard_layout(base_layer)
+
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        keep_standard_layout(self.base_layer)
+        return super().base_forward(x, *args, **kwargs)
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The dequantized weight, (out, in), in the dtype it was quantized from."""
+        keep_standard_layout(self.base_layer)
+        weight = self.base_layer.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Requantize with the same quant type, block size, statistics compression and storage dtype."""
+        keep_standard_layout(self.base_layer)
+        base = self.base_layer
+        old = base.weight
+        quant_state = old.quant_state
+        base.weight = bnb.nn.Params4bit(
+            weight.to(quant_state.dtype).contiguous(),
+            requires_grad=False,
+            blocksize=quant_state.blocksize,
+            compress_statistics=quant_state.nested,
+            quant_type=quant_state.quant_type,
+            quant_storage=old.quant_storage,
+            module=base,
+        ).to(old.device)  # quantizes here, and points base.quant_state at the new statistics
+
+
+def keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
+    """Keep a 4-bit weight in bitsandbytes' standard layout, the one training and dequantizing need.
+
+    On CPUs with AVX-512 bf16, bitsandbytes repacks a `Linear4bit` weight in place into a CPU-only layout the
+    first time the layer runs in eval mode on an input that does not require grad (e.g. under `torch.no_grad`).
+    Afterwards no gradient flows back through the layer (silently: earlier layers' lambdas get wrong
+    gradients), a layer with a bias fails in training, dequantizing (merging) returns garbage, and layers whose
+    out_features is not a multiple of 32 fail outright. This turns the repacking off
+    (`support_avx512bf16_for_cpu = False`, which stays off after `unload` / `merge_and_unload`) and undoes it
+    where it already happened. The repacked layout keeps the block scales in bf16, so a weight
+    repacked before `get_model` comes back with bf16-rounded scales.
+    """
+    layer.support_avx512bf16_for_cpu = False
+    quant_state = layer.weight.quant_state
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, quant_state)
+        if quant_state.absmax.dim() == 2:
+            # bitsandbytes (0.50) leaves scales without double quantization in the repacked (blocks per row,
+            # rows) bf16 layout, which dequantizes every block with another block's scale.
+            quant_state.absmax = quant_state.absmax.T.reshape(-1).float()
+        layer.weight.data, layer.weight.quant_state = data, quant_state
+
+
+def keep_standard_layouts(model: nn.Module) -> None:
+    """Put every 4-bit layer of `model` in the standard layout, adapted or not: gradients reach the lambdas of
+    earlier layers through the frozen ones."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            keep_standard_layout(module)
+
+
+# In front: both subclass nn.Linear, which VeraLinear would otherwise claim.
+LAYER_TYPES[:0] = [(bnb.nn.Linear8bitLt, Linear8bitLt), (bnb.nn.Linear4bit, Linear4bit)]
