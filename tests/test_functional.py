@@ -359,18 +359,12 @@ CHOICES = [
 
 @pytest.mark.parametrize("overrides, expected", [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES])
 def test_choose_path(overrides, expected):
-    arguments = dict(
-        tokens=4096,
-        in_features=512,
-        out_features=512,
-        r=256,
-        needs_grad=True,
-        weight_dtype=torch.float32,
-        input_dtype=torch.float32,
-        dropout_active=False,
-        weight_space_supported=True,
+    layer = dict(tokens=4096, in_features=512, out_features=512, r=256, needs_grad=True)
+    conditions = dict(
+        weight_dtype=torch.float32, input_dtype=torch.float32, dropout_active=False, weight_space_supported=True
     )
-    assert choose_path(**{**arguments, **overrides}) == expected
+    costs = path_costs(**{**layer, **{k: v for k, v in overrides.items() if k in layer}})
+    assert choose_path(costs, **{**conditions, **{k: v for k, v in overrides.items() if k in conditions}}) == expected
 
 
 def test_layer_dispatch_respects_trained_base_weight_hooks_and_extra_arguments():

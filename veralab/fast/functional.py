@@ -235,25 +235,17 @@ def path_costs(tokens: int, in_features: int, out_features: int, r: int, needs_g
 
 
 def choose_path(
+    costs: dict[str, int],
     *,
-    tokens: int,
-    in_features: int,
-    out_features: int,
-    r: int,
-    needs_grad: bool,
     weight_dtype: torch.dtype,
     input_dtype: torch.dtype,
     dropout_active: bool,
     weight_space_supported: bool,
 ) -> str:
-    """Weight space where it is exact and cheaper by `path_costs`, activation space otherwise.
+    """Weight space where it is exact and cheaper by `costs`, activation space otherwise.
 
     Args:
-        tokens: N, the number of rows the layer sees (batch x sequence).
-        in_features: the layer's input size.
-        out_features: the layer's output size.
-        r: the projections' rank.
-        needs_grad: whether a backward pass will run through the layer.
+        costs: `path_costs(...)` of the layer and its input.
         weight_dtype: the base weight's dtype; only float32/float64 keep ΔW exactly.
         input_dtype: the dtype x's matmuls run in (the autocast dtype under autocast); weight space runs the
             matmul in the weight's dtype, so they must agree.
@@ -267,10 +259,7 @@ def choose_path(
         and weight_dtype in DELTA_KEEPING_DTYPES
         and input_dtype == weight_dtype
     )
-    if not exact:
-        return ACTIVATION_SPACE
-    costs = path_costs(tokens, in_features, out_features, r, needs_grad)
-    return WEIGHT_SPACE if costs[WEIGHT_SPACE] < costs[ACTIVATION_SPACE] else ACTIVATION_SPACE
+    return WEIGHT_SPACE if exact and costs[WEIGHT_SPACE] < costs[ACTIVATION_SPACE] else ACTIVATION_SPACE
 
 
 def mixed_batch_vera(

@@ -27,6 +27,7 @@ from veralab.fast.functional import (
     autocast_dtype,
     choose_path,
     mixed_batch_vera,
+    path_costs,
     scaled_projection,
     weight_space_vera,
 )
@@ -230,12 +231,11 @@ class VeraLinear(nn.Module):
         """
         weight = self.base_layer.weight
         lambdas = [self.vera_lambda_d[n] for n in adapter_names] + [self.vera_lambda_b[n] for n in adapter_names]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in lambdas))
+        tokens = x.numel() // self.in_features
+        costs = path_costs(tokens, self.in_features, self.out_features, self._projections.r, needs_grad)
         return choose_path(
-            tokens=x.numel() // self.in_features,
-            in_features=self.in_features,
-            out_features=self.out_features,
-            r=self._projections.r,
-            needs_grad=torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in lambdas)),
+            costs,
             weight_dtype=weight.dtype,
             input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
             dropout_active=any(self._drops_input(n) for n in adapter_names),
