@@ -821,7 +821,9 @@ def test_logits_match_peft_over_the_same_quantized_base(saved_models, bits):
     ours.train(), theirs.train()
     with torch.no_grad():
         expected, actual = theirs(**inputs).logits, ours(**inputs).logits
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # the same fp32 operations in the same order
+    # The same fp32 terms; veralab folds the lambdas into one scaled projection (functional.py), so the
+    # operations differ in order and the logits agree to fp32 round-off (assert_close's float32 tolerances).
+    torch.testing.assert_close(actual, expected)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,12 +1,22 @@
 """veralab.fast: the production VeRA path (PEFT's API and names; `get_model` replaces `get_peft_model`)."""
 
-from veralab.fast.functional import adapter_delta, mixed_adapter_delta
+from veralab.fast.functional import (
+    ACTIVATION_SPACE,
+    WEIGHT_SPACE,
+    activation_space_vera,
+    choose_path,
+    mixed_batch_vera,
+    path_costs,
+    weight_space_vera,
+)
 from veralab.fast.io import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init
 
 __all__ = [
+    "ACTIVATION_SPACE",
+    "WEIGHT_SPACE",
     "AdapterLoadError",
     "ProjectionMismatchError",
     "SharedProjections",
@@ -14,12 +24,15 @@ __all__ = [
     "VeraModel",
     "VeraTrainer",
     "VeraTrainerMixin",
-    "adapter_delta",
+    "activation_space_vera",
+    "choose_path",
     "find_max_dims",
     "get_model",
     "init_projections",
     "kaiming_init",
-    "mixed_adapter_delta",
+    "mixed_batch_vera",
+    "path_costs",
+    "weight_space_vera",
 ]
 
 

@@ -6,7 +6,8 @@ The shared projections are referenced through one `SharedProjections` object per
 
 Everything that touches the base weight goes through two methods, `get_base_weight` and
 `set_base_weight`; the bitsandbytes layers (`veralab.fast.bnb`) override only those two (and the base
-forward's quirks), so merge, unmerge and safe merge are written once.
+forward's quirks), so merge, unmerge and safe merge are written once. They also set
+`supports_weight_space = False`, which routes their forward to the activation-space path over `base_forward`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
-from veralab.fast.functional import adapter_delta, mixed_adapter_delta
-from veralab.fast.projections import SharedProjections
+from veralab.fast.functional import (
+    WEIGHT_SPACE,
+    activation_space_vera,
+    autocast_dtype,
+    choose_path,
+    mixed_batch_vera,
+    path_costs,
+    scaled_projection,
+    weight_space_vera,
+)
+from veralab.fast.projections import DerivedCache, SharedProjections
 from veralab.targets import weight_shape
 
 # A row of a mixed batch that uses no adapter at all (the base model) is tagged with this name.
@@ -38,8 +49,11 @@ class RowAdapters:
 class VeraLinear(nn.Module):
     """VeRA over a frozen linear-like layer (`nn.Linear`, or `Conv1D` with `fan_in_fan_out=True`).
 
-    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, computed in the dtype of `x`
-    and returned in the dtype of `x`.
+    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, returned in the dtype of `x`,
+    computed exactly on one of two paths (`veralab.fast.functional`, chosen by `compute_path`): in weight space
+    as one matmul with `W + ΔW` (float32/float64 plain dense bases, no dropout, enough tokens), otherwise in
+    activation space over `base_forward`. Either way only `h = x A_s^T` is kept for the backward, once for all
+    the layers reading the same x.
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
@@ -48,6 +62,10 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    # Whether `forward` may replace the base layer's matmul by one with W + ΔW (see `compute_path`). Quantized
+    # subclasses set False: their weight is not a dense tensor the matmul can take, so they run in activation
+    # space over `base_forward`.
+    supports_weight_space = True
 
     def __init__(self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False) -> None:
         super().__init__()
@@ -64,6 +82,9 @@ class VeraLinear(nn.Module):
         # Plain attributes, not submodules: shared by every layer, and not part of any layer's state dict.
         self._projections = projections
         self._row_adapters: RowAdapters | None = None
+        # Forms built from the lambdas, kept across forwards while the lambdas are not trained (inference).
+        self._scaled_cache = DerivedCache()
+        self._row_lambda_cache = DerivedCache()
 
     # ------------------------------------------------------------------ adapters
 
@@ -175,28 +196,124 @@ class VeraLinear(nn.Module):
         return x.dtype
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_forward(x, *args, **kwargs)
+        """`base(x)` plus every active, unmerged adapter's term, computed on the path `compute_path` picks."""
         if self.disable_adapters:
-            return result.to(x.dtype)
-        x_adapter = x.to(self.adapter_dtype(x))
-        if self._row_adapters is not None:
-            delta = self._mixed_batch_delta(x_adapter)
-            return (result + delta.to(result.dtype)).to(x.dtype)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
-            delta = adapter_delta(
-                self.vera_dropout[name](x_adapter),
-                A_s,
-                B_s,
-                self.vera_lambda_d[name].to(x_adapter.dtype),
-                self.vera_lambda_b[name].to(x_adapter.dtype),
-            )
-            result = result + delta.to(result.dtype)
+            result = self.base_forward(x, *args, **kwargs)
+        elif self._row_adapters is not None:
+            result = self._mixed_batch_forward(x, *args, **kwargs)
+        else:
+            names = [name for name in self.active_adapters if name not in self.merged_adapters]
+            result = self._adapted_forward(x, names, *args, **kwargs) if names else self.base_forward(x, *args, **kwargs)
         return result.to(x.dtype)
 
-    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        # Adapters whose dropout is active read their own dropout(x); the others read x and share one h.
+        dropped = [name for name in names if self._drops_input(name)]
+        undropped = [name for name in names if name not in dropped]
+        if undropped and self.compute_path(x, undropped, extra_arguments=bool(args or kwargs)) == WEIGHT_SPACE:
+            result = self._weight_space_forward(x, undropped)
+        else:
+            result = self.base_forward(x, *args, **kwargs)
+            if undropped:
+                result = self._activation_space_forward(result, x, undropped)
+        for name in dropped:
+            x_adapter = x.to(self.adapter_dtype(x))
+            result = self._activation_space_forward(result, self.vera_dropout[name](x_adapter), [name])
+        return result
+
+    def compute_path(self, x: torch.Tensor, adapter_names: list[str], extra_arguments: bool = False) -> str:
+        """WEIGHT_SPACE or ACTIVATION_SPACE: how `forward` computes these adapters' terms for input `x`.
+
+        Args:
+            x: the input, (..., in).
+            adapter_names: the active, unmerged adapters (all with dropout inactive for weight space).
+            extra_arguments: the base layer is called with more than x (only its own forward can honor them).
+        """
+        weight = self.base_layer.weight
+        lambdas = [self.vera_lambda_d[n] for n in adapter_names] + [self.vera_lambda_b[n] for n in adapter_names]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in lambdas))
+        tokens = x.numel() // self.in_features
+        costs = path_costs(tokens, self.in_features, self.out_features, self._projections.r, needs_grad)
+        return choose_path(
+            costs,
+            weight_dtype=weight.dtype,
+            input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
+            dropout_active=any(self._drops_input(n) for n in adapter_names),
+            weight_space_supported=self._plain_dense_base() and not extra_arguments and not weight.requires_grad,
+        )
+
+    def _plain_dense_base(self) -> bool:
+        """Whether the base layer is exactly `x W^T + b` with W = get_base_weight(): no subclass forward, no hooks."""
+        base = self.base_layer
+        return (
+            type(self).supports_weight_space
+            and type(base).forward in (nn.Linear.forward, Conv1D.forward)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
+
+    def _drops_input(self, adapter_name: str) -> bool:
+        dropout = self.vera_dropout[adapter_name]
+        return self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+
+    def _weight_space_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        weight = self.get_base_weight()
+        A_s = self._projections.sliced_A(self.in_features, weight.dtype, weight.device)
+        B_s = self._projections.sliced_B(self.out_features, weight.dtype, weight.device)
+        lambda_d, lambda_b = self._stacked_lambdas(names)
+        h = None
+        if self._lambdas_train(names):
+            h = self._projections.hidden(x, A_s)  # only the lambda gradients read h; dx comes from W + ΔW
+        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, weight.dtype)
+        return weight_space_vera(x, h, S, weight, self.base_layer.bias, A_s, B_s, lambda_d, lambda_b)
+
+    def _activation_space_forward(self, base_output: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        dtype = self.adapter_dtype(x)
+        lambda_d, lambda_b = self._stacked_lambdas(names)
+        A_s = self._projections.sliced_A(self.in_features, dtype, x.device)
+        B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
+        h = self._projections.hidden(x, A_s)
+        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, dtype)
+        return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
+
+    def _stacked_lambdas(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, r) λ_d and (K, out) λ_b of the adapters `names`, differentiable back to each parameter."""
+        return (
+            torch.stack([self.vera_lambda_d[n] for n in names]),
+            torch.stack([self.vera_lambda_b[n] for n in names]),
+        )
+
+    @staticmethod
+    def _lambda_compute_dtype(lambda_d: torch.Tensor) -> torch.dtype:
+        # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
+        return torch.promote_types(lambda_d.dtype, torch.float32)
+
+    def _scaled_projection(
+        self, B_s: torch.Tensor, names: list[str], lambda_d: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """S in `dtype`: kept across forwards while the lambdas are not trained (inference)."""
+
+        def build() -> torch.Tensor:
+            return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
+
+        return self._kept_while_frozen(self._scaled_cache, names, [B_s], dtype, build)
+
+    def _kept_while_frozen(self, cache: DerivedCache, names: list[str], other_sources: list, key, build):
+        """`build()`, kept in `cache` across forwards unless this forward trains the lambdas of `names`.
+
+        The cached value is rebuilt when one of those lambdas or `other_sources` changes, or `key` differs.
+        """
+        if self._lambdas_train(names):
+            return build()
+        sources = [*other_sources, *(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
+        return cache.get(sources, key=key, build=build)
+
+    def _lambdas_train(self, names: list[str]) -> bool:
+        """Whether this forward builds a graph to the lambdas of `names` (they may change before the next)."""
+        return torch.is_grad_enabled() and any(
+            self.vera_lambda_d[n].requires_grad or self.vera_lambda_b[n].requires_grad for n in names
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
         rows = self._row_adapters
         if rows.index.shape[0] != x.shape[0]:
@@ -204,18 +321,31 @@ class VeraLinear(nn.Module):
                 f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; "
                 "give exactly one adapter name per row"
             )
-        r = self._projections.r
-        lambda_d_table = torch.stack(
-            [self._lambda_or_zeros(self.vera_lambda_d, name, r, x) for name in rows.names]
-        )  # (adapters, r)
-        lambda_b_table = torch.stack(
-            [self._lambda_or_zeros(self.vera_lambda_b, name, self.out_features, x) for name in rows.names]
-        )  # (adapters, out)
+        result = self.base_forward(x, *args, **kwargs)
+        x_adapter = x.to(self.adapter_dtype(x))
+        lambda_d_table, lambda_b_table = self._row_lambda_tables(rows, x_adapter)
         index = rows.index.to(x.device)
-        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x.dtype, x.device)
-        return mixed_adapter_delta(
-            self._dropout_rows(x, rows), A_s, B_s, lambda_d_table[index], lambda_b_table[index]
-        )
+        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
+        adapter_input = self._dropout_rows(x_adapter, rows)
+        if torch.is_grad_enabled() and adapter_input.requires_grad:
+            h = F.linear(adapter_input, A_s)  # the input gradient flows through this h
+        else:
+            h = self._projections.hidden(adapter_input, A_s)
+        return mixed_batch_vera(result, h, B_s, lambda_d_table[index], lambda_b_table[index])
+
+    def _row_lambda_tables(self, rows: RowAdapters, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapters, r) λ_d and (adapters, out) λ_b of the batch's adapters in x's dtype, zeros where this
+        layer lacks one; kept across forwards while the lambdas are not trained."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            r = self._projections.r
+            return (
+                torch.stack([self._lambda_or_zeros(self.vera_lambda_d, name, r, x) for name in rows.names]),
+                torch.stack([self._lambda_or_zeros(self.vera_lambda_b, name, self.out_features, x) for name in rows.names]),
+            )
+
+        present = [name for name in rows.names if name in self.vera_lambda_d]
+        return self._kept_while_frozen(self._row_lambda_cache, present, [], (tuple(rows.names), x.dtype, x.device), build)
 
     @staticmethod
     def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
