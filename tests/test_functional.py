@@ -278,6 +278,7 @@ def float64_projections(r, in_features, out_features, seed=0):
     return A_s, B_s
 
 
+@pytest.mark.fault("numerics", "gradcheck (float64) of the weight-space autograd Function", "analytic gradients match finite differences")
 @pytest.mark.parametrize("out_features, in_features, r, adapters", [(5, 3, 4, 1), (2, 6, 3, 2), (1, 1, 1, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_weight_space_function_passes_gradcheck(out_features, in_features, r, adapters, with_bias):
@@ -297,6 +298,7 @@ def test_weight_space_function_passes_gradcheck(out_features, in_features, r, ad
     assert torch.autograd.gradcheck(function, (x, lambda_d, lambda_b, bias))
 
 
+@pytest.mark.fault("numerics", "gradcheck (float64) of the activation-space autograd Function", "analytic gradients match finite differences")
 @pytest.mark.parametrize("out_features, in_features, r, adapters", [(5, 3, 4, 1), (2, 6, 3, 2), (1, 1, 1, 1)])
 def test_activation_space_function_passes_gradcheck(out_features, in_features, r, adapters):
     A_s, B_s = float64_projections(r, in_features, out_features)
@@ -315,6 +317,7 @@ def test_activation_space_function_passes_gradcheck(out_features, in_features, r
     assert torch.autograd.gradcheck(function, (x, base_weight, lambda_d, lambda_b))
 
 
+@pytest.mark.fault("numerics", "gradcheck (float64) of the mixed-batch autograd Function", "analytic gradients match finite differences")
 def test_mixed_batch_function_passes_gradcheck():
     A_s, B_s = float64_projections(3, 4, 5)
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
