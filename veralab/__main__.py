@@ -1,0 +1,8 @@
+"""`python -m veralab ...` (and `torchrun ... -m veralab ...`) runs the `veralab` command."""
+
+import sys
+
+from veralab.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

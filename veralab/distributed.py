@@ -1,0 +1,107 @@
+"""Several training processes on PyTorch's own engine: `torchrun --nproc_per_node N -m veralab finetune ...`.
+
+torchrun starts N processes and tells each its place through environment variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, ...). `Cluster.from_environment()` joins the process group (gloo on CPU, nccl
+on GPU), or returns a one-process cluster when started without torchrun, so the training code is the same
+either way. Only rank 0 prints and writes files.
+
+The shared projections `vera_A` / `vera_B` are never sent between processes: every rank draws them from
+the same `projection_prng_key`, and `check_identical` compares a checksum across ranks once at start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import distributed as dist
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among the training processes.
+
+    Args:
+        rank: this process's index, 0 .. world_size - 1.
+        world_size: how many processes train together.
+        device: where this process computes (its own GPU under nccl, else the CPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_environment(cls) -> Cluster:
+        """Join the process group torchrun describes in the environment; one process without torchrun."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        device = cls._device_for(int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size == 1:
+            return cls(device=device)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+    @staticmethod
+    def _device_for(local_rank: int) -> torch.device:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, draws progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list) -> list:
+        """This rank's share of a global batch: items rank, rank + world_size, ... (every item exactly once)."""
+        return items[self.rank :: self.world_size]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over every rank (float64, so counts and loss sums stay exact)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def check_identical(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise unless every rank holds bit-identical `tensors` (compares a checksum per tensor, not the data).
+
+        Args:
+            tensors: name -> tensor, the same names on every rank.
+        """
+        if not self.distributed:
+            return
+        checksums = torch.stack([_checksum(t) for t in tensors.values()]).to(self.device)
+        low, high = checksums.clone(), checksums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        differing = [name for name, lo, hi in zip(tensors, low.tolist(), high.tolist(), strict=True) if lo != hi]
+        if differing:
+            raise RuntimeError(
+                f"{differing} differ between training processes; every rank must build them identically "
+                "(same model files, same projection_prng_key, same veralab and torch versions)"
+            )
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """A float64 fingerprint of the exact bits: the sum of the tensor's bytes weighted by their position."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).to(torch.float64)
+    weights = torch.arange(1, data.numel() + 1, dtype=torch.float64).remainder_(9973).add_(1)
+    return (data * weights).sum()

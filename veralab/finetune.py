@@ -1,0 +1,208 @@
+"""The main job: fine-tune a causal language model with VeRA, evaluate it before and after, save the adapter.
+
+    report = finetune(FinetuneOptions())          # the embedded default: SmolLM2-135M on the alarm task
+    report = finetune(FinetuneOptions(model="path/to/model", data="train.jsonl", output="run1"))
+
+The same function runs under `torchrun`: every process trains its share of each global batch and only
+rank 0 writes the output directory:
+
+    <output>/adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's format
+    <output>/loss_curve.png                                   the training loss per step
+    <output>/summary.json                                     every number of the summary table
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from veralab.config import VeraConfig
+from veralab.counting import lora_trainable_parameters
+from veralab.data import TaskData, alarm_task, read_jsonl, split_held_out
+from veralab.default_model import MODEL_NAME, default_model_dir
+from veralab.distributed import Cluster
+from veralab.evaluate import ExactMatch, exact_match
+from veralab.fast import VeraModel, get_model
+from veralab.loading import load_base_model
+from veralab.report import RunSummary, plot_loss_curve, summary_table
+from veralab.train import TrainingOptions, train
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def default_vera_config() -> VeraConfig:
+    """The main job's VeRA settings: PEFT's, except that the projections are regenerated, not saved.
+
+    With `save_projection=False` the adapter file holds only the lambdas, which is VeRA's point: the pair
+    is drawn again from `projection_prng_key` on load (and checked against a stored fingerprint).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the save_projection=False notice: a deliberate choice
+        return VeraConfig(save_projection=False)
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything the main job needs; the defaults are the embedded demo.
+
+    Args:
+        model: a local transformers model directory; None for the embedded SmolLM2-135M-Instruct.
+        data: a JSON-lines file of {"prompt", "completion"} examples; None for the embedded alarm task.
+        eval_data: held-out examples (JSON lines); None to hold out `held_out_fraction` of `data`.
+        held_out_fraction: share of `data`'s prompts held out when `eval_data` is not given.
+        max_eval_examples: evaluate on at most this many held-out examples.
+        output: the output directory (created; files veralab writes there are replaced).
+        quantization: None, "4bit" or "8bit": load the base model through bitsandbytes.
+        vera: the adapter's configuration.
+        training: steps, batch, learning rate, ...
+        lora_r: the rank of the LoRA the summary compares with.
+        progress: show progress bars and messages (rank 0 only).
+    """
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    held_out_fraction: float = 0.1
+    max_eval_examples: int = 64
+    output: str = "veralab-output"
+    quantization: str | None = None
+    vera: VeraConfig = field(default_factory=default_vera_config)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    lora_r: int = 8
+    progress: bool = True
+
+
+def load_task(options: FinetuneOptions) -> TaskData:
+    """The training and held-out examples the options name (at most `max_eval_examples` held out)."""
+    if options.data is None:
+        if options.eval_data is not None:
+            raise ValueError("--eval-data needs --data: the embedded task brings its own held-out examples")
+        task = alarm_task()
+    elif options.eval_data is not None:
+        task = TaskData(read_jsonl(options.data), read_jsonl(options.eval_data), source=str(options.data))
+    else:
+        task = split_held_out(read_jsonl(options.data), options.held_out_fraction, options.training.seed, options.data)
+    if options.max_eval_examples < 1:
+        raise ValueError(f"max_eval_examples={options.max_eval_examples} is invalid: expected a positive number")
+    return TaskData(task.train, task.held_out[: options.max_eval_examples], task.source)
+
+
+def resolve_model_dir(model: str | None, cluster: Cluster, log: Callable[[str], None]) -> Path:
+    """The model directory; the embedded default is fetched by rank 0 while the other ranks wait."""
+    if model is not None:
+        return Path(model)
+    if cluster.is_main:
+        default_model_dir(log=log)
+    cluster.barrier()
+    return default_model_dir(log=log)
+
+
+def lora_parameters_for(model: VeraModel, r: int) -> int:
+    """Trainable parameters of a LoRA of rank `r` on the layers VeRA adapted."""
+    shapes = [(name, layer.out_features, layer.in_features) for name, layer in model.vera_layers()]
+    return lora_trainable_parameters(shapes, r)
+
+
+def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> RunSummary:
+    """Run the main job (see the module docstring); returns the summary on every rank.
+
+    Args:
+        options: what to train, on what, and where to write.
+        log: where rank 0's messages go.
+    """
+    start = time.perf_counter()
+    cluster = Cluster.from_environment()
+    say = log if (cluster.is_main and options.progress) else _silent
+    try:
+        task = load_task(options)
+        options.training.validate(len(task.train), cluster.world_size)  # before any download or load
+        model_dir = resolve_model_dir(options.model, cluster, say)
+        say(f"veralab: loading {model_dir}")
+        base, tokenizer = load_base_model(model_dir, options.quantization, cluster.device)
+        vera = options.vera
+        vera.base_model_name_or_path = str(model_dir.resolve())
+        vera.task_type = "CAUSAL_LM"  # PEFT's AutoPeftModelForCausalLM reads it
+        model = get_model(base, vera)
+        model.eval()
+
+        say(f"veralab: held-out exact match before training ({len(task.held_out)} examples)")
+        before = exact_match(model, tokenizer, task.held_out, cluster)
+        result = train(model, tokenizer, task.train, options.training, cluster, progress=options.progress)
+        say("veralab: held-out exact match after training")
+        after = exact_match(model, tokenizer, task.held_out, cluster)
+        cluster.check_identical({name: p for name, p in model.named_parameters() if p.requires_grad})
+
+        output = Path(options.output)
+        if cluster.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(output)
+        trainable, total = model.get_nb_trainable_parameters()
+        summary = RunSummary(
+            model=str(model_dir),
+            data=task.source,
+            train_examples=len(task.train),
+            held_out_examples=len(task.held_out),
+            processes=cluster.world_size,
+            adapted_layers=sum(1 for _ in model.vera_layers()),
+            r=vera.r,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            adapter_bytes=(output / ADAPTER_WEIGHTS).stat().st_size if cluster.is_main else 0,
+            projections_saved=vera.save_projection,
+            lora_r=options.lora_r,
+            lora_parameters=lora_parameters_for(model, options.lora_r),
+            steps=len(result.losses),
+            batch_size=options.training.batch_size,
+            train_seconds=result.seconds,
+            tokens_per_second=result.tokens_per_second,
+            total_seconds=time.perf_counter() - start,
+            accuracy_before=before.accuracy,
+            accuracy_after=after.accuracy,
+            correct_before=before.correct,
+            correct_after=after.correct,
+            losses=result.losses,
+        )
+        if cluster.is_main:
+            _write_outputs(summary, output, model_dir)
+            _show(summary, after, output, model_dir, options, log)
+        cluster.barrier()
+        return summary
+    finally:
+        cluster.close()
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _write_outputs(summary: RunSummary, output: Path, model_dir: Path) -> None:
+    name = MODEL_NAME if model_dir.name == MODEL_NAME else model_dir.name
+    plot_loss_curve(summary.losses, output / "loss_curve.png", title=f"VeRA on {name}: training loss")
+    (output / "summary.json").write_text(summary.to_json(), encoding="utf-8")
+
+
+def _show(
+    summary: RunSummary,
+    after: ExactMatch,
+    output: Path,
+    model_dir: Path,
+    options: FinetuneOptions,
+    log: Callable[[str], None],
+) -> None:
+    if not options.progress:
+        return
+    log("held-out samples after training:")
+    for prompt, expected, generated in after.samples:
+        shown = " | ".join(prompt.strip().splitlines()[-2:])
+        log(f"  {shown} -> {generated.strip()!r} (expected {expected.strip()!r})")
+    log(summary_table(summary))
+    log(f"wrote {output}/: the adapter (PEFT format), loss_curve.png, summary.json")
+    log("load it:")
+    log(f"  veralab evaluate --adapter {output}" + ("" if options.model is None else f" --model {model_dir}"))
+    log(
+        "  python -c \"from transformers import AutoModelForCausalLM; from veralab.fast import VeraModel; "
+        f"model = VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{output}')\""
+    )
