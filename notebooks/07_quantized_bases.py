@@ -19,7 +19,7 @@
 # 1. What an 8-bit and a 4-bit weight store, how far each is from the float32 weight, and the error bound each
 #    scheme implies: int8 row-wise absmax, nf4 and fp4 blockwise — measured and plotted side by side.
 # 2. That the adapter over a quantized base is *exact*: its term equals the reference's to float32 rounding,
-#    while the base output is off by the quantization error, thousands of times more.
+#    while the base output is off by the quantization error, some 10⁵ times more.
 # 3. That merging into a quantized weight is *approximate*: it requantizes `W + ΔW`, within the same bound, and
 #    what that does to a small adapter.
 #
@@ -273,8 +273,9 @@ for model in models.values():  # one and the same shared pair everywhere
 # term. The reference (`veralab.reference.vera_forward` with a zero weight) gives the adapter term in exact
 # float32 arithmetic, and the float32 `nn.Linear` gives the exact base output.
 #
-# The adapter term sums `in + r` products of terms, so float32 rounding can move it by at most
-# `(in + r) · u32 · Σ|terms|`; subtracting the base output adds another rounding of the output's size.
+# The adapter term is two sums, over `in` and over `r` products, and two elementwise scalings, so float32 rounding
+# can move it by at most `(in + r + 2) · u32 · Σ|terms|`; adding it to the base output and subtracting that back
+# adds a rounding of each one's size.
 
 # %%
 x = {"up": torch.randn(16, 256, generator=generator), "down": torch.randn(16, 512, generator=generator)}
@@ -305,7 +306,8 @@ for scheme in SCHEMES:
             exact_base_output = exact_base(x[layer_name])
         term = reference_adapter_term(layer, model.vera_A, model.vera_B, x[layer_name])
         magnitude = reference_adapter_term(layer, model.vera_A, model.vera_B, x[layer_name], absolute=True)
-        bound = (layer.in_features + layer.r["default"]) * U32 * magnitude + U32 * output.abs()
+        bound = (layer.in_features + layer.r["default"] + 2) * U32 * magnitude
+        bound = bound + 2 * U32 * (output.abs() + base_output.abs())
         rows.append(
             {
                 "scheme": scheme,
