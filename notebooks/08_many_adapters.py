@@ -69,7 +69,6 @@ vera_config = VeraConfig(r=64, target_modules=["q_proj", "v_proj"], init_weights
 model = get_model(base_model, vera_config, adapter_name=users[0]).eval()
 for user in users[1:]:
     model.add_adapter(user, vera_config)
-trainable, total = model.get_nb_trainable_parameters()
 adapter_parameters = sum(
     layer.vera_lambda_d[users[0]].numel() + layer.vera_lambda_b[users[0]].numel()
     for _, layer in model.vera_layers()
@@ -82,7 +81,7 @@ assert list(model.peft_config) == users
 assert adapter_parameters == 4 * (64 + 128)  # 2 layers × (q_proj, v_proj) × (r + out)
 
 # %% [markdown]
-# A mixed batch: eight rows, six of them for six different users, two for the base model. Each row must come out
+# A mixed batch: eight rows, six of them for five different users (user03 twice), two for the base model. Each row must come out
 # exactly as it does when its adapter runs alone (`set_adapter`), and the `"__base__"` rows as the base model
 # (`disable_adapter`).
 
@@ -119,8 +118,6 @@ base_rows = [row for row, name in enumerate(row_adapters) if name == "__base__"]
 torch.testing.assert_close(mixed[base_rows], base_logits[base_rows])
 # ...and the adapters do something: every adapted row differs from the base model
 assert all((mixed[row] - base_logits[row]).abs().max() > 0.1 for row in adapted_rows)
-# user03's two rows use the same adapter on different tokens; the same tokens give the same logits
-torch.testing.assert_close(logits(input_ids[[3, 3]], adapter_names=["user03", "user03"]), mixed[[3, 3]])
 
 # %% [markdown]
 # ## 2. What a mixed batch costs
