@@ -36,30 +36,17 @@ from benchmarks.common import (
     print_table,
     verdict,
 )
+from veralab.fast import saved_activation_bytes
 
 VARIANTS = [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]
 RESULT_PREFIX = "RESULT "
 MB = 2**20
 
 
-def saved_activation_bytes(step: TrainingStep) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward, parameters and buffers excluded."""
-    model = step.model
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+def one_forward_saved_bytes(step: TrainingStep) -> int:
+    """Bytes autograd saves in one training forward of the step's model (`veralab.fast.saved_activation_bytes`)."""
     embeds = step.embeddings(step.ids).detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(inputs_embeds=embeds, labels=step.ids).loss
-    loss.backward()  # frees what was saved
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved_activation_bytes(step.model, lambda: step.model(inputs_embeds=embeds, labels=step.ids).loss)
 
 
 def measure_variant(name: str, args) -> dict[str, float]:
@@ -69,7 +56,7 @@ def measure_variant(name: str, args) -> dict[str, float]:
     step = TrainingStep(model, make_batch(setup, args.device))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    saved = saved_activation_bytes(step)
+    saved = one_forward_saved_bytes(step)
     for _ in range(setup.warmup + 2):
         step()
     if args.same_process:

@@ -33,28 +33,9 @@ from benchmarks.common import (
     trainable_parameters,
     verdict,
 )
-from veralab.fast import path_costs
+from veralab.fast import layers_sharing_inputs, path_costs
 
 VARIANTS = [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]
-
-
-def layers_sharing_inputs(model, ids: torch.Tensor) -> list[list]:
-    """The VeRA layers grouped by the input tensor they read in one forward (q, k, v together; gate, up)."""
-    groups: dict[int, list] = {}
-    inputs = []  # kept alive so that no id is reused during the forward
-
-    def record(layer, args):
-        inputs.append(args[0])
-        groups.setdefault(id(args[0]), []).append(layer)
-
-    handles = [layer.register_forward_pre_hook(record) for _, layer in model.vera_layers()]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(groups.values())
 
 
 def predicted_overhead_ratio(model, setup: Setup, dtype: torch.dtype) -> tuple[float, float, float]:
@@ -65,8 +46,9 @@ def predicted_overhead_ratio(model, setup: Setup, dtype: torch.dtype) -> tuple[f
     """
     tokens = setup.batch * setup.seq
     ours = theirs = 0
-    for group in layers_sharing_inputs(model, make_batch(setup, "cpu")[:1, :16]):
-        for position, layer in enumerate(group):
+    ids = make_batch(setup, "cpu")[:1, :16]
+    for group in layers_sharing_inputs(model, lambda: model(input_ids=ids)):
+        for position, (_, layer) in enumerate(group):
             x = torch.empty(tokens, layer.in_features, dtype=dtype, device="meta", requires_grad=True)
             path = layer.compute_path(x, layer.active_adapters)
             cost = path_costs(tokens, layer.in_features, layer.out_features, setup.r, needs_grad=True)[path]

@@ -56,7 +56,9 @@ from veralab.fast import (
     activation_space_vera,
     choose_path,
     get_model,
+    layers_sharing_inputs,
     path_costs,
+    saved_activation_bytes,
     weight_space_vera,
 )
 from veralab.fast.functional import scaled_projection
@@ -440,8 +442,8 @@ for n in token_counts:
 # During a training forward autograd keeps the tensors each backward will need. Those *saved activations*
 # grow with the batch, and they are what limits the batch size when training with a frozen base. We measure
 # them with `torch.autograd.graph.saved_tensors_hooks`, whose `pack` hook sees every tensor as it is saved:
-# we count each storage once (a tensor and its views share one) and leave out the parameters and buffers, which
-# exist whether or not anything is saved.
+# `veralab.fast.saved_activation_bytes` counts each storage once (a tensor and its views share one) and leaves
+# out the parameters and buffers, which exist whether or not anything is saved.
 #
 # The model: a small Llama (2 blocks, width 128, MLP 344), VeRA at rank 64 on all seven linear layers of each
 # block, once with PEFT and once with veralab, and the frozen base for comparison; the same batch of
@@ -450,22 +452,9 @@ for n in token_counts:
 
 # %%
 def saved_bytes(model, input_ids):
-    """Bytes of the distinct storages autograd saves in one training forward, parameters and buffers left out."""
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    """Saved activations of one training forward, back-propagated to the input embeddings."""
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(inputs_embeds=embeds, labels=input_ids).loss
-    loss.backward()  # frees what was saved
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved_activation_bytes(model, lambda: model(inputs_embeds=embeds, labels=input_ids).loss)
 
 
 torch.manual_seed(0)
@@ -510,29 +499,13 @@ for name, nbytes in measured.items():
 #   the model keeps one contiguous copy of `A_s = vera_A[:, :in]` per input width narrower than `vera_A`
 #   (a column slice of a matrix is not contiguous; the row slices `B_s = vera_B[:out]` are views).
 #
-# Which layers share an input is not taken on trust: forward pre-hooks record the input tensor each adapted
-# layer receives in one forward.
+# Which layers share an input is not taken on trust: `veralab.fast.layers_sharing_inputs` records, with forward
+# pre-hooks, the input tensor each adapted layer receives in one forward.
 
 
 # %%
-def layers_sharing_an_input(model, input_ids):
-    """The VeRA layers grouped by the input tensor they receive in one forward."""
-    groups, inputs = {}, []  # inputs kept alive, so that no id is reused during the forward
-
-    def record(vera_layer, args):
-        inputs.append(args[0])
-        groups.setdefault(id(args[0]), []).append(vera_layer)
-
-    handles = [vera_layer.register_forward_pre_hook(record) for vera_layer in vera_layers]
-    with torch.no_grad():
-        model(input_ids=input_ids)
-    for handle in handles:
-        handle.remove()
-    return list(groups.values())
-
-
-groups = layers_sharing_an_input(veralab_model, input_ids)
-print([[targets[vera_layers.index(vera_layer) % 7] for vera_layer in group] for group in groups[:4]], "...")
+groups = layers_sharing_inputs(veralab_model, lambda: veralab_model(input_ids=input_ids))
+print([[name.rsplit(".", 1)[-1] for name, _ in group] for group in groups[:4]], "...")
 max_in = veralab_model.vera_A.shape[1]
 narrow_widths = {vera_layer.in_features for vera_layer in vera_layers if vera_layer.in_features < max_in}
 

@@ -28,8 +28,11 @@ from veralab.fast import (
     activation_space_vera,
     choose_path,
     get_model,
+    layers_sharing_inputs,
     mixed_batch_vera,
     path_costs,
+    saved_activation_bytes,
+    saved_activations,
     weight_space_vera,
 )
 from veralab.fast.functional import scaled_projection
@@ -444,18 +447,9 @@ def test_llama_matches_peft_outputs_and_gradients(path):
 
 
 def saved_tensors_of_one_forward(model, shape):
-    """{storage pointer: (shape, bytes)} of every tensor autograd saves in one training forward."""
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = (tuple(tensor.shape), storage.nbytes())
-        return tensor
-
+    """{storage pointer: SavedStorage} of the activations autograd saves in one training forward, and the loss."""
     ids, embeds = embeds_for(model, shape)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(inputs_embeds=embeds, labels=ids).loss
-    return saved, loss
+    return saved_activations(model, lambda: model(inputs_embeds=embeds, labels=ids).loss)
 
 
 @pytest.mark.parametrize("path", [WEIGHT_SPACE, ACTIVATION_SPACE])
@@ -463,7 +457,7 @@ def test_layers_reading_one_input_share_one_h(path):
     model = veralab_llama()
     batch, seq = TOKENS[path]
     saved, loss = saved_tensors_of_one_forward(model, (batch, seq))
-    hidden = [s for s in saved.values() if s[0] == (batch, seq, LLAMA_R)]
+    hidden = [s for s in saved.values() if s.shape == (batch, seq, LLAMA_R)]
     # per block: one h for q, k and v; one for o; one for gate and up; one for down
     assert len(hidden) == 4 * BLOCKS
     assert len(model._projections._hidden) == 0  # every cached h died with its input, before the backward
@@ -473,14 +467,12 @@ def test_layers_reading_one_input_share_one_h(path):
 def test_saved_activations_add_only_the_shared_h_to_the_frozen_model():
     model = veralab_llama()
     shape = TOKENS[WEIGHT_SPACE]
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    parameters |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     adapted, _ = saved_tensors_of_one_forward(model, shape)
     with model.disable_adapter():
         frozen, _ = saved_tensors_of_one_forward(model, shape)
 
     def activation_bytes(saved):
-        return sum(nbytes for ptr, (_, nbytes) in saved.items() if ptr not in parameters)
+        return sum(storage.nbytes for storage in saved.values())
 
     h_bytes = 4 * BLOCKS * shape[0] * shape[1] * LLAMA_R * 8  # float64
     extra = activation_bytes(adapted) - activation_bytes(frozen)
@@ -488,6 +480,29 @@ def test_saved_activations_add_only_the_shared_h_to_the_frozen_model():
     small = 8 * (LLAMA_R + widest) * 7 * BLOCKS * 4  # the stacked lambdas (one copy each, float64)
     slices = sum(t.untyped_storage().nbytes() for t in model._projections._cache.values())
     assert h_bytes <= extra <= h_bytes + small + slices
+
+
+def test_layers_sharing_inputs_groups_q_k_v_and_gate_up():
+    model = veralab_llama()
+    ids, _ = embeds_for(model, (1, 8))
+    groups = layers_sharing_inputs(model, lambda: model(input_ids=ids))
+    suffixes = [[name.rsplit(".", 1)[-1] for name, _ in group] for group in groups]
+    assert suffixes == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * BLOCKS
+    assert all(not layer._forward_pre_hooks for _, layer in model.vera_layers())  # the recording hooks are gone
+
+
+def test_saved_activation_bytes_counts_each_storage_once_and_frees_the_graph():
+    layer = nn.Linear(6, 5)
+    x = torch.randn(4, 6, requires_grad=True)
+
+    def loss():
+        y = x * 2  # (4, 6); a product with a constant saves nothing
+        # The linear layer saves y (its weight is a parameter: not counted); the product saves layer(y) and
+        # y[:, :5], a view of y's storage, which is counted once.
+        return (layer(y) * y[:, :5]).sum()
+
+    assert saved_activation_bytes(layer, loss) == (4 * 6 + 4 * 5) * 4  # y's storage and layer(y), float32
+    assert layer.weight.grad is None and x.grad is not None  # backward ran, the model's gradients were reset
 
 
 def test_shared_h_is_tied_to_no_graph_so_sibling_layers_can_train_one_after_the_other():

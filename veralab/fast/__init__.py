@@ -1,5 +1,11 @@
 """veralab.fast: the production VeRA path (PEFT's API and names; `get_model` replaces `get_peft_model`)."""
 
+from veralab.fast.diagnostics import (
+    SavedStorage,
+    layers_sharing_inputs,
+    saved_activation_bytes,
+    saved_activations,
+)
 from veralab.fast.functional import (
     ACTIVATION_SPACE,
     WEIGHT_SPACE,
@@ -19,6 +25,7 @@ __all__ = [
     "WEIGHT_SPACE",
     "AdapterLoadError",
     "ProjectionMismatchError",
+    "SavedStorage",
     "SharedProjections",
     "VeraLinear",
     "VeraModel",
@@ -30,8 +37,11 @@ __all__ = [
     "get_model",
     "init_projections",
     "kaiming_init",
+    "layers_sharing_inputs",
     "mixed_batch_vera",
     "path_costs",
+    "saved_activation_bytes",
+    "saved_activations",
     "weight_space_vera",
 ]
 
