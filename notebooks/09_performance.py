@@ -621,6 +621,17 @@ def assert_as_accurate(result, same_precision_reference, truth):
     assert error <= allowed, (error, allowed)
 
 
+def checked_error_ratios(quantities, results, same_precision_references, truths):
+    """assert_as_accurate for each quantity; returns 'name error/reference-error' for each, to print."""
+    ratios = []
+    for quantity, result, reference, truth in zip(
+        quantities, results, same_precision_references, truths, strict=True
+    ):
+        assert_as_accurate(result, reference, truth)
+        ratios.append(f"{quantity} {rounding_error(result, truth) / rounding_error(reference, truth):.2f}")
+    return "   ".join(ratios)
+
+
 def reference_step(x, grad_output, dtype):
     """vera_forward and its gradients (x, λ_d, λ_b) with every tensor in `dtype`."""
     x = x.to(dtype, copy=True).requires_grad_(True)  # a copy: never mark the caller's x as requiring grad
@@ -659,15 +670,8 @@ for label, forward, n, expected_path in cases:
     truth = reference_step(x, grad_output, torch.float64)
     reference_fp32 = reference_step(x, grad_output, torch.float32)
     ours = veralab_step(forward, x, grad_output)
-    errors = []
-    for quantity, ours_part, reference_part, truth_part in zip(
-        ["y", "∂x", "∂λ_d", "∂λ_b"], ours, reference_fp32, truth, strict=True
-    ):
-        assert_as_accurate(ours_part, reference_part, truth_part)
-        errors.append(
-            f"{quantity} {rounding_error(ours_part, truth_part) / rounding_error(reference_part, truth_part):.2f}"
-        )
-    print(f"{label:<31}N = {n:<5} error / reference's float32 error:  " + "   ".join(errors))
+    errors = checked_error_ratios(["y", "∂x", "∂λ_d", "∂λ_b"], ours, reference_fp32, truth)
+    print(f"{label:<31}N = {n:<5} error / reference's float32 error:  " + errors)
 
 # %% [markdown]
 # And the whole Llama of section 3 against PEFT: the same λ vectors in both models (non-zero, copied by
@@ -706,15 +710,8 @@ for ids in (input_ids, few_ids):
     peft_fp32 = llama_step(peft_model, ids, grad_logits)
     ours = llama_step(veralab_model, ids, grad_logits)
     assert ours[2].abs().min() > 0  # no λ gradient is trivially zero
-    errors = []
-    for quantity, ours_part, peft_part, truth_part in zip(
-        ["logits", "∂embeds", "∂λ_d", "∂λ_b"], ours, peft_fp32, truth, strict=True
-    ):
-        assert_as_accurate(ours_part, peft_part, truth_part)
-        errors.append(
-            f"{quantity} {rounding_error(ours_part, truth_part) / rounding_error(peft_part, truth_part):.2f}"
-        )
-    print(f"{ids.numel():>4} tokens, error / PEFT's float32 error:  " + "   ".join(errors))
+    errors = checked_error_ratios(["logits", "∂embeds", "∂λ_d", "∂λ_b"], ours, peft_fp32, truth)
+    print(f"{ids.numel():>4} tokens, error / PEFT's float32 error:  " + errors)
 
 # %% [markdown]
 # veralab's float32 results are as close to the float64 truth as PEFT's own float32 results, on both paths:
