@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import output_tensor, randomize_lambdas, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, token_batch
 from torch import nn
+from transformers import PreTrainedModel
 
 from veralab import VeraConfig
 from veralab.fast import VeraLinear, VeraModel, get_model
@@ -454,7 +455,15 @@ def test_training_reduces_loss_and_touches_only_lambdas():
 @pytest.mark.parametrize(
     "enable, kwargs",
     [
-        ("activation_checkpointing_enable", {}),
+        # transformers 5.23 renamed gradient_checkpointing_enable; the old name still works (deprecated there).
+        pytest.param(
+            "activation_checkpointing_enable",
+            {},
+            marks=pytest.mark.skipif(
+                not hasattr(PreTrainedModel, "activation_checkpointing_enable"),
+                reason="transformers before 5.23 names it gradient_checkpointing_enable (tested below)",
+            ),
+        ),
         ("gradient_checkpointing_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
     ],
 )
