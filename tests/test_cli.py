@@ -22,10 +22,10 @@ import torch
 from tiny_pretrained import fake_smollm2_wheel, save_tiny_causal_lm, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from veralab.cli import main
-from veralab.data import Example, alarm_task, read_jsonl, write_jsonl
-from veralab.default_model import MODEL_NAME, default_model_dir
-from veralab.evaluate import generate_answers
+from veralab.app.cli import main
+from veralab.app.data import Example, alarm_task, read_jsonl, write_jsonl
+from veralab.app.default_model import MODEL_NAME, default_model_dir
+from veralab.app.evaluate import generate_answers
 from veralab.fast import VeraModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,15 +354,15 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
 @pytest.mark.parametrize(("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")])
 def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import veralab.finetune
+    import veralab.app.finetune
 
-    adapted, real_get_model = [], veralab.finetune.get_model
+    adapted, real_get_model = [], veralab.app.finetune.get_model
 
     def get_model_spy(model, config):
         adapted.append(real_get_model(model, config))
         return adapted[-1]
 
-    monkeypatch.setattr(veralab.finetune, "get_model", get_model_spy)
+    monkeypatch.setattr(veralab.app.finetune, "get_model", get_model_spy)
     argv = finetune_args(model_dir, data_files, tmp_path / "out") + [flag, "--steps", "1", "--quiet"]
     assert main(argv) == 0
     layers = [type(layer).__name__ for _, layer in adapted[0].vera_layers()]

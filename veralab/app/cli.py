@@ -20,9 +20,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from veralab.app.default_model import FetchError
+from veralab.app.train import TrainingOptions
 from veralab.config import VeraConfig
-from veralab.default_model import FetchError
-from veralab.train import TrainingOptions
 
 USAGE_ERROR = 2
 DEFAULTS = TrainingOptions()
@@ -176,7 +176,7 @@ def parse_targets(value: str | None) -> list[str] | str | None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from veralab.finetune import FinetuneOptions, finetune
+    from veralab.app.finetune import FinetuneOptions, finetune
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # save_projection=False is the CLI's documented default
@@ -215,8 +215,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
 
 def _load_adapted(args: argparse.Namespace):
     """The base model (from --model or the adapter's config) with the saved adapter, and the tokenizer."""
+    from veralab.app.base_model import load_base_model
     from veralab.fast import VeraModel
-    from veralab.loading import load_base_model
 
     config_path = Path(args.adapter) / "adapter_config.json"
     if not config_path.is_file():
@@ -229,8 +229,8 @@ def _load_adapted(args: argparse.Namespace):
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from veralab.data import alarm_task, read_jsonl
-    from veralab.evaluate import exact_match
+    from veralab.app.data import alarm_task, read_jsonl
+    from veralab.app.evaluate import exact_match
 
     for name in ("max_eval_examples", "max_new_tokens"):
         value = getattr(args, name)
@@ -262,10 +262,10 @@ def _run_export_lora(args: argparse.Namespace) -> None:
 def _run_count(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
+    from veralab.app.default_model import default_model_dir
+    from veralab.app.report import format_rows
     from veralab.counting import adapted_layer_shapes, build_meta_model, lora_trainable_parameters
     from veralab.counting import vera_trainable_parameters as vera_count
-    from veralab.default_model import default_model_dir
-    from veralab.report import format_rows
     from veralab.targets import resolve_target_modules
 
     source = Path(args.model) if args.model else default_model_dir()
