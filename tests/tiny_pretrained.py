@@ -18,8 +18,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from veralab.data import alarm_task
-from veralab.default_model import GGUF_MEMBER, PACKAGE, PACKAGE_VERSION
+from veralab.app.data import alarm_task
+from veralab.app.default_model import GGUF_MEMBER, PACKAGE, PACKAGE_VERSION
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: unk, bos, eos (eos doubles as padding)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from veralab.cli import main
+from veralab.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

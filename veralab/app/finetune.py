@@ -19,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from veralab.app.base_model import load_base_model
+from veralab.app.data import TaskData, alarm_task, read_jsonl, split_held_out
+from veralab.app.default_model import MODEL_NAME, default_model_dir
+from veralab.app.distributed import Cluster
+from veralab.app.evaluate import ExactMatch, exact_match
+from veralab.app.report import RunSummary, plot_loss_curve, summary_table
+from veralab.app.train import TrainingOptions, train
 from veralab.config import VeraConfig
 from veralab.counting import lora_trainable_parameters
-from veralab.data import TaskData, alarm_task, read_jsonl, split_held_out
-from veralab.default_model import MODEL_NAME, default_model_dir
-from veralab.distributed import Cluster
-from veralab.evaluate import ExactMatch, exact_match
 from veralab.fast import VeraModel, get_model
-from veralab.loading import load_base_model
-from veralab.report import RunSummary, plot_loss_curve, summary_table
-from veralab.train import TrainingOptions, train
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

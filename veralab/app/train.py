@@ -6,7 +6,7 @@
 seed and takes its own share of each (`Cluster.shard`); the loss is the sum of the token losses divided by
 the global batch's number of answer tokens, so N processes compute exactly the gradient that one process
 computes on the whole batch, up to floating-point summation order. Gradients are averaged by
-DistributedDataParallel; the frozen projections are never broadcast (see `veralab.distributed`).
+DistributedDataParallel; the frozen projections are never broadcast (see `veralab.app.distributed`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from veralab.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
-from veralab.distributed import Cluster
+from veralab.app.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
+from veralab.app.distributed import Cluster
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from veralab.data import Example, prompt_ids
-from veralab.distributed import Cluster
+from veralab.app.data import Example, prompt_ids
+from veralab.app.distributed import Cluster
 
 
 @dataclass

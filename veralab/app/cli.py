@@ -15,17 +15,18 @@ status 2; only a bug in veralab shows a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from veralab.app.default_model import FetchError
+from veralab.app.finetune import FinetuneOptions, finetune
+from veralab.app.train import TrainingOptions
 from veralab.config import VeraConfig
-from veralab.default_model import FetchError
-from veralab.train import TrainingOptions
 
 USAGE_ERROR = 2
-DEFAULTS = TrainingOptions()
 
 
 class UsageError(Exception):
@@ -49,6 +50,17 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------
+
+
+def default_of(owner: type, name: str):
+    """The default of the dataclass field `owner.name`: each option reads its default from the field it fills.
+
+    Args:
+        owner: the dataclass that owns the setting (VeraConfig, TrainingOptions, FinetuneOptions).
+        name: the field's name.
+    """
+    (field,) = [f for f in dataclasses.fields(owner) if f.name == name]
+    return field.default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,42 +90,56 @@ def _add_finetune(commands) -> None:
     data.add_argument("--data", metavar="FILE", help='JSON lines of {"prompt": ..., "completion": ...} '
                       "(default: the embedded alarm task)")
     data.add_argument("--eval-data", metavar="FILE", help="held-out JSON lines (default: hold out part of --data)")
-    data.add_argument("--held-out-fraction", type=float, default=0.1, metavar="F",
-                      help="share of --data's prompts held out for evaluation (default: 0.1)")
-    data.add_argument("--max-eval-examples", type=int, default=64, metavar="N",
-                      help="evaluate on at most N held-out examples (default: 64)")
+    data.add_argument("--held-out-fraction", type=float, metavar="F",
+                      default=default_of(FinetuneOptions, "held_out_fraction"),
+                      help="share of --data's prompts held out for evaluation (default: %(default)s)")
+    data.add_argument("--max-eval-examples", type=int, metavar="N",
+                      default=default_of(FinetuneOptions, "max_eval_examples"),
+                      help="evaluate on at most N held-out examples (default: %(default)s)")
     quantized = data.add_mutually_exclusive_group()
     quantized.add_argument("--load-in-4bit", action="store_const", const="4bit", dest="quantization",
                            help="load the base model in 4 bits (bitsandbytes NF4)")
     quantized.add_argument("--load-in-8bit", action="store_const", const="8bit", dest="quantization",
                            help="load the base model in 8 bits (bitsandbytes LLM.int8)")
-    data.add_argument("--output", default="veralab-output", metavar="DIR",
-                      help="where the adapter, loss_curve.png and summary.json go (default: veralab-output)")
+    data.add_argument("--output", default=default_of(FinetuneOptions, "output"), metavar="DIR",
+                      help="where the adapter, loss_curve.png and summary.json go (default: %(default)s)")
 
     vera = p.add_argument_group("VeRA")
     # Not "--r": torchrun would take it for an abbreviation of one of its own options.
-    vera.add_argument("--rank", type=int, default=256, help="VeRA's r, the rank of the shared projections (default: 256)")
+    vera.add_argument("--rank", type=int, default=default_of(VeraConfig, "r"),
+                      help="VeRA's r, the rank of the shared projections (default: %(default)s)")
     vera.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
                       "(default: the model type's usual targets, e.g. q_proj,v_proj)")
-    vera.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input (default: 0)")
-    vera.add_argument("--d-initial", type=float, default=0.1, help="initial lambda_d (default: 0.1)")
-    vera.add_argument("--prng-key", type=int, default=0, help="seed of the shared projections (default: 0)")
+    vera.add_argument("--dropout", type=float, default=default_of(VeraConfig, "vera_dropout"),
+                      help="dropout on the adapter's input (default: %(default)s)")
+    vera.add_argument("--d-initial", type=float, default=default_of(VeraConfig, "d_initial"),
+                      help="initial lambda_d (default: %(default)s)")
+    vera.add_argument("--prng-key", type=int, default=default_of(VeraConfig, "projection_prng_key"),
+                      help="seed of the shared projections (default: %(default)s)")
+    # Off unless asked, unlike VeraConfig's save_projection (True, as PEFT's): the command writes what VeRA
+    # promises, an adapter file of lambdas only, and regenerates the projections on load (the main job's
+    # default_vera_config makes the same choice).
     vera.add_argument("--save-projection", action="store_true",
                       help="store vera_A/vera_B in the adapter file (default: regenerate them from --prng-key)")
 
     training = p.add_argument_group("training")
     length = training.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"optimizer steps (default: {DEFAULTS.steps})")
-    length.add_argument("--epochs", type=float, help="passes over the training data (instead of --steps)")
-    training.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
-                          help=f"examples per step over all processes (default: {DEFAULTS.batch_size})")
-    training.add_argument("--max-length", type=int, default=DEFAULTS.max_length,
-                          help=f"tokens per example at most (default: {DEFAULTS.max_length})")
-    training.add_argument("--lr", type=float, default=DEFAULTS.learning_rate,
-                          help=f"AdamW learning rate; VeRA wants ~10x LoRA's (default: {DEFAULTS.learning_rate})")
-    training.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay (default: 0)")
-    training.add_argument("--seed", type=int, default=DEFAULTS.seed, help="shuffle, split and dropout seed (default: 0)")
-    training.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA the summary compares with (default: 8)")
+    length.add_argument("--steps", type=int, default=default_of(TrainingOptions, "steps"),
+                        help="optimizer steps (default: %(default)s)")
+    length.add_argument("--epochs", type=float, default=default_of(TrainingOptions, "epochs"),
+                        help="passes over the training data (instead of --steps)")
+    training.add_argument("--batch-size", type=int, default=default_of(TrainingOptions, "batch_size"),
+                          help="examples per step over all processes (default: %(default)s)")
+    training.add_argument("--max-length", type=int, default=default_of(TrainingOptions, "max_length"),
+                          help="tokens per example at most (default: %(default)s)")
+    training.add_argument("--lr", type=float, default=default_of(TrainingOptions, "learning_rate"),
+                          help="AdamW learning rate; VeRA wants ~10x LoRA's (default: %(default)s)")
+    training.add_argument("--weight-decay", type=float, default=default_of(TrainingOptions, "weight_decay"),
+                          help="AdamW weight decay (default: %(default)s)")
+    training.add_argument("--seed", type=int, default=default_of(TrainingOptions, "seed"),
+                          help="shuffle, split and dropout seed (default: %(default)s)")
+    training.add_argument("--lora-rank", type=int, default=default_of(FinetuneOptions, "lora_r"),
+                          help="rank of the LoRA the summary compares with (default: %(default)s)")
     training.add_argument("--quiet", action="store_true", help="no progress bar or messages; files are still written")
     p.set_defaults(run=_run_finetune)
 
@@ -125,7 +151,9 @@ def _add_evaluate(commands) -> None:
     _add_adapter_arguments(p)
     p.add_argument("--data", metavar="FILE", help="examples to evaluate on, JSON lines (default: the embedded "
                    "alarm task's held-out examples)")
-    p.add_argument("--max-eval-examples", type=int, default=64, metavar="N", help="at most N examples (default: 64)")
+    p.add_argument("--max-eval-examples", type=int, metavar="N",
+                   default=default_of(FinetuneOptions, "max_eval_examples"),
+                   help="at most N examples (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="longest answer generated (default: the longest expected answer + 2 tokens)")
     p.set_defaults(run=_run_evaluate)
@@ -151,10 +179,12 @@ def _add_count(commands) -> None:
     )
     p.add_argument("--model", metavar="PATH", help="a model directory or a config.json (default: the embedded "
                    "SmolLM2-135M-Instruct)")
-    p.add_argument("--rank", type=int, default=256, help="VeRA's r (default: 256)")
+    p.add_argument("--rank", type=int, default=default_of(VeraConfig, "r"),
+                   help="VeRA's r (default: %(default)s)")
     p.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
                    "(default: the model type's usual targets)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA's rank (default: 8)")
+    p.add_argument("--lora-rank", type=int, default=default_of(FinetuneOptions, "lora_r"),
+                   help="LoRA's rank (default: %(default)s)")
     p.set_defaults(run=_run_count)
 
 
@@ -176,8 +206,6 @@ def parse_targets(value: str | None) -> list[str] | str | None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from veralab.finetune import FinetuneOptions, finetune
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # save_projection=False is the CLI's documented default
         vera = VeraConfig(
@@ -215,8 +243,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
 
 def _load_adapted(args: argparse.Namespace):
     """The base model (from --model or the adapter's config) with the saved adapter, and the tokenizer."""
+    from veralab.app.base_model import load_base_model
     from veralab.fast import VeraModel
-    from veralab.loading import load_base_model
 
     config_path = Path(args.adapter) / "adapter_config.json"
     if not config_path.is_file():
@@ -229,8 +257,8 @@ def _load_adapted(args: argparse.Namespace):
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from veralab.data import alarm_task, read_jsonl
-    from veralab.evaluate import exact_match
+    from veralab.app.data import alarm_task, read_jsonl
+    from veralab.app.evaluate import exact_match
 
     for name in ("max_eval_examples", "max_new_tokens"):
         value = getattr(args, name)
@@ -262,10 +290,10 @@ def _run_export_lora(args: argparse.Namespace) -> None:
 def _run_count(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
+    from veralab.app.default_model import default_model_dir
+    from veralab.app.report import format_rows
     from veralab.counting import adapted_layer_shapes, build_meta_model, lora_trainable_parameters
     from veralab.counting import vera_trainable_parameters as vera_count
-    from veralab.default_model import default_model_dir
-    from veralab.report import format_rows
     from veralab.targets import resolve_target_modules
 
     source = Path(args.model) if args.model else default_model_dir()
