@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from veralab import VeraConfig
 from veralab.fast import get_model
-from veralab.fast.io import WEIGHTS_NAME
+from veralab.fast.layout import WEIGHTS_NAME
 
 # SmolLM2-135M's layer geometry (the model DESIGN.md names for real runs); a small vocabulary.
 SMOLLM2_135M = dict(

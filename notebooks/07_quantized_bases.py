@@ -11,7 +11,7 @@
 #
 # A frozen base model does not need full precision: bitsandbytes stores its weights in 8 bits (LLM.int8()) or
 # 4 bits (QLoRA's nf4 and fp4), and VeRA's few float32 parameters train on top. `veralab.fast.get_model` sees the
-# bitsandbytes layers and wraps them in `veralab.fast.bnb.Linear8bitLt` / `Linear4bit`, which add the adapter
+# bitsandbytes layers and wraps them in `veralab.fast.backends.bnb.Linear8bitLt` / `Linear4bit`, which add the adapter
 # term to the quantized layer's output.
 #
 # **What you will learn**
@@ -45,7 +45,7 @@ from torch import nn
 from veralab import VeraConfig
 from veralab import reference as ref
 from veralab.fast import get_model
-from veralab.fast.bnb import Linear4bit, Linear8bitLt
+from veralab.fast.backends.bnb import Linear4bit, Linear8bitLt
 
 U16 = torch.finfo(torch.float16).eps / 2  # unit roundoff: a rounding to fp16 errs by at most u16 · |value|
 U32 = torch.finfo(torch.float32).eps / 2
@@ -457,7 +457,7 @@ assert min(relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][
 # One practical trap, handled for you: on CPUs with AVX-512 bf16, bitsandbytes repacks a 4-bit weight in place
 # the first time the layer runs in eval mode without gradients, into a layout that breaks training gradients and
 # dequantizing (so merging). `get_model` turns the repacking off for every `Linear4bit` of the model
-# (`veralab.fast.bnb.keep_standard_layouts`); that is why everything above ran in eval mode and still merged
+# (`veralab.fast.backends.bnb.keep_standard_layouts`); that is why everything above ran in eval mode and still merged
 # correctly.
 
 # %%

@@ -1,4 +1,4 @@
-"""VeRA over bitsandbytes Linear8bitLt / Linear4bit (veralab.fast.bnb), checked against the reference path.
+"""VeRA over bitsandbytes Linear8bitLt / Linear4bit (veralab.fast.backends.bnb), checked against the reference path.
 
 The base is approximate (quantized), the adapter is exact: the adapter term must equal the reference's to fp32
 rounding, while whole-layer outputs and merged weights are compared within bounds derived from the
@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from veralab import VeraConfig  # noqa: E402
 from veralab import reference as ref  # noqa: E402
 from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model  # noqa: E402
-from veralab.fast.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
+from veralab.fast.backends.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
@@ -827,7 +827,7 @@ def test_logits_match_peft_over_the_same_quantized_base(saved_models, bits):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Saving and loading adapters (veralab.fast.io)
+# Saving and loading adapters (veralab.fast.saving, veralab.fast.loading)
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -25,8 +25,8 @@ from veralab.counting import (
     parse_printed_count,
     printed_resolution,
     vera_trainable_parameters,
-    weight_shape,
 )
+from veralab.targets import weight_shape
 
 # (VeRA count, LoRA count) for each paper row, worked out by hand from r + out and r * (in + out).
 EXPECTED_COUNTS = {
@@ -220,19 +220,19 @@ def test_list_target_does_not_match_part_of_a_name(meta_llama):
 
 
 def test_unmatched_list_target_raises_naming_it(meta_llama):
-    with pytest.raises(ValueError, match=r"\['qproj'\] matched no module of LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"\['qproj'\] match no module of LlamaForCausalLM"):
         adapted_layer_shapes(meta_llama, ["q_proj", "qproj"])
 
 
 def test_string_target_is_a_regex_over_the_full_name(meta_llama):
     shapes = adapted_layer_shapes(meta_llama, r".*\.(q|v)_proj")
     assert names(shapes) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
-    with pytest.raises(ValueError, match="target_modules='q_proj' matched no module"):
+    with pytest.raises(ValueError, match="target_modules='q_proj' matches no module"):
         adapted_layer_shapes(meta_llama, "q_proj")  # a regex must match the whole name
 
 
 def test_target_matching_a_non_linear_module_raises(meta_llama):
-    with pytest.raises(ValueError, match="LlamaAttention; only nn.Linear and transformers Conv1D"):
+    with pytest.raises(ValueError, match="is a LlamaAttention, which VeRA cannot adapt"):
         adapted_layer_shapes(meta_llama, r"model\.layers\.0\.self_attn")
 
 

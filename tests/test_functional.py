@@ -460,7 +460,7 @@ def test_layers_reading_one_input_share_one_h(path):
     hidden = [s for s in saved.values() if s.shape == (batch, seq, LLAMA_R)]
     # per block: one h for q, k and v; one for o; one for gate and up; one for down
     assert len(hidden) == 4 * BLOCKS
-    assert len(model._projections._hidden) == 0  # every cached h died with its input, before the backward
+    assert len(model.projections._hidden) == 0  # every cached h died with its input, before the backward
     loss.backward()
 
 
@@ -478,7 +478,7 @@ def test_saved_activations_add_only_the_shared_h_to_the_frozen_model():
     extra = activation_bytes(adapted) - activation_bytes(frozen)
     widest = max(layer.out_features for _, layer in model.vera_layers())
     small = 8 * (LLAMA_R + widest) * 7 * BLOCKS * 4  # the stacked lambdas (one copy each, float64)
-    slices = sum(t.untyped_storage().nbytes() for t in model._projections._cache.values())
+    slices = sum(t.untyped_storage().nbytes() for t in model.projections._cache.values())
     assert h_bytes <= extra <= h_bytes + small + slices
 
 
@@ -647,7 +647,7 @@ def test_model_copies_start_with_empty_caches():
     with torch.no_grad():
         expected = model(inputs_embeds=embeds).logits
     clone = copy.deepcopy(model)
-    assert clone._projections is not model._projections and not clone._projections._cache
+    assert clone.projections is not model.projections and not clone.projections._cache
     with torch.no_grad():
         torch.testing.assert_close(clone(inputs_embeds=embeds).logits, expected, **ROUNDOFF)
 

@@ -155,12 +155,8 @@ class VeraConfig:
     def from_dict(cls, data: dict[str, Any]) -> VeraConfig:
         """Build a config from PEFT's adapter_config.json dict; an unknown key is an error, never ignored."""
         if not isinstance(data, dict):
-            raise ValueError(f"VeraConfig.from_dict expects a dict, got {type(data).__name__}")
-        peft_type = data.get("peft_type", "VERA")
-        if peft_type != "VERA":
-            raise ValueError(
-                f"peft_type={peft_type!r}: this is not a VeRA adapter config; veralab loads peft_type 'VERA' only"
-            )
+            raise ValueError(f"expected a JSON object of VeraConfig fields, got {type(data).__name__}")
+        _check_peft_type(data.get("peft_type", "VERA"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -177,16 +173,29 @@ class VeraConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> VeraConfig:
+        """Read an adapter_config.json; every problem with its content is a ValueError naming the file."""
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); the adapter config is corrupted") from e
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from e
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_peft_type(peft_type: Any) -> None:
+    """A file of another PEFT method is refused before its fields are read (they would all be unknown)."""
+    if peft_type != "VERA":
+        raise ValueError(
+            f"peft_type={peft_type!r}: this is not a VeRA adapter config; veralab loads peft_type 'VERA' only "
+            "(load other adapters with the library that matches their peft_type)"
+        )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -12,8 +12,8 @@ For one adapted layer with a frozen weight W (out x in):
 
 so a count needs only the (out, in) shape of every adapted layer. This module finds those shapes in a
 transformers model built on the meta device (no weights are allocated, so even a 13B model builds in a
-fraction of a second), selects the layers with PEFT's `target_modules` rules, and reproduces the VeRA
-paper's tables of trainable parameters (`PAPER_TABLE`, `paper_table_rows`):
+fraction of a second), selects the layers with `veralab.targets.select_targets` (the selector `get_model`
+uses, so a count is of exactly the layers an adapter would train), and reproduces the VeRA paper's tables of trainable parameters (`PAPER_TABLE`, `paper_table_rows`):
 
     model = build_meta_model(LlamaConfig(...))
     shapes = adapted_layer_shapes(model, ["q_proj", "v_proj"])
@@ -34,9 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import AutoModel, GPT2Config, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
-from transformers.pytorch_utils import Conv1D
 
-from veralab.targets import ALL_LINEAR, name_matches_entry, weight_shape
+from veralab.config import VeraConfig
+from veralab.targets import name_matches_entry, select_targets
 
 # ---------------------------------------------------------------------------------------------------
 # Building a model without weights
@@ -99,71 +99,8 @@ class FusedTarget:
 Target = str | FusedTarget
 
 
-def is_adaptable(module: nn.Module) -> bool:
-    """True for the layer types VeRA and LoRA adapt here: nn.Linear and transformers' Conv1D."""
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def output_head_name(model: nn.Module) -> str | None:
-    """The name of the module `model.get_output_embeddings()` returns (e.g. `lm_head`), if there is one."""
-    get_output_embeddings = getattr(model, "get_output_embeddings", None)
-    head = get_output_embeddings() if get_output_embeddings is not None else None
-    if head is None:
-        return None
-    return next(name for name, module in model.named_modules() if module is head)
-
-
-def _all_linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear / Conv1D except the output head, as PEFT resolves `"all-linear"`."""
-    head = output_head_name(model)
-    return [(name, module) for name, module in model.named_modules() if is_adaptable(module) and name != head]
-
-
-def _layers_matching_regex(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
-    """Every module whose full name the regex matches entirely (PEFT's rule for a string target)."""
-    return [(name, module) for name, module in model.named_modules() if re.fullmatch(pattern, name)]
-
-
-def _layers_matching_names(
-    model: nn.Module, targets: Sequence[Target]
-) -> list[tuple[str, nn.Module, Target]]:
-    """Every module a name in `targets` matches, with the target that matched it.
-
-    Stricter than PEFT on purpose: a count that silently skips a misspelt target is wrong, so every
-    target must match at least one module.
-    """
-    matches, unmatched = [], set(targets)
-    for name, module in model.named_modules():
-        hits = [target for target in targets if name_matches_entry(name, _target_name(target))]
-        if not hits:
-            continue
-        unmatched.difference_update(hits)
-        if len(set(hits)) > 1 and any(isinstance(target, FusedTarget) for target in hits):
-            raise ValueError(f"module {name!r} is matched by several targets {hits!r}; keep one of them")
-        matches.append((name, module, hits[0]))
-    if unmatched:
-        missing = [target for target in targets if target in unmatched]
-        raise ValueError(
-            f"target_modules {missing!r} matched no module of {type(model).__name__}; a name must equal a "
-            f"module's full name or its last dot-separated parts (adaptable layers: {_some_layer_names(model)})"
-        )
-    return matches
-
-
-def _target_name(target: Target) -> str:
-    return target.name if isinstance(target, FusedTarget) else target
-
-
-def _some_layer_names(model: nn.Module, limit: int = 8) -> str:
-    """A short list of the model's Linear / Conv1D names, for error messages."""
-    names = [name for name, module in model.named_modules() if is_adaptable(module)]
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _fused_block_shapes(name: str, module: nn.Module, target: FusedTarget) -> list[LayerShape]:
+def _fused_block_shapes(name: str, out_features: int, in_features: int, target: FusedTarget) -> list[LayerShape]:
     """One (out / n_blocks, in) shape per adapted block of a fused layer."""
-    out_features, in_features = weight_shape(module)
     n_blocks = len(target.split_into)
     if out_features % n_blocks:
         raise ValueError(
@@ -174,58 +111,50 @@ def _fused_block_shapes(name: str, module: nn.Module, target: FusedTarget) -> li
     return [LayerShape(f"{name}[{block}]", block_out, in_features) for block in target.blocks]
 
 
-def _check_adaptable(name: str, module: nn.Module, target_modules: str | Sequence[Target]) -> None:
-    if not is_adaptable(module):
-        raise ValueError(
-            f"target_modules={target_modules!r} matches {name!r}, a {type(module).__name__}; only nn.Linear and "
-            f"transformers Conv1D layers can be adapted, so narrow the targets to those layers"
-        )
-
-
-def _layers_matching_string(model: nn.Module, target: str) -> list[tuple[str, nn.Module, str]]:
-    """The modules a string target selects: `"all-linear"`, or else a regex over full module names."""
-    if target.lower() == ALL_LINEAR:
-        layers = _all_linear_layers(model)
-    else:
-        layers = _layers_matching_regex(model, target)
-    if not layers:
-        raise ValueError(
-            f"target_modules={target!r} matched no module of {type(model).__name__}; a string is a regex that "
-            f"must match a full module name (adaptable layers: {_some_layer_names(model)})"
-        )
-    return [(name, module, target) for name, module in layers]
-
-
-def adapted_layer_shapes(model: nn.Module, target_modules: str | Sequence[Target]) -> list[LayerShape]:
+def adapted_layer_shapes(
+    model: nn.Module,
+    target_modules: str | Sequence[Target] | None,
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+) -> list[LayerShape]:
     """The (name, out_features, in_features) of every layer the targets select, in module order.
 
-    Selection follows PEFT's `target_modules`:
-      - a list (or tuple) of names selects each module whose full name equals a name or ends with
-        "." + name; a `FusedTarget` in the list selects some blocks of a fused layer instead;
-      - a string is a regular expression that must match a module's full name entirely;
-      - `"all-linear"` selects every nn.Linear / Conv1D except the output head (`get_output_embeddings()`).
+    The layers are those `veralab.targets.select_targets` selects for a `VeraConfig` with the same
+    `target_modules`, `layers_to_transform` and `layers_pattern`: the layers `get_model` adapts. In a list,
+    a `FusedTarget` selects some blocks of a fused layer instead of the whole layer.
 
     Args:
         model: any module, typically from `build_meta_model`.
-        target_modules: the targets, as above.
+        target_modules: names, a regex, `"all-linear"`, or None for the model type's defaults.
+        layers_to_transform: only the layers under these indices of the layer list.
+        layers_pattern: the name of the layer list (e.g. "layers", "h").
 
     Raises:
-        ValueError: when nothing matches (or, for a list, when one name matches nothing), when a target
-            matches a module that is neither nn.Linear nor Conv1D, or when a fused layer does not split
-            into equal blocks.
+        ValueError: the selector's errors (a target matching nothing, a module VeRA cannot adapt, ...), a
+            module matched by both a name and a FusedTarget, or a fused layer that does not split into equal
+            blocks.
     """
-    if isinstance(target_modules, str):
-        selected = _layers_matching_string(model, target_modules)
-    else:
-        selected = _layers_matching_names(model, list(target_modules))
-
+    plain: list[str] | str | None = target_modules
+    fused: dict[str, FusedTarget] = {}
+    if target_modules is not None and not isinstance(target_modules, str):
+        plain = [target for target in target_modules if isinstance(target, str)]
+        fused = {target.name: target for target in target_modules if isinstance(target, FusedTarget)}
+    names = plain if not fused else [*plain, *fused]
+    config = VeraConfig(
+        target_modules=names, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+    )
     shapes = []
-    for name, module, target in selected:
-        _check_adaptable(name, module, target_modules)
-        if isinstance(target, FusedTarget):
-            shapes.extend(_fused_block_shapes(name, module, target))
-        else:
-            shapes.append(LayerShape(name, *weight_shape(module)))
+    for target in select_targets(model, config):
+        fused_hits = [f for name, f in fused.items() if name_matches_entry(target.name, name)]
+        if not fused_hits:
+            shapes.append(LayerShape(target.name, target.out_features, target.in_features))
+            continue
+        plain_hits = [entry for entry in plain if name_matches_entry(target.name, entry)]
+        if plain_hits or len(fused_hits) > 1:
+            raise ValueError(
+                f"module {target.name!r} is matched by several targets {plain_hits + fused_hits!r}; keep one of them"
+            )
+        shapes.extend(_fused_block_shapes(target.name, target.out_features, target.in_features, fused_hits[0]))
     return shapes
 
 

@@ -1,13 +1,28 @@
-"""Which modules of a model an adapter targets: names, regexes, "all-linear", model-type defaults, layer indices.
+"""Which modules of a model an adapter targets: the one selector every part of veralab uses.
 
-The matching rules are PEFT's, so a `target_modules` list that works with PEFT selects the same modules
-here: a name matches a module whose full name equals it or ends with "." + name; a string is a regex that
-must match the full name; "all-linear" is every supported linear layer except the output head.
+`select_targets(model, config)` returns the layers an adapter with `config` adapts, with their weight
+shapes; `VeraModel` injects into them, the adapter files are laid out from them, and `veralab.counting` and
+`veralab count` count them, so all of them always agree. The model may be real or built on the meta device,
+and may already carry adapters (an adapted layer is reported as the layer it wraps).
+
+The matching rules are PEFT's, so a `target_modules` that works with PEFT selects the same modules here:
+
+- a list entry matches a module whose full name equals it or ends with "." + entry (every entry must match
+  at least one module: a misspelt name is an error, not a silently smaller adapter);
+- a string is a regular expression that must match a module's full name entirely;
+- `"all-linear"` (any case) is every linear layer except the output embedding (`lm_head`); with
+  `task_type="SEQ_CLS"` the classification head (`score` / `classifier`) and its sub-layers are left out
+  too, since they are trained in full (`modules_to_save`);
+- `None` takes the model type's default targets (`DEFAULT_TARGET_MODULES`);
+- `layers_to_transform` keeps the modules under those indices of the layer list (`layers_pattern` names it,
+  e.g. "layers" or "h"; without it, the first `.<name>.<index>.` in the module name counts).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -58,16 +73,144 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "rwkv": ["key", "value", "receptance", "output"],
 }
 
-# Classification heads trained in full (modules_to_save) for task_type="SEQ_CLS", as PEFT does.
+# Classification heads, trained in full (modules_to_save) for task_type="SEQ_CLS", as PEFT does.
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+class LayerGeometry(NamedTuple):
+    """What the selector needs to know of an adaptable layer.
+
+    Args:
+        out_features: rows of the weight seen as a matrix (out, in).
+        in_features: its columns.
+        linear: whether `"all-linear"` includes the layer (nn.Linear, Conv1D and quantized linear layers).
+    """
+
+    out_features: int
+    in_features: int
+    linear: bool
+
+
+class Target(NamedTuple):
+    """One layer an adapter adapts: its name in the model, the layer, and its weight's (out, in) shape."""
+
+    name: str
+    module: nn.Module
+    out_features: int
+    in_features: int
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear (or subclass) or a transformers Conv1D."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape  # Conv1D stores W transposed: (in, out)
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+def layer_geometry(module: nn.Module) -> LayerGeometry | None:
+    """The geometry of the layers VeRA adapts (nn.Linear and its subclasses, transformers' Conv1D); None for
+    any other module. `veralab.fast` extends it with the quantized layers it supports."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LayerGeometry(*weight_shape(module), linear=True)
+    return None
+
+
+GeometryOf = Callable[[nn.Module], LayerGeometry | None]
+
+
+# ------------------------------------------------------------------------------------------ the selector
+
+
+def select_targets(model: nn.Module, config: VeraConfig, geometry: GeometryOf = layer_geometry) -> list[Target]:
+    """The layers an adapter with `config` adapts in `model`, in module order (see the module docstring).
+
+    Args:
+        model: any module: a transformers model (real or on the meta device), possibly already adapted.
+        config: the adapter's config (`target_modules`, `layers_to_transform`, `layers_pattern`,
+            `task_type`).
+        geometry: tells adaptable layers and their shapes (the default knows nn.Linear and Conv1D).
+
+    Raises:
+        ValueError: a list entry or a regex that matches nothing, a matched module VeRA cannot adapt, a
+            selection that `layers_to_transform` leaves empty, or `target_modules=None` for a model type
+            without defaults. The message names the problem and the fix.
+    """
+    targets = resolve_target_modules(model, config)
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    excluded = _all_linear_exclusions(model, config) if all_linear else ()
+    matched_entries: set[str] = set()
+    selected: list[Target] = []
+    for name, module in named_layers(model):
+        layer = geometry(module)
+        if all_linear:
+            if layer is None or not layer.linear or _is_within(name, excluded):
+                continue
+        else:
+            entries = _entries_matching(name, targets)
+            if not entries:
+                continue
+            matched_entries.update(entries)
+        if not layer_index_allowed(name, config):
+            continue
+        if layer is None:
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: only nn.Linear, "
+                "transformers Conv1D and quantized linear layers are supported. Remove it from target_modules "
+                "(or name its linear sub-layers instead)."
+            )
+        selected.append(Target(name, module, layer.out_features, layer.in_features))
+    if not all_linear:
+        _check_every_entry_matched(model, targets, matched_entries, geometry)
+    if not selected:
+        raise ValueError(
+            f"target_modules={targets!r} with layers_to_transform={config.layers_to_transform!r} and "
+            f"layers_pattern={config.layers_pattern!r} selects no module of {type(model).__name__}; check the "
+            "layer indices and the name of the layer list"
+        )
+    return selected
+
+
+def select_modules_to_save(model: nn.Module, config: VeraConfig) -> dict[str, nn.Module]:
+    """{name: module} of the modules trained in full next to the adapter (`modules_to_save`).
+
+    For `task_type="SEQ_CLS"` the classification heads the model has are added, and head names it lacks are
+    dropped, as PEFT does (PEFT's files list both "classifier" and "score"). Adapted layers are never
+    selected.
+
+    Raises:
+        ValueError: an entry that matches no module.
+    """
+    names = modules_to_save_names(model, config)
+    found = {
+        name: module
+        for name, module in named_modules(model)
+        if not is_adapter_layer(module) and any(name_matches_entry(name, entry) for entry in names)
+    }
+    missing = [entry for entry in names if not any(name_matches_entry(name, entry) for name in found)]
+    if missing:
+        raise ValueError(
+            f"modules_to_save entries {missing} match no module of {type(model).__name__}; name modules as "
+            "they appear in model.named_modules()"
+        )
+    return found
+
+
+def modules_to_save_names(model: nn.Module, config: VeraConfig) -> list[str]:
+    """The config's `modules_to_save`, with the model's classification heads for `task_type="SEQ_CLS"`."""
+    names = list(config.modules_to_save or [])
+    if config.task_type != "SEQ_CLS":
+        return names
+    present = [name for name, _ in named_modules(model)]
+    heads = [head for head in SEQ_CLS_HEAD_NAMES if any(name_matches_entry(name, head) for name in present)]
+    return [name for name in names if name not in SEQ_CLS_HEAD_NAMES] + heads
 
 
 def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | str:
     """The config's targets, or the defaults of the model's type when `target_modules` is None."""
     if config.target_modules is not None:
         return config.target_modules
-    model_config = getattr(model, "config", None)
-    model_type = getattr(model_config, "model_type", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise ValueError(
             f"VeraConfig.target_modules=None needs a transformers model to look up default targets, but "
@@ -82,24 +225,40 @@ def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | 
     return DEFAULT_TARGET_MODULES[model_type]
 
 
-def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an nn.Linear (or subclass) or a transformers Conv1D."""
-    if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape  # Conv1D stores W transposed: (in, out)
-        return out_features, in_features
-    return module.out_features, module.in_features
+# ------------------------------------------------------------------------------------------ walking a model
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """An adapter layer wrapping a frozen `base_layer` (veralab.fast's VeRA layers, as PEFT's tuner layers)."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "adapter_layer_names")
+
+
+def is_modules_to_save_wrapper(module: nn.Module) -> bool:
+    """A wrapper holding an `original_module` and per-adapter `modules_to_save` copies."""
+    return isinstance(getattr(module, "original_module", None), nn.Module) and hasattr(module, "modules_to_save")
+
+
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's named modules (the root left out), not descending into adapter layers or modules-to-save
+    wrappers: what the user's model has, whatever adapters it carries."""
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skipped):
+            continue
+        if is_adapter_layer(module) or is_modules_to_save_wrapper(module):
+            skipped.append(name + ".")
+        yield name, module
+
+
+def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules`, with every adapter layer replaced by the frozen layer it wraps."""
+    for name, module in named_modules(model):
+        yield name, module.base_layer if is_adapter_layer(module) else module
 
 
 def name_matches_entry(name: str, entry: str) -> bool:
     """PEFT's rule for one entry of a target list: the full name, or a suffix starting after a dot."""
     return name == entry or name.endswith("." + entry)
-
-
-def name_matches(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list matches when one entry does."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name_matches_entry(name, t) for t in targets)
 
 
 def layer_index_allowed(name: str, config: VeraConfig) -> bool:
@@ -118,12 +277,42 @@ def layer_index_allowed(name: str, config: VeraConfig) -> bool:
     return match is not None and int(match.group(1)) in indices
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the modules "all-linear" leaves alone: the output embedding (lm_head) and SEQ_CLS heads."""
-    heads = set()
+def _entries_matching(name: str, targets: list[str] | str) -> list[str]:
+    """The entries of `targets` that select `name` (a regex is one entry)."""
+    if isinstance(targets, str):
+        return [targets] if re.fullmatch(targets, name) is not None else []
+    return [entry for entry in targets if name_matches_entry(name, entry)]
+
+
+def _check_every_entry_matched(
+    model: nn.Module, targets: list[str] | str, matched: set[str], geometry: GeometryOf
+) -> None:
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    missing = [entry for entry in entries if entry not in matched]
+    if not missing:
+        return
+    examples = [name for name, module in named_layers(model) if geometry(module) is not None][:6]
+    if isinstance(targets, str):
+        raise ValueError(
+            f"target_modules={targets!r} matches no module of {type(model).__name__}: a string is a regex that "
+            f"must match a whole module name; module names look like {examples}"
+        )
+    raise ValueError(
+        f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} match no module of "
+        f"{type(model).__name__}; module names look like {examples}. Fix the names (a list entry must equal a "
+        "module's name or its last dotted parts; a string is a full-name regex)."
+    )
+
+
+def _all_linear_exclusions(model: nn.Module, config: VeraConfig) -> tuple[str, ...]:
+    """What "all-linear" leaves out: the output embedding, and for SEQ_CLS the classification head."""
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
-    for name, module in model.named_modules():
-        if (output is not None and module is output) or name.split(".")[-1] in SEQ_CLS_HEAD_NAMES:
-            heads.add(name)
-    return heads
+    excluded = [name for name, module in named_modules(model) if output is not None and module is output]
+    if config.task_type == "SEQ_CLS":
+        excluded += [name for name, _ in named_modules(model) if name in SEQ_CLS_HEAD_NAMES]
+    return tuple(excluded)
+
+
+def _is_within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)

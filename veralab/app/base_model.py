@@ -36,8 +36,6 @@ def quantization_config(quantization: str | None):
         raise ValueError(f"--load-in-{quantization} needs bitsandbytes: pip install 'veralab[bnb]'")
     from transformers import BitsAndBytesConfig
 
-    import veralab.fast.bnb  # noqa: F401  (registers the bitsandbytes VeRA layers with get_model)
-
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")

@@ -6,6 +6,7 @@ from veralab.fast.diagnostics import (
     saved_activation_bytes,
     saved_activations,
 )
+from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.functional import (
     ACTIVATION_SPACE,
     WEIGHT_SPACE,
@@ -15,7 +16,6 @@ from veralab.fast.functional import (
     path_costs,
     weight_space_vera,
 )
-from veralab.fast.io import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init

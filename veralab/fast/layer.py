@@ -5,7 +5,7 @@
 The shared projections are referenced through one `SharedProjections` object per model.
 
 Everything that touches the base weight goes through two methods, `get_base_weight` and
-`set_base_weight`; the bitsandbytes layers (`veralab.fast.bnb`) override only those two (and the base
+`set_base_weight`; the bitsandbytes layers (`veralab.fast.backends.bnb`) override only those two (and the base
 forward's quirks), so merge, unmerge and safe merge are written once. They also set
 `supports_weight_space = False`, which routes their forward to the activation-space path over `base_forward`.
 """

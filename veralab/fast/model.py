@@ -2,6 +2,10 @@
 
 `get_model(model, config)` is the one-line replacement for PEFT's `get_peft_model(model, config)` with a
 VeRA config: the same parameter names, the same projections for the same key, the same methods.
+
+Adapter files (`veralab.fast.saving`, `loading`, `lora_export`) work through the model's public seam:
+`plan_adapter` (what an adapter's config selects, checked before anything changes), `merged_adapters`,
+`projections` / `set_projections`, `vera_layers` and the state dict.
 """
 
 from __future__ import annotations
@@ -10,16 +14,16 @@ import contextlib
 import copy
 import functools
 import os
-import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
-from veralab.fast import io as adapter_io
+from veralab.fast import loading, lora_export, saving
+from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
 from veralab.fast.layer import (
     BASE_ROW,
     RowAdapters,
@@ -29,27 +33,25 @@ from veralab.fast.layer import (
 )
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
-from veralab.targets import (
-    ALL_LINEAR,
-    SEQ_CLS_HEAD_NAMES,
-    layer_index_allowed,
-    name_matches,
-    name_matches_entry,
-    output_head_names,
-    resolve_target_modules,
-    weight_shape,
-)
-
-# Base layer type -> VeRA layer class, most specific first. veralab.fast.bnb puts the bitsandbytes layers
-# (subclasses of nn.Linear) in front; VeraModel imports it when bitsandbytes is loaded.
-LAYER_TYPES: list[tuple[type[nn.Module], type[VeraLinear]]] = [(nn.Linear, VeraLinear), (Conv1D, VeraLinear)]
+from veralab.targets import Target, modules_to_save_names, select_modules_to_save, select_targets
 
 
-def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:
-    for base_type, layer_cls in LAYER_TYPES:
-        if isinstance(module, base_type):
-            return layer_cls
-    return None
+@dataclass
+class AdapterPlan:
+    """An adapter as it would be added to (or is in) a model: everything its config selects, checked.
+
+    Args:
+        name: the adapter's name.
+        config: a copy of its config; for task_type="SEQ_CLS" without modules_to_save, the classification
+            heads are filled in, as they will be recorded.
+        targets: the layers it adapts (the frozen base layers, whether or not already wrapped).
+        modules_to_save: {name: module} of the modules it trains in full (possibly already wrapped).
+    """
+
+    name: str
+    config: VeraConfig
+    targets: list[Target]
+    modules_to_save: dict[str, nn.Module]
 
 
 def get_model(
@@ -86,16 +88,12 @@ class VeraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, VeraConfig] = {}
-        self._projections: SharedProjections | None = None
+        # The shared vera_A / vera_B every VeRA layer reads (None until the first adapter sizes them).
+        self.projections: SharedProjections | None = None
         self._active_adapters: list[str] = []
         self._adapters_disabled = False
         self.model.requires_grad_(False)
-        if sys.modules.get("bitsandbytes") is not None:
-            # A model can only hold bitsandbytes layers once bitsandbytes is imported; importing it only then keeps
-            # `import veralab.fast` free of its slow, noisy import.
-            from veralab.fast.bnb import keep_standard_layouts
-
-            keep_standard_layouts(self.model)
+        prepare_model(self.model)
         # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
         # expose the wrapped model's (our forward adds only `adapter_names`).
         self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
@@ -121,61 +119,86 @@ class VeraModel(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to() / .half() / ... replace the buffers: point every layer's shared reference at the new ones.
         super()._apply(fn, recurse)
-        if self._projections is not None:
-            self._projections.replace(self._buffers["vera_A"], self._buffers["vera_B"])
+        if self.projections is not None:
+            self.projections.replace(self._buffers["vera_A"], self._buffers["vera_B"])
         return self
 
-    def _create_projections(self, config: VeraConfig, targets: dict[str, nn.Module]) -> None:
-        shapes = [self._out_in(module) for module in targets.values()]
-        max_out, max_in = find_max_dims(shapes)
+    def set_projections(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> None:
+        """Replace the shared pair every layer reads (same rank; large enough for every adapted layer).
+
+        Args:
+            vera_A: the new (r, max_in) projection.
+            vera_B: the new (max_out, r) projection.
+        """
+        self._buffers["vera_A"], self._buffers["vera_B"] = vera_A, vera_B
+        self.projections.replace(vera_A, vera_B)
+
+    def _create_projections(self, config: VeraConfig, targets: list[Target]) -> None:
+        max_out, max_in = find_max_dims([(t.out_features, t.in_features) for t in targets])
         projections = SharedProjections.create(config.r, max_in, max_out, config.projection_prng_key)
         device = self._target_device(targets)
         if device is not None:
             projections.replace(projections.vera_A.to(device), projections.vera_B.to(device))
         self.register_buffer("vera_A", projections.vera_A, persistent=config.save_projection)
         self.register_buffer("vera_B", projections.vera_B, persistent=config.save_projection)
-        self._projections = projections
+        self.projections = projections
 
     @staticmethod
-    def _target_device(targets: dict[str, nn.Module]) -> torch.device | None:
-        weight = getattr(next(iter(targets.values())), "weight", None)
+    def _target_device(targets: list[Target]) -> torch.device | None:
+        weight = getattr(targets[0].module, "weight", None)
         if weight is None or weight.device.type == "meta":
             return None
         return weight.device
-
-    @classmethod
-    def _out_in(cls, module: nn.Module) -> tuple[int, int]:
-        return weight_shape(cls._base_of(module))
 
     # ------------------------------------------------------------------ adding adapters
 
     def add_adapter(self, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add an adapter (inactive unless it is the first; use `set_adapter`).
 
-        Everything is checked before anything changes: a bad name, a config that disagrees with the shared
-        projections, or targets that match nothing leave the model exactly as it was.
+        Everything is checked before anything changes (`plan_adapter`): a bad name, a config that disagrees
+        with the shared projections, or targets that match nothing leave the model exactly as it was.
         """
-        self._check_new_adapter_name(adapter_name)
-        config = copy.deepcopy(config)
-        config.validate()
-        targets = self._find_targets(config)
-        self._check_against_projections(config, targets)
-        modules_to_save = self._find_modules_to_save(self._modules_to_save_names(config))
-        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
-            config.modules_to_save = self._modules_to_save_names(config) or None
-
-        if self._projections is None:
-            self._create_projections(config, targets)
+        plan = self.plan_adapter(adapter_name, config)
+        config = plan.config
+        if self.projections is None:
+            self._create_projections(config, plan.targets)
         warn_fan_in_fan_out_mismatch(
             config.fan_in_fan_out,
-            [n for n, m in targets.items() if is_fan_in_fan_out(self._base_of(m)) != config.fan_in_fan_out],
+            [t.name for t in plan.targets if is_fan_in_fan_out(t.module) != config.fan_in_fan_out],
         )
-        for name, module in targets.items():
-            self._inject(name, module, adapter_name, config, low_cpu_mem_usage)
-        for name, module in modules_to_save.items():
+        for target in plan.targets:
+            self._inject(target, adapter_name, config, low_cpu_mem_usage)
+        for name, module in plan.modules_to_save.items():
             self._wrap_module_to_save(name, module, adapter_name)
         self.peft_config[adapter_name] = config
         self._mark_trainable()
+
+    def plan_adapter(self, adapter_name: str, config: VeraConfig, existing: bool = False) -> AdapterPlan:
+        """What adding adapter `adapter_name` with `config` selects, after checking that it can be added.
+
+        Nothing changes; every error `add_adapter` would raise is raised here.
+
+        Args:
+            adapter_name: the adapter's name.
+            config: its config (copied, never modified).
+            existing: plan an adapter the model already has under this name (its layout on disk, or loading
+                new weights into it) instead of a new one.
+
+        Raises:
+            ValueError: an invalid or taken name, an invalid config, targets or modules_to_save that select
+                nothing or something VeRA cannot adapt, or a config that does not fit the shared projections.
+        """
+        if not existing:
+            self._check_new_adapter_name(adapter_name)
+        config = copy.deepcopy(config)
+        config.validate()
+        targets = select_targets(self.model, config, geometry=layer_geometry)
+        if not existing:
+            self._check_against_projections(config, targets)
+        modules_to_save = select_modules_to_save(self.model, config)
+        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
+            config.modules_to_save = modules_to_save_names(self.model, config) or None
+        return AdapterPlan(adapter_name, config, targets, modules_to_save)
 
     def _check_new_adapter_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -190,81 +213,9 @@ class VeraModel(nn.Module):
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
             )
 
-    def _find_targets(self, config: VeraConfig) -> dict[str, nn.Module]:
-        """{module name: base module} the config targets, with clear errors for names that match nothing."""
-        targets = resolve_target_modules(self.model, config)
-        all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
-        heads = output_head_names(self.model) if all_linear else set()
-        matched_entries: set[str] = set()
-        found: dict[str, nn.Module] = {}
-        for name, module in self._candidate_modules():
-            if all_linear:
-                if vera_layer_class(self._base_of(module)) is None or any(
-                    name == h or name.startswith(h + ".") for h in heads
-                ):
-                    continue
-            elif not name_matches(name, targets):
-                continue
-            else:
-                matched_entries.update(self._entries_matching(name, targets))
-            if not layer_index_allowed(name, config):
-                continue
-            if vera_layer_class(self._base_of(module)) is None:
-                raise ValueError(
-                    f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: only nn.Linear, "
-                    "transformers Conv1D and bitsandbytes Linear8bitLt/Linear4bit layers are supported. "
-                    "Remove it from target_modules (or name its linear sub-layers instead)."
-                )
-            found[name] = module
-        self._check_every_target_matched(targets, matched_entries, all_linear)
-        if not found:
-            raise ValueError(
-                f"target_modules={targets!r} with layers_to_transform={config.layers_to_transform!r} and "
-                f"layers_pattern={config.layers_pattern!r} selects no module of {type(self.model).__name__}; "
-                "check the layer indices and the name of the layer list"
-            )
-        return found
-
-    def _candidate_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """Named modules of the wrapped model, not descending into VeRA layers or modules-to-save copies."""
-        skip: list[str] = []
-        for name, module in self.model.named_modules():
-            if any(name.startswith(prefix) for prefix in skip):
-                continue
-            if isinstance(module, (VeraLinear, ModulesToSaveWrapper)):
-                skip.append(name + ".")
-            if name:
-                yield name, module
-
-    @staticmethod
-    def _base_of(module: nn.Module) -> nn.Module:
-        return module.base_layer if isinstance(module, VeraLinear) else module
-
-    @staticmethod
-    def _entries_matching(name: str, targets: list[str] | str) -> list[str]:
-        if isinstance(targets, str):
-            return [targets]
-        return [t for t in targets if name_matches_entry(name, t)]
-
-    def _check_every_target_matched(self, targets, matched_entries: set[str], all_linear: bool) -> None:
-        if all_linear:
-            return
-        entries = [targets] if isinstance(targets, str) else list(targets)
-        missing = [t for t in entries if t not in matched_entries]
-        if missing:
-            raise ValueError(
-                f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} match no module of "
-                f"{type(self.model).__name__}; module names look like {self._example_names()}. Fix the names "
-                "(a list entry must equal a module's name or its last dotted parts; a string is a full-name regex)."
-            )
-
-    def _example_names(self, count: int = 6) -> list[str]:
-        names = [n for n, m in self._candidate_modules() if vera_layer_class(self._base_of(m)) is not None]
-        return names[:count]
-
-    def _check_against_projections(self, config: VeraConfig, targets: dict[str, nn.Module]) -> None:
+    def _check_against_projections(self, config: VeraConfig, targets: list[Target]) -> None:
         """A new adapter must fit the one pair of projections every adapter shares."""
-        if self._projections is None:
+        if self.projections is None:
             return
         first = next(iter(self.peft_config.values()))
         if config.projection_prng_key != first.projection_prng_key:
@@ -278,57 +229,30 @@ class VeraModel(nn.Module):
                 f"VeraConfig.save_projection={config.save_projection} differs from the model's other adapters "
                 f"(save_projection={first.save_projection}); all adapters must agree since they share the projections"
             )
-        if config.r != self._projections.r:
+        if config.r != self.projections.r:
             raise ValueError(
                 f"VeraConfig.r={config.r} differs from the rank of the model's shared projections "
-                f"(r={self._projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for one "
-                f"rank; use r={self._projections.r}, or adapt a fresh copy of the base model for another rank"
+                f"(r={self.projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for one "
+                f"rank; use r={self.projections.r}, or adapt a fresh copy of the base model for another rank"
             )
-        for name, module in targets.items():
-            out_features, in_features = self._out_in(module)
-            if not self._projections.fits(in_features, out_features):
+        for target in targets:
+            if not self.projections.fits(target.in_features, target.out_features):
                 raise ValueError(
-                    f"target {name!r} is ({out_features} x {in_features}) but the shared projections were sized "
-                    f"for layers up to ({self._projections.max_out} x {self._projections.max_in}) by the first "
-                    "adapter; add the largest-layer adapter first, or target layers within that size"
+                    f"target {target.name!r} is ({target.out_features} x {target.in_features}) but the shared "
+                    f"projections were sized for layers up to ({self.projections.max_out} x "
+                    f"{self.projections.max_in}) by the first adapter; add the largest-layer adapter first, or "
+                    "target layers within that size"
                 )
 
-    def _modules_to_save_names(self, config: VeraConfig) -> list[str]:
-        """The config's modules_to_save. For task_type="SEQ_CLS" the classification heads are added, and head
-        names the model lacks are dropped, as PEFT does (its files list both "classifier" and "score")."""
-        names = list(config.modules_to_save or [])
-        if config.task_type != "SEQ_CLS":
-            return names
-        present = [n for n, _ in self._candidate_modules()]
-        heads = [h for h in SEQ_CLS_HEAD_NAMES if any(name_matches_entry(n, h) for n in present)]
-        return [n for n in names if n not in SEQ_CLS_HEAD_NAMES] + heads
-
-    def _find_modules_to_save(self, names: list[str]) -> dict[str, nn.Module]:
-        found = {}
-        for name, module in self._candidate_modules():
-            if isinstance(module, VeraLinear):
-                continue
-            if any(name_matches_entry(name, n) for n in names):
-                found[name] = module
-        missing = [n for n in names if not any(name_matches_entry(m, n) for m in found)]
-        if missing:
-            raise ValueError(
-                f"modules_to_save entries {missing} match no module of {type(self.model).__name__}; "
-                "name modules as they appear in model.named_modules()"
-            )
-        return found
-
-    def _inject(
-        self, name: str, module: nn.Module, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool
-    ) -> None:
-        if not isinstance(module, VeraLinear):
-            layer_cls = vera_layer_class(module)
-            vera_layer = layer_cls(module, self._projections, fan_in_fan_out=is_fan_in_fan_out(module))
-            vera_layer.train(module.training)
-            self._replace_module(name, vera_layer)
-            module = vera_layer
-        module.update_layer(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        module.set_adapter(self._active_adapters)
+    def _inject(self, target: Target, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool) -> None:
+        layer = self.model.get_submodule(target.name)
+        if not isinstance(layer, VeraLinear):
+            layer_cls = vera_layer_class(target.module)
+            layer = layer_cls(target.module, self.projections, fan_in_fan_out=is_fan_in_fan_out(target.module))
+            layer.train(target.module.training)
+            self._replace_module(target.name, layer)
+        layer.update_layer(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        layer.set_adapter(self._active_adapters)
 
     def _wrap_module_to_save(self, name: str, module: nn.Module, adapter_name: str) -> None:
         if not isinstance(module, ModulesToSaveWrapper):
@@ -369,7 +293,7 @@ class VeraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise ValueError(f"unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}")
-        if self._merged_adapters() and set(self._merged_adapters()) != set(names):
+        if self.merged_adapters and set(self.merged_adapters) != set(names):
             warnings.warn("the model has merged adapters; unmerging before switching adapters", UserWarning, stacklevel=2)
             self.unmerge_adapter()
         self._active_adapters = names
@@ -413,7 +337,7 @@ class VeraModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside the block; merged adapters are unmerged for it and merged back after."""
-        merged = self._merged_adapters()
+        merged = self.merged_adapters
         if merged:
             warnings.warn("disable_adapter() on a merged model: unmerging for the block", UserWarning, stacklevel=3)
             self.unmerge_adapter()
@@ -441,7 +365,7 @@ class VeraModel(nn.Module):
                 f"{adapter_name!r} is the model's last adapter; use unload() (or merge_and_unload()) to get the "
                 "base model back instead of deleting it"
             )
-        if adapter_name in self._merged_adapters():
+        if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() first")
         for _, layer in self.vera_layers():
             if adapter_name in layer.r:
@@ -460,7 +384,9 @@ class VeraModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
 
-    def _merged_adapters(self) -> list[str]:
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weights (in the order they were merged)."""
         merged: list[str] = []
         for _, layer in self.vera_layers():
             merged.extend(n for n in layer.merged_adapters if n not in merged)
@@ -478,7 +404,7 @@ class VeraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        already = [n for n in names if n in self._merged_adapters()]
+        already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=2)
         names = [n for n in names if n not in already]
@@ -498,7 +424,7 @@ class VeraModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        if not self._merged_adapters():
+        if not self.merged_adapters:
             warnings.warn("no adapter is merged; nothing to unmerge", UserWarning, stacklevel=2)
             return
         for _, layer in self.vera_layers():
@@ -519,7 +445,7 @@ class VeraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every VeRA module without merging and return the base model as it was."""
-        if self._merged_adapters():
+        if self.merged_adapters:
             self.unmerge_adapter()
         return self._unload(keep_trained_copies=False)
 
@@ -586,7 +512,7 @@ class VeraModel(nn.Module):
                 f"adapter_names has unknown adapter(s) {unknown}; this model has {list(self.peft_config)} "
                 f"(use {BASE_ROW!r} for rows that should use the base model)"
             )
-        if self._merged_adapters():
+        if self.merged_adapters:
             raise ValueError("a mixed-adapter batch needs unmerged weights; call unmerge_adapter() first")
         if self._adapters_disabled:
             raise ValueError("adapter_names cannot be used inside disable_adapter()")
@@ -594,7 +520,7 @@ class VeraModel(nn.Module):
         index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long)
         return RowAdapters(names=names, index=index)
 
-    # ------------------------------------------------------------------ saving and loading (veralab.fast.io)
+    # ------------------------------------------------------------------ saving and loading (veralab.fast.saving, loading)
 
     def save_pretrained(
         self,
@@ -620,7 +546,7 @@ class VeraModel(nn.Module):
                 "(PEFT reads them too). Drop the argument."
             )
         if is_main_process:
-            adapter_io.save_pretrained(self, save_directory, selected_adapters)
+            saving.save_pretrained(self, save_directory, selected_adapters)
 
     @classmethod
     def from_pretrained(
@@ -639,7 +565,7 @@ class VeraModel(nn.Module):
             adapter_name: the name to give the adapter.
             is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
         """
-        return adapter_io.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
+        return loading.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of that
@@ -650,7 +576,7 @@ class VeraModel(nn.Module):
             adapter_name: the name to load it under.
             is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
         """
-        adapter_io.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+        loading.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
 
     def save_as_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Export an adapter as a standard PEFT LoRA adapter with exactly the same outputs
@@ -660,4 +586,4 @@ class VeraModel(nn.Module):
             save_directory: where to write adapter_config.json and adapter_model.safetensors.
             adapter_name: the adapter to export.
         """
-        adapter_io.save_as_lora(self, save_directory, adapter_name)
+        lora_export.save_as_lora(self, save_directory, adapter_name)

@@ -24,7 +24,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
-from veralab.fast import io as adapter_io
+from veralab.fast import loading
 from veralab.fast.model import VeraModel
 
 
@@ -63,13 +63,13 @@ class VeraTrainerMixin:
         vera_model = self._vera_model(model)
         if vera_model is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        adapter_io.load_checkpoint_adapters(vera_model, resume_from_checkpoint)
+        loading.load_checkpoint_adapters(vera_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         vera_model = self._vera_model()
         if vera_model is None:
             return super()._load_best_model()
-        adapter_io.load_checkpoint_adapters(vera_model, self.state.best_model_checkpoint)
+        loading.load_checkpoint_adapters(vera_model, self.state.best_model_checkpoint)
 
 
 class VeraTrainer(VeraTrainerMixin, Trainer):

@@ -16,9 +16,8 @@ of `VeraLinear`:
 Merge, unmerge and safe merge are `VeraLinear`'s, written once. Merging rounds: the merged weight is the
 requantized `W + ΔW`, so a merged model matches the unmerged one only within the quantization error.
 
-Importing this module registers both classes at the front of `veralab.fast.model.LAYER_TYPES` (bitsandbytes'
-layers subclass `nn.Linear`, so they must be matched first). `veralab.fast.model` imports it on its own as
-soon as bitsandbytes is loaded; veralab works without bitsandbytes installed.
+`veralab.fast.backends` consults this backend (`layer_class`, `prepare_model`) once bitsandbytes is imported;
+veralab works without bitsandbytes installed.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 from veralab.fast.layer import VeraLinear
-from veralab.fast.model import LAYER_TYPES
 from veralab.fast.projections import SharedProjections
 
 
@@ -181,5 +179,15 @@ def keep_standard_layouts(model: nn.Module) -> None:
             keep_standard_layout(module)
 
 
-# In front: both subclass nn.Linear, which VeraLinear would otherwise claim.
-LAYER_TYPES[:0] = [(bnb.nn.Linear8bitLt, Linear8bitLt), (bnb.nn.Linear4bit, Linear4bit)]
+def layer_class(module: nn.Module) -> type[QuantizedVeraLinear] | None:
+    """The VeRA layer for a bitsandbytes `Linear8bitLt` / `Linear4bit`; None for any other module."""
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return Linear8bitLt
+    if isinstance(module, bnb.nn.Linear4bit):
+        return Linear4bit
+    return None
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Every 4-bit layer of a model being adapted in the standard layout (`keep_standard_layouts`)."""
+    keep_standard_layouts(model)

@@ -15,9 +15,10 @@ from torch import nn
 from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
 
 from veralab import VeraConfig
-from veralab.fast import VeraModel, get_model, projections
-from veralab.fast import io as adapter_io
-from veralab.fast.io import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, ProjectionMismatchError
+from veralab.fast import VeraModel, get_model, projections, saving
+from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
+from veralab.fast.fingerprint import FINGERPRINT_KEY
+from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME
 from veralab.fast.trainer import VeraTrainer
 
 # PEFT and veralab warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
@@ -183,7 +184,7 @@ def test_saved_layout_uses_peft_names_subdirectories_and_a_fingerprint(tmp_path)
         tensors["base_model.vera_B"], model.vera_B
     )
     assert len(tensors) == 2 * 4 * 2 + 2  # two lambdas x four targets x two layers, plus the projections
-    fingerprint = json.loads(metadata[adapter_io.FINGERPRINT_KEY])
+    fingerprint = json.loads(metadata[FINGERPRINT_KEY])
     assert fingerprint["vera_A_shape"] == [arch.r, 44] and fingerprint["vera_B_shape"] == [44, arch.r]
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "VERA" and config["inference_mode"] is True and config["r"] == arch.r
@@ -429,9 +430,9 @@ def test_tampered_fingerprints_are_refused(tmp_path, tamper, message):
     make_vera(arch, save_projection=False).save_pretrained(tmp_path, selected_adapters=["default"])
 
     def edit(tensors, metadata):
-        fingerprint = json.loads(metadata[adapter_io.FINGERPRINT_KEY])
+        fingerprint = json.loads(metadata[FINGERPRINT_KEY])
         tamper(fingerprint)
-        metadata[adapter_io.FINGERPRINT_KEY] = json.dumps(fingerprint)
+        metadata[FINGERPRINT_KEY] = json.dumps(fingerprint)
 
     rewrite_file(tmp_path / WEIGHTS_NAME, edit)
     base = arch.base()
@@ -492,7 +493,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, m
         if len(calls) == 2:  # the weights are staged, writing the config fails
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapter_io.os, "fsync", failing_fsync)
+    monkeypatch.setattr(saving.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(tmp_path, selected_adapters=["default"])
     with pytest.raises(OSError, match="No space left"):  # into a new directory: nothing appears
@@ -523,7 +524,7 @@ def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypa
         # Tests run as root, which ignores chmod; fail where the OS would for a read-only directory.
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(adapter_io.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(saving.tempfile, "mkdtemp", read_only)
     with pytest.raises(PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"):
         model.save_pretrained(tmp_path, selected_adapters=["default"])
     monkeypatch.undo()
@@ -684,7 +685,7 @@ BROKEN_FILES = [
     ),
     broken(
         "corrupted projection fingerprint in the metadata",
-        lambda d: rewrite_file(d / WEIGHTS_NAME, lambda t, m: m.update({adapter_io.FINGERPRINT_KEY: "{"})),
+        lambda d: rewrite_file(d / WEIGHTS_NAME, lambda t, m: m.update({FINGERPRINT_KEY: "{"})),
         WEIGHTS_NAME,
         "metadata is corrupted",
         "corrupted-fingerprint",

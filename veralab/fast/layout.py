@@ -1,0 +1,111 @@
+"""An adapter's tensors in PEFT's file layout, and where each one lives in the model.
+
+An adapter directory holds `adapter_config.json` (PEFT's VeraConfig fields) and `adapter_model.safetensors`
+with PEFT's key names, so a veralab adapter loads with `peft.PeftModel.from_pretrained` and a PEFT VeRA
+adapter loads here:
+
+    base_model.model.<module path>.vera_lambda_b        (out,)   one pair per adapted layer
+    base_model.model.<module path>.vera_lambda_d        (r,)
+    base_model.model.<module path>.<key>                         modules_to_save copies (e.g. score.weight)
+    base_model.model.<module path>.base_layer.bias               bias="vera_only" (bias="all": every bias)
+    base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)   only when save_projection=True
+
+The adapter `default` lives in the directory itself, any other adapter in `<directory>/<name>/`, as in PEFT.
+`adapter_layout` derives the layout from an `AdapterPlan` (what the adapter's config selects in the model),
+so it serves before the adapter exists (to check a file before anything is written into the model) and
+after (to save it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from veralab.targets import is_adapter_layer, is_modules_to_save_wrapper, named_layers, named_modules
+
+if TYPE_CHECKING:
+    from veralab.fast.model import AdapterPlan, VeraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's legacy format; refused, never unpickled
+DEFAULT_ADAPTER = "default"
+PEFT_PREFIX = "base_model."
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of an adapter file: where it goes in the model and the shape it must have.
+
+    Args:
+        model_key: key in `VeraModel.state_dict()` once the adapter exists (`vera_A`, `vera_B` for the
+            projections).
+        shape: the shape the model needs.
+    """
+
+    model_key: str
+    shape: tuple[int, ...]
+
+
+def adapter_directory(root: str | os.PathLike, adapter_name: str) -> Path:
+    """Where PEFT keeps an adapter: `root` for "default", `root/<name>` otherwise."""
+    return Path(root) if adapter_name == DEFAULT_ADAPTER else Path(root) / adapter_name
+
+
+def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
+    """{file key: Slot} of the adapter `plan` describes (see the module docstring).
+
+    Args:
+        model: the VeraModel the adapter is (or would be) part of.
+        plan: `model.plan_adapter(...)` of the adapter.
+    """
+    name, config = plan.name, plan.config
+    layout: dict[str, Slot] = {}
+    for target in plan.targets:
+        path = target.name
+        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_b"] = Slot(
+            f"model.{path}.vera_lambda_b.{name}", (target.out_features,)
+        )
+        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_d"] = Slot(f"model.{path}.vera_lambda_d.{name}", (config.r,))
+    for path, module in plan.modules_to_save.items():
+        original = module.original_module if is_modules_to_save_wrapper(module) else module
+        for key, tensor in original.state_dict().items():
+            layout[f"{PEFT_PREFIX}model.{path}.{key}"] = Slot(
+                f"model.{path}.modules_to_save.{name}.{key}", tuple(tensor.shape)
+            )
+    for model_key, shape in _bias_slots(model, plan):
+        layout[PEFT_PREFIX + model_key] = Slot(model_key, shape)
+    if config.save_projection:
+        layout[f"{PEFT_PREFIX}vera_A"] = Slot("vera_A", tuple(model.vera_A.shape))
+        layout[f"{PEFT_PREFIX}vera_B"] = Slot("vera_B", tuple(model.vera_B.shape))
+    return layout
+
+
+def _bias_slots(model: VeraModel, plan: AdapterPlan) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(model key, shape) of the biases the bias mode trains, named as once the targets are wrapped."""
+    bias_mode = plan.config.bias
+    if bias_mode == "vera_only":
+        for target in plan.targets:
+            bias = getattr(target.module, "bias", None)
+            if bias is not None:
+                yield f"model.{target.name}.base_layer.bias", tuple(bias.shape)
+    elif bias_mode == "all":
+        wrapped = {target.name for target in plan.targets}
+        wrapped |= {name for name, module in named_modules(model.model) if is_adapter_layer(module)}
+        trained_in_full = tuple(path + "." for path in plan.modules_to_save)
+        for path, module in [("", model.model), *named_layers(model.model)]:
+            bias = dict(module.named_parameters(recurse=False)).get("bias")
+            if bias is None or (path + ".").startswith(trained_in_full):
+                continue
+            key = f"{path}.base_layer.bias" if path in wrapped else (f"{path}.bias" if path else "bias")
+            yield f"model.{key}", tuple(bias.shape)
+
+
+def model_tensors(model: VeraModel) -> dict[str, torch.Tensor]:
+    """The model's state-dict entries by key, with the projections even when they are not persistent."""
+    return {**model.state_dict(keep_vars=True), "vera_A": model.vera_A, "vera_B": model.vera_B}

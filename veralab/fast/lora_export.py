@@ -1,0 +1,78 @@
+"""Exporting a VeRA adapter as a standard PEFT LoRA adapter that computes exactly the same function.
+
+Per layer `lora_A = lambda_d * A_s` (r, in) and `lora_B = lambda_b * B_s` (out, r) in float32, with
+`lora_alpha = r` (scaling 1), so `lora_B @ lora_A` is VeRA's delta weight: LoRA-only inference servers can
+serve a VeRA adapter (at LoRA's size on disk).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import safetensors.torch
+import torch
+
+from veralab.fast.layout import CONFIG_NAME, DEFAULT_ADAPTER, PEFT_PREFIX, WEIGHTS_NAME
+from veralab.fast.saving import adapter_tensors, base_model_name, config_json, write_files_atomically
+from veralab.targets import name_matches_entry, named_modules
+
+if TYPE_CHECKING:
+    from veralab.fast.model import VeraModel
+
+LORA_BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}
+
+
+def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Write adapter `adapter_name` as a PEFT LoRA adapter with the same outputs (see the module docstring).
+
+    Biases and modules_to_save are carried over under the same keys.
+
+    Args:
+        model: the VeraModel.
+        save_directory: the directory to write (replaced atomically, like `save_pretrained`).
+        adapter_name: the adapter to export.
+    """
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(model.peft_config)}")
+    config = model.peft_config[adapter_name]
+    vera_keys = (".vera_lambda_b", ".vera_lambda_d", f"{PEFT_PREFIX}vera_A", f"{PEFT_PREFIX}vera_B")
+    # Biases and modules_to_save carry over under the same keys; the VeRA tensors become lora_A/lora_B.
+    tensors = {key: t for key, t in adapter_tensors(model, adapter_name).items() if not key.endswith(vera_keys)}
+    layers = [(path, layer) for path, layer in model.vera_layers() if adapter_name in layer.r]
+    for path, layer in layers:
+        lambda_d = layer.vera_lambda_d[adapter_name].detach().to("cpu", torch.float32)
+        lambda_b = layer.vera_lambda_b[adapter_name].detach().to("cpu", torch.float32)
+        A_s, B_s = model.projections.sliced(layer.in_features, layer.out_features, torch.float32, torch.device("cpu"))
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (lambda_d[:, None] * A_s).contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (lambda_b[:, None] * B_s).contiguous()  # (out, r)
+    lora_config = {
+        "peft_type": "LORA",
+        "task_type": config.task_type,
+        "base_model_name_or_path": base_model_name(model, config),
+        "r": config.r,
+        "lora_alpha": config.r,
+        "lora_dropout": config.vera_dropout,
+        "target_modules": _lora_target_modules(model, [path for path, _ in layers]),
+        "bias": LORA_BIAS[config.bias],
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "modules_to_save": config.modules_to_save,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    write_files_atomically(
+        save_directory,
+        {
+            WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+            CONFIG_NAME: config_json(lora_config),
+        },
+    )
+
+
+def _lora_target_modules(model: VeraModel, adapted: list[str]) -> list[str]:
+    """The adapted layers' short names when those select exactly the adapted layers, else their full names."""
+    short = sorted({path.rsplit(".", 1)[-1] for path in adapted})
+    selected = [name for name, _ in named_modules(model.model) if any(name_matches_entry(name, s) for s in short)]
+    return short if sorted(selected) == sorted(adapted) else sorted(adapted)
