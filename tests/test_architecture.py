@@ -1,4 +1,4 @@
-"""The rings of veralab, checked on the source: arrows point inward only.
+"""The rings of veralab, checked on the source: arrows point inward only, no cycles, no private reach-ins.
 
     textbook     veralab.reference                      imports nothing of veralab
     library      veralab.config, veralab.targets,       imports the textbook, never the application
@@ -79,7 +79,7 @@ def imported_modules(source: str, package: str, modules: set[str]) -> set[str]:
         package: the package the module is in (the module itself for an `__init__.py`): the anchor of
             relative imports.
         modules: the known module names; a dotted name counts as the innermost of them it lies in
-            (`veralab.fast.VeraModel` -> `veralab.fast`, `veralab.fast.io` -> `veralab.fast.io`).
+            (`veralab.fast.VeraModel` -> `veralab.fast`, `veralab.fast.loading` -> `veralab.fast.loading`).
     """
     collector = _ImportedNames(package)
     collector.visit(ast.parse(source))
@@ -127,12 +127,12 @@ def test_import_collection_counts_imports_in_functions_and_skips_type_checking_o
         "else:",
         "    from veralab import targets",
         "def count():",
-        "    from veralab.fast import get_model, io",
+        "    from veralab.fast import get_model, loading",
         "    from . import counting",
         "    from .reference import init_projections",
     ])  # fmt: skip
     assert imported_modules(source, "veralab", set(module_files())) == {
-        "veralab.config", "veralab.targets", "veralab.fast", "veralab.fast.io", "veralab.counting",
+        "veralab.config", "veralab.targets", "veralab.fast", "veralab.fast.loading", "veralab.counting",
         "veralab.reference",
     }  # fmt: skip
 
@@ -163,3 +163,98 @@ def test_import_veralab_loads_neither_fast_nor_the_application():
     loaded = loaded_by_importing("veralab", import_graph())
     heavy = ("veralab.fast", *APPLICATION)
     assert sorted(module for module in loaded if any(within(module, package) for package in heavy)) == []
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm): each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_cycle_detection_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_of_veralab_is_part_of_an_import_cycle():
+    assert import_cycles(import_graph()) == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_names_defined(tree: ast.Module) -> set[str]:
+    """The private names a module defines: functions, classes, module globals and `self._x` attributes."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and _private(node.name):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and _private(node.id):
+            names.add(node.id)
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("self", "cls")
+            and _private(node.attr)
+        ):
+            names.add(node.attr)
+    return names
+
+
+def _is_own(value: ast.expr) -> bool:
+    """`self`, `cls` or `super()`: the object's own (or its parent class's) private names are its business."""
+    if isinstance(value, ast.Name):
+        return value.id in ("self", "cls")
+    return isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "super"
+
+
+def private_names_used_from_outside(tree: ast.Module) -> set[str]:
+    """Private names a module reads off something other than `self` / `cls`, or imports by name."""
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and not _is_own(node.value):
+            used.add(node.attr)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("veralab"):
+            used.update(alias.name for alias in node.names if _private(alias.name))
+    return used
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A private name (`_x`) of one veralab module is never used by another: modules talk through seams."""
+    trees = {module: ast.parse(path.read_text(encoding="utf-8")) for module, path in module_files().items()}
+    defined = {module: private_names_defined(tree) for module, tree in trees.items()}
+    reach_ins = {}
+    for module, tree in trees.items():
+        others = set().union(*(names for other, names in defined.items() if other != module))
+        # A name defined here as well as elsewhere still counts: the object it is read off may be the other's.
+        foreign = private_names_used_from_outside(tree) & others
+        if foreign:
+            reach_ins[module] = sorted(foreign)
+    assert reach_ins == {}

@@ -23,13 +23,12 @@ import torch
 from tiny_pretrained import fake_smollm2_wheel, save_tiny_causal_lm, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import veralab.app.cli
+import veralab.app.finetune
 from veralab.app.cli import build_parser, main
 from veralab.app.data import Example, alarm_task, read_jsonl, write_jsonl
 from veralab.app.default_model import MODEL_NAME, default_model_dir
 from veralab.app.evaluate import generate_answers
-from veralab.app.finetune import FinetuneOptions
-from veralab.app.train import TrainingOptions
+from veralab.app.options import FinetuneOptions, TrainingOptions
 from veralab.config import VeraConfig
 from veralab.fast import VeraModel
 
@@ -344,7 +343,7 @@ def test_changing_a_dataclass_default_changes_the_option_and_its_help(
 
 def test_finetune_without_arguments_runs_the_default_finetune_options(monkeypatch):
     received = []
-    monkeypatch.setattr(veralab.app.cli, "finetune", received.append)
+    monkeypatch.setattr(veralab.app.finetune, "finetune", received.append)
     assert main(["finetune"]) == 0
     # --save-projection is off unless given, as in FinetuneOptions' default VeRA settings (default_vera_config).
     assert received == [FinetuneOptions()]

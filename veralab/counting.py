@@ -32,6 +32,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModel, GPT2Config, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
 
@@ -48,11 +49,24 @@ def build_meta_model(config: PretrainedConfig, auto_class: type = AutoModel) -> 
 
     Args:
         config: the model's configuration, e.g. `LlamaConfig(hidden_size=4096, ...)`.
-        auto_class: the transformers auto class that picks the architecture; `AutoModel` gives the bare
-            model (no task head), `AutoModelForCausalLM` adds the language-model head.
+        auto_class: the class that builds it: a transformers auto class (`AutoModel` gives the bare model,
+            no task head; `AutoModelForCausalLM` adds the language-model head) or a model class such as
+            `architecture_class(config)`.
     """
     with torch.device("meta"):
-        return auto_class.from_config(config)
+        if hasattr(auto_class, "from_config"):
+            return auto_class.from_config(config)
+        return auto_class(config)
+
+
+def architecture_class(config: PretrainedConfig) -> type:
+    """The model class `config.architectures` names (e.g. `LlamaForCausalLM`, with its head), as
+    `from_pretrained` would build it; `AutoModel` (the bare model) when the config names none transformers has."""
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None)
+        if isinstance(model_class, type):
+            return model_class
+    return AutoModel
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,6 +180,46 @@ def adapted_layer_shapes(
 def _check_rank(r: int) -> None:
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"the rank r must be a positive integer, got {r!r}")
+
+
+@dataclass(frozen=True)
+class AdapterCount:
+    """VeRA's and LoRA's trainable parameters on the layers an adapter's config selects.
+
+    Args:
+        layers: the adapted layers, in module order (the layers `get_model` adapts).
+        r: VeRA's rank.
+        lora_r: the rank of the LoRA compared with.
+        vera_parameters: VeRA's trainable parameters, Σ (r + out).
+        lora_parameters: LoRA's, Σ lora_r (in + out).
+        max_in: columns of the shared vera_A (r x max_in).
+        max_out: rows of the shared vera_B (max_out x r).
+    """
+
+    layers: list[LayerShape]
+    r: int
+    lora_r: int
+    vera_parameters: int
+    lora_parameters: int
+    max_in: int
+    max_out: int
+
+
+def count_adapter(model: nn.Module, config: VeraConfig, lora_r: int) -> AdapterCount:
+    """Count an adapter with `config` on `model` (real or meta) against a LoRA of rank `lora_r` on the same
+    layers; `veralab count` prints this."""
+    layers = [
+        LayerShape(target.name, target.out_features, target.in_features) for target in select_targets(model, config)
+    ]
+    return AdapterCount(
+        layers=layers,
+        r=config.r,
+        lora_r=lora_r,
+        vera_parameters=vera_trainable_parameters(layers, config.r),
+        lora_parameters=lora_trainable_parameters(layers, lora_r),
+        max_in=max(layer.in_features for layer in layers),
+        max_out=max(layer.out_features for layer in layers),
+    )
 
 
 def vera_trainable_parameters(shapes: Iterable[tuple[str, int, int]], r: int) -> int:

@@ -7,13 +7,14 @@ and may already carry adapters (an adapted layer is reported as the layer it wra
 
 The matching rules are PEFT's, so a `target_modules` that works with PEFT selects the same modules here:
 
-- a list entry matches a module whose full name equals it or ends with "." + entry (every entry must match
-  at least one module: a misspelt name is an error, not a silently smaller adapter);
+- a list entry matches a module whose full name equals it or ends with "." + entry (every entry the user
+  gives must match at least one module: a misspelt name is an error, not a silently smaller adapter);
 - a string is a regular expression that must match a module's full name entirely;
 - `"all-linear"` (any case) is every linear layer except the output embedding (`lm_head`); with
   `task_type="SEQ_CLS"` the classification head (`score` / `classifier`) and its sub-layers are left out
   too, since they are trained in full (`modules_to_save`);
-- `None` takes the model type's default targets (`DEFAULT_TARGET_MODULES`);
+- `None` takes the model type's default targets (`DEFAULT_TARGET_MODULES`; some list the names of several
+  sub-architectures, so at least one of them must match);
 - `layers_to_transform` keeps the modules under those indices of the layer list (`layers_pattern` names it,
   e.g. "layers" or "h"; without it, the first `.<name>.<index>.` in the module name counts).
 """
@@ -160,7 +161,7 @@ def select_targets(model: nn.Module, config: VeraConfig, geometry: GeometryOf = 
                 "(or name its linear sub-layers instead)."
             )
         selected.append(Target(name, module, layer.out_features, layer.in_features))
-    if not all_linear:
+    if not all_linear and config.target_modules is not None:  # defaults name several architectures' layers
         _check_every_entry_matched(model, targets, matched_entries, geometry)
     if not selected:
         raise ValueError(

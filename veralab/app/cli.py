@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from veralab.app.default_model import FetchError
-from veralab.app.finetune import FinetuneOptions, finetune
-from veralab.app.train import TrainingOptions
+from veralab.app.options import FinetuneOptions, TrainingOptions
 from veralab.config import VeraConfig
 
 USAGE_ERROR = 2
@@ -206,6 +205,8 @@ def parse_targets(value: str | None) -> list[str] | str | None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
+    from veralab.app.finetune import finetune
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # save_projection=False is the CLI's documented default
         vera = VeraConfig(
@@ -292,39 +293,28 @@ def _run_count(args: argparse.Namespace) -> None:
 
     from veralab.app.default_model import default_model_dir
     from veralab.app.report import format_rows
-    from veralab.counting import adapted_layer_shapes, build_meta_model, lora_trainable_parameters
-    from veralab.counting import vera_trainable_parameters as vera_count
+    from veralab.counting import architecture_class, build_meta_model, count_adapter
     from veralab.targets import resolve_target_modules
 
     source = Path(args.model) if args.model else default_model_dir()
     if not (source / "config.json").is_file() and not (source.is_file() and source.suffix == ".json"):
         raise ValueError(f"--model {str(source)!r} is neither a model directory with a config.json nor a .json config")
     config = AutoConfig.from_pretrained(source)
-    model = build_meta_model(config, auto_class=_auto_class_for(config))
+    model = build_meta_model(config, architecture_class(config))
     vera = VeraConfig(r=args.rank, target_modules=parse_targets(args.targets))
+    count = count_adapter(model, vera, args.lora_rank)
     targets = resolve_target_modules(model, vera)
-    shapes = adapted_layer_shapes(model, targets)
     total = sum(p.numel() for p in model.parameters())
-    vera_parameters, lora_parameters = vera_count(shapes, args.rank), lora_trainable_parameters(shapes, args.lora_rank)
-    max_out, max_in = max(s.out_features for s in shapes), max(s.in_features for s in shapes)
     print(format_rows(f"VeRA vs LoRA on {type(model).__name__} ({source})", [
         ("model parameters", f"{total:,}"),
-        ("adapted layers", f"{len(shapes)} ({targets if isinstance(targets, str) else ', '.join(targets)})"),
-        (f"VeRA r={args.rank}", f"{vera_parameters:,} trainable ({100 * vera_parameters / total:.4f}%); frozen shared "
-                             f"vera_A ({args.rank} x {max_in}) and vera_B ({max_out} x {args.rank})"),
-        (f"LoRA r={args.lora_rank}", f"{lora_parameters:,} trainable ({100 * lora_parameters / total:.4f}%)"),
-        ("LoRA / VeRA", f"{lora_parameters / vera_parameters:.1f}x"),
+        ("adapted layers", f"{len(count.layers)} ({targets if isinstance(targets, str) else ', '.join(targets)})"),
+        (f"VeRA r={count.r}", f"{count.vera_parameters:,} trainable ({100 * count.vera_parameters / total:.4f}%); "
+                              f"frozen shared vera_A ({count.r} x {count.max_in}) and vera_B ({count.max_out} x "
+                              f"{count.r})"),
+        (f"LoRA r={count.lora_r}", f"{count.lora_parameters:,} trainable "
+                                   f"({100 * count.lora_parameters / total:.4f}%)"),
+        ("LoRA / VeRA", f"{count.lora_parameters / count.vera_parameters:.1f}x"),
     ]))
-
-
-def _auto_class_for(config):
-    """AutoModelForCausalLM when the config's `architectures` is a language model (the head counts), else
-    AutoModel."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    architectures = getattr(config, "architectures", None) or []
-    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
-    return AutoModelForCausalLM if causal else AutoModel
 
 
 # ---------------------------------------------------------------------------------------------------

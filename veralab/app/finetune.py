@@ -14,9 +14,7 @@ rank 0 writes the output directory:
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from veralab.app.base_model import load_base_model
@@ -24,55 +22,13 @@ from veralab.app.data import TaskData, alarm_task, read_jsonl, split_held_out
 from veralab.app.default_model import MODEL_NAME, default_model_dir
 from veralab.app.distributed import Cluster
 from veralab.app.evaluate import ExactMatch, exact_match
+from veralab.app.options import FinetuneOptions
 from veralab.app.report import RunSummary, plot_loss_curve, summary_table
-from veralab.app.train import TrainingOptions, train
-from veralab.config import VeraConfig
+from veralab.app.train import train
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def default_vera_config() -> VeraConfig:
-    """The main job's VeRA settings: PEFT's, except that the projections are regenerated, not saved.
-
-    With `save_projection=False` the adapter file holds only the lambdas, which is VeRA's point: the pair
-    is drawn again from `projection_prng_key` on load (and checked against a stored fingerprint).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the save_projection=False notice: a deliberate choice
-        return VeraConfig(save_projection=False)
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything the main job needs; the defaults are the embedded demo.
-
-    Args:
-        model: a local transformers model directory; None for the embedded SmolLM2-135M-Instruct.
-        data: a JSON-lines file of {"prompt", "completion"} examples; None for the embedded alarm task.
-        eval_data: held-out examples (JSON lines); None to hold out `held_out_fraction` of `data`.
-        held_out_fraction: share of `data`'s prompts held out when `eval_data` is not given.
-        max_eval_examples: evaluate on at most this many held-out examples.
-        output: the output directory (created; files veralab writes there are replaced).
-        quantization: None, "4bit" or "8bit": load the base model through bitsandbytes.
-        vera: the adapter's configuration.
-        training: steps, batch, learning rate, ...
-        lora_r: the rank of the LoRA the summary compares with.
-        progress: show progress bars and messages (rank 0 only).
-    """
-
-    model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    held_out_fraction: float = 0.1
-    max_eval_examples: int = 64
-    output: str = "veralab-output"
-    quantization: str | None = None
-    vera: VeraConfig = field(default_factory=default_vera_config)
-    training: TrainingOptions = field(default_factory=TrainingOptions)
-    lora_r: int = 8
-    progress: bool = True
 
 
 def load_task(options: FinetuneOptions) -> TaskData:

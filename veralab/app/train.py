@@ -12,7 +12,6 @@ DistributedDataParallel; the frozen projections are never broadcast (see `verala
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,52 +23,7 @@ from tqdm.auto import tqdm
 
 from veralab.app.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
 from veralab.app.distributed import Cluster
-
-
-@dataclass
-class TrainingOptions:
-    """How to train.
-
-    Args:
-        steps: optimizer steps; ignored when `epochs` is set.
-        epochs: passes over the training examples (may be fractional); overrides `steps`.
-        batch_size: examples per optimizer step, over all processes together.
-        max_length: tokens per example at most (the prompt is cut from the left to fit).
-        learning_rate: AdamW's learning rate; VeRA wants about ten times LoRA's (1e-2 to 2e-2).
-        weight_decay: AdamW's weight decay on the lambdas.
-        seed: the shuffle of the examples and dropout.
-    """
-
-    steps: int = 30
-    epochs: float | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    learning_rate: float = 2e-2
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def total_steps(self, num_examples: int) -> int:
-        if self.epochs is None:
-            return self.steps
-        return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
-
-    def validate(self, num_examples: int, world_size: int = 1) -> None:
-        """Raise ValueError for options that cannot train, saying what to use instead."""
-        if self.epochs is None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} is invalid: expected a positive number of optimizer steps")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs={self.epochs} is invalid: expected a positive number of passes")
-        if self.batch_size < world_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} is smaller than the {world_size} training processes; the batch is "
-                f"split between them, so use a batch of at least {world_size}"
-            )
-        if self.batch_size > num_examples:
-            raise ValueError(
-                f"batch_size={self.batch_size} exceeds the {num_examples} training examples; use a smaller batch"
-            )
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} is invalid: expected a positive number, e.g. 2e-2")
+from veralab.app.options import TrainingOptions
 
 
 @dataclass
