@@ -127,7 +127,7 @@ class VeraModel(nn.Module):
 
     def _create_projections(self, config: VeraConfig, targets: dict[str, nn.Module]) -> None:
         shapes = [self._out_in(module) for module in targets.values()]
-        max_out, max_in = find_max_dims(shapes)
+        max_in, max_out = find_max_dims(shapes)
         projections = SharedProjections.create(config.r, max_in, max_out, config.projection_prng_key)
         device = self._target_device(targets)
         if device is not None:
