@@ -137,9 +137,9 @@ assert abs(projected.var().item() - 2.0) < 0.05
 # %% [markdown]
 # ## 3. Same key, same matrices: A first, then B
 #
-# `init_projections` seeds **one** generator and draws `A` first, then `B`. `B`'s values are therefore the
-# generator's stream *after* `A`'s `r · max_in` draws. Drawing them in the other order gives different
-# matrices from the same key, so the order is part of the format.
+# `init_projections` draws from **one** generator, seeded with the key: `A` first, then `B`. `B`'s values are
+# therefore the generator's stream *after* `A`'s `r · max_in` draws. Drawing them in the other order gives
+# different matrices from the same key, so the order is part of the format.
 
 # %%
 generator = torch.Generator(device="cpu").manual_seed(prng_key)
