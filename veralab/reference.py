@@ -321,14 +321,11 @@ def unmerge(
 class SharedProjections(nn.Module):
     r"""The one pair vera_A (r, max_in), vera_B (max_out, r) that every VeraLinear of a model reads.
 
-    §6 The layer. Every layer holds this *same* module, so the pair exists once in memory whatever the
-    number of layers.
-    `model.to(...)`, `.double()` and the like convert the module once (it is one object, however many layers
-    hold it), and every layer reads the converted pair. The pair is stored as non-persistent buffers: they
-    follow the model's device and dtype, but no layer's state dict holds them (they are regenerated from
-    `projection_prng_key`, or saved once per model).
-
-    Converting one layer alone converts the pair for every layer that shares it.
+    §6 The layer. Every adapted layer holds this *same* module, so the pair exists once in memory whatever
+    the number of layers. `model.to(...)`, `.double()` and the like replace the module's two buffers, and
+    since the layers hold the module, not its tensors, they all read the one converted pair. The buffers are
+    non-persistent: they follow the model's device and dtype, but no layer's state dict holds them (a model
+    saves the pair once, if at all). Converting one layer alone converts the pair for every layer holding it.
 
     Args:
         vera_A: the shared (r, max_in) projection.
