@@ -24,7 +24,7 @@ from veralab import VeraConfig
 from veralab.fast import get_model
 from veralab.fast.layout import WEIGHTS_NAME
 
-# SmolLM2-135M's layer geometry (the model DESIGN.md names for real runs); a small vocabulary.
+# SmolLM2-135M's layer geometry (the model `veralab finetune` adapts by default); a small vocabulary.
 SMOLLM2_135M = dict(
     hidden_size=576,
     intermediate_size=1536,

@@ -1,6 +1,6 @@
 """Inference: merged and unmerged eval forward, and a batch whose rows use different adapters.
 
-    python -m benchmarks.bench_inference            # the issue's configuration
+    python -m benchmarks.bench_inference            # the default configuration (benchmarks/common.py)
     python -m benchmarks.bench_inference --quick    # a smoke run on a tiny model
 
 Two tables of medians (variants timed interleaved, no grad): the eval forward of the 8 x 512 batch (base model,

@@ -1,6 +1,6 @@
 """Memory of training: saved activations of one forward, and peak memory, each variant in its own process.
 
-    python -m benchmarks.bench_memory            # the issue's configuration
+    python -m benchmarks.bench_memory            # the default configuration (benchmarks/common.py)
     python -m benchmarks.bench_memory --quick    # a smoke run on a tiny model
 
 Saved activations: every tensor autograd saves during one training forward, seen through

@@ -1,10 +1,10 @@
 """Training-step time: frozen base, PEFT VeRA, veralab.fast and PEFT LoRA r=8, timed interleaved in one run.
 
-    python -m benchmarks.bench_training            # the issue's configuration (a few minutes on 2 cores)
+    python -m benchmarks.bench_training            # the default configuration (a few minutes on 2 cores)
     python -m benchmarks.bench_training --quick    # a smoke run on a tiny model
 
 Prints one table of medians and ratios, the targets, and the cost model's predicted limit for the adapter
-overhead (DESIGN.md §4, multiply-adds of the adapted layers).
+overhead (the cost model of docs/design.md, multiply-adds of the adapted layers).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ VARIANTS = [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]
 
 
 def predicted_overhead_ratio(model, setup: Setup, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(veralab's, PEFT VeRA's adapter multiply-adds per step, their ratio) by the cost model of DESIGN.md §4.
+    """(veralab's, PEFT VeRA's adapter multiply-adds per step, their ratio) by the cost model.
 
     PEFT adds 2·N·r·(in+out) per layer (forward and backward); veralab adds the cost of the path its dispatch
     picks for a training step (`path_costs`), with h = x A_s^T counted once per group of layers sharing it.

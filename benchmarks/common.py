@@ -1,7 +1,7 @@
 """What the benchmarks share: the model, the variants, the batch, interleaved timing and the table printer.
 
-The configuration is the one of issue 6: a Llama built from its config (hidden 512, intermediate 1376, 4 layers,
-8 heads, vocab 8000), a batch of 8 x 512 tokens in float32 on 2 threads, VeRA r=256 (dropout 0) on every
+The default configuration: a Llama built from its config (hidden 512, intermediate 1376, 4 layers, 8 heads,
+vocab 8000), a batch of 8 x 512 tokens in float32 on 2 threads, VeRA r=256 (dropout 0) on every
 linear layer of the blocks, AdamW on the trained parameters. `--quick` shrinks everything to a smoke run.
 """
 
@@ -28,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Setup:
-    """One benchmark configuration (the full one of the issue, or the quick smoke one)."""
+    """One benchmark configuration (the default full one, or the quick smoke one)."""
 
     hidden: int
     intermediate: int
@@ -53,7 +53,7 @@ def parse_args(description: str, argv: list[str] | None = None, extra: Callable 
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant after warm-up (default 5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's machine has 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)

@@ -22,6 +22,9 @@
 #
 # Counting needs no weights: models are built on PyTorch's *meta* device, where tensors have a shape and no
 # memory, so even LLaMA 13B is counted in a fraction of a second. Only section 3 builds a (tiny) real model.
+#
+# In the code: §1 of `veralab.reference` (`vera_trainable_per_layer`, `lora_trainable_per_layer`) writes the
+# count of one layer; `veralab.counting` applies it to whole models.
 
 # %%
 import copy
@@ -45,7 +48,7 @@ from veralab.counting import (
     vera_trainable_parameters,
 )
 from veralab.fast import get_model
-from veralab.reference import find_max_dims
+from veralab.reference import find_max_dims, lora_trainable_per_layer, vera_trainable_per_layer
 
 # %% [markdown]
 # ## 1. One layer
@@ -70,8 +73,8 @@ for r in ranks:
     print(f"r = {r:5d}   LoRA {lora:>12,d}   VeRA {vera:>7,d}   LoRA / VeRA = {lora / vera:8.1f}")
 
 # %%
-assert lora_trainable_parameters(q_proj, r=8) == 8 * (4096 + 4096)
-assert vera_trainable_parameters(q_proj, r=1024) == 1024 + 4096
+assert lora_trainable_parameters(q_proj, r=8) == 8 * (4096 + 4096) == lora_trainable_per_layer(4096, 4096, 8)
+assert vera_trainable_parameters(q_proj, r=1024) == 1024 + 4096 == vera_trainable_per_layer(4096, r=1024)
 # VeRA at rank 1024 trains fewer numbers than LoRA at rank 1.
 assert vera_trainable_parameters(q_proj, r=1024) < lora_trainable_parameters(q_proj, r=1)
 
@@ -235,8 +238,8 @@ MB = 1e6
 table = {}
 for paper_row, row in zip(PAPER_TABLE, rows, strict=True):
     row_shapes = adapted_layer_shapes(build_meta_model(paper_row.config), paper_row.target_modules)
-    max_out, max_in = find_max_dims((out, in_) for _, out, in_ in row_shapes)
-    projections = paper_row.vera_r * max_in + max_out * paper_row.vera_r
+    dims = find_max_dims((out, in_) for _, out, in_ in row_shapes)  # from (out, in) shapes: (max_in, max_out)
+    projections = paper_row.vera_r * dims.max_in + dims.max_out * paper_row.vera_r
     table[row.label] = (4 * row.vera_computed, 4 * (row.vera_computed + projections), 4 * row.lora_computed)
 print(f"{'model':<14}{'VeRA λ only':>14}{'VeRA λ + A, B':>16}{'LoRA':>12}   (MB, float32)")
 for label, (lambdas_only, with_projections, lora) in table.items():

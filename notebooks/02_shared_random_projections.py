@@ -19,6 +19,8 @@
 # 2. What the drawn values look like against the theoretical bound.
 # 3. Why the same key gives the same matrices (A drawn first, then B) — and the same matrices as PEFT.
 # 4. What `save_projection=False` saves on disk, and what it risks.
+#
+# In the code: §2 of `veralab.reference` (`kaiming_init`, `init_projections`).
 
 # %%
 import copy
@@ -50,6 +52,10 @@ from veralab.fast import ProjectionMismatchError, VeraModel, get_model
 # | bound of a uniform with that std | `bound = √3 · std` (a uniform on `[-b, b]` has std `b / √3`) |
 # | draw | `M ~ U(-bound, bound)` |
 #
+# So `bound = √(6 / fan_in)`: this is `torch.nn.init.kaiming_uniform_(M, nonlinearity="relu")`, the init
+# VeRA and PEFT use. It is not `nn.Linear`'s default, which passes `a = √5` (a gain of `√(1/3)`) and so draws
+# from a range `√6 ≈ 2.45` times narrower, `±1 / √fan_in`.
+#
 # `vera_A` is `(r, max_in)`, so its fan-in is `max_in`; `vera_B` is `(max_out, r)`, so its fan-in is `r`.
 # Here are the numbers for a RoBERTa-base-sized pair (hidden 768, MLP 3072) at rank 256:
 
@@ -66,6 +72,10 @@ def kaiming_bound(fan_in):
 bound_A, bound_B = kaiming_bound(max_in), kaiming_bound(r)
 print(f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = {bound_A:.5f}")
 print(f"vera_B ({max_out} x {r}): fan_in = {r:4d}   bound = √6 / √{r}  = {bound_B:.5f}")
+
+default_linear = torch.nn.Linear(max_in, r)  # nn.Linear's own init of a weight shaped like vera_A
+assert default_linear.weight.abs().max() <= 1 / math.sqrt(max_in)  # ±1/√fan_in
+assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))  # VeRA's bound: √6 times wider
 
 # %% [markdown]
 # Now draw `A` by hand: a CPU generator seeded with the key, and `uniform_` on an empty tensor. The
@@ -127,9 +137,9 @@ assert abs(projected.var().item() - 2.0) < 0.05
 # %% [markdown]
 # ## 3. Same key, same matrices: A first, then B
 #
-# `init_projections` seeds **one** generator and draws `A` first, then `B`. `B`'s values are therefore the
-# generator's stream *after* `A`'s `r · max_in` draws. Drawing them in the other order gives different
-# matrices from the same key, so the order is part of the format.
+# `init_projections` draws from **one** generator, seeded with the key: `A` first, then `B`. `B`'s values are
+# therefore the generator's stream *after* `A`'s `r · max_in` draws. Drawing them in the other order gives
+# different matrices from the same key, so the order is part of the format.
 
 # %%
 generator = torch.Generator(device="cpu").manual_seed(prng_key)

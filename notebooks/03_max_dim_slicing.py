@@ -24,6 +24,8 @@
 #
 # At the end, a widget lets you pick a layer and a rank and see its slices (a static figure above it shows
 # every distinct shape, for readers without a live kernel).
+#
+# In the code: §3 of `veralab.reference` (`find_max_dims`, `slice_projections`).
 
 # %%
 import ipywidgets as widgets
@@ -68,12 +70,17 @@ print("vera_A", tuple(model.vera_A.shape), "  vera_B", tuple(model.vera_B.shape)
 # The pair is sized by `find_max_dims` over every adapted layer: `max_in = 80` comes from `down_proj`,
 # `max_out = 80` from `gate_proj` and `up_proj`. PEFT's documentation gives the same rule with an example:
 # layers of shapes (100, 20) and (80, 50) make `A` of shape (r, 50) and `B` of shape (100, r).
+#
+# Mind the order. `find_max_dims` reads PyTorch's `(out, in)` weight shapes (`linear.weight.shape`) and
+# returns `MaxDims(max_in, max_out)`, in before out, the order `init_projections(r, max_in, max_out, key)`
+# takes; read its fields by name.
 
 # %%
-max_out, max_in = ref.find_max_dims(layer_shapes.values())
-assert (max_out, max_in) == (80, 80)
+max_in, max_out = ref.find_max_dims(layer_shapes.values())
+assert (max_in, max_out) == (80, 80)
 assert tuple(model.vera_A.shape) == (r, max_in) and tuple(model.vera_B.shape) == (max_out, r)
-assert ref.find_max_dims([(100, 20), (80, 50)]) == (100, 50)  # PEFT's example, (out, in)
+dims = ref.find_max_dims([(100, 20), (80, 50)])  # PEFT's example, (out, in) each
+assert dims == ref.MaxDims(max_in=50, max_out=100) and (dims.max_in, dims.max_out) == (50, 100)
 
 # %% [markdown]
 # ## 2. The top-left corners

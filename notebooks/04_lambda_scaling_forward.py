@@ -23,6 +23,8 @@
 # 2. Why `λ_b = 0` makes a fresh adapter the identity — and which vector learns first because of it.
 # 3. What `d_initial` (the starting value of `λ_d`) does to the first gradient and to training.
 # 4. That the production path `veralab.fast` computes the same outputs and gradients as the reference.
+#
+# In the code: §4 of `veralab.reference` (`vera_forward`), and its layer `VeraLinear` (§6).
 
 # %%
 from collections import OrderedDict
@@ -93,7 +95,8 @@ torch.testing.assert_close(nn.functional.linear(x, base_layer.weight + delta_W, 
 # Training starts from the pretrained model, not from a perturbed one.
 
 # %%
-adapted = ref.VeraLinear(base_layer, vera_A, vera_B, d_initial=0.1)
+projections = ref.SharedProjections(vera_A, vera_B)  # the one pair every adapted layer reads
+adapted = ref.VeraLinear(base_layer, projections, d_initial=0.1)
 assert torch.equal(adapted.vera_lambda_b, torch.zeros(out_features))
 assert torch.equal(adapted(x), base_layer(x))  # exactly, not approximately
 
@@ -126,7 +129,7 @@ assert torch.equal(adapted.vera_lambda_d.grad, torch.zeros(r))
 
 # %%
 def first_gradient_of_lambda_b(d_initial):
-    layer = ref.VeraLinear(base_layer, vera_A, vera_B, d_initial=d_initial)
+    layer = ref.VeraLinear(base_layer, projections, d_initial=d_initial)
     ((layer(x) - target) ** 2).mean().backward()
     return layer.vera_lambda_b.grad
 
@@ -156,7 +159,7 @@ with torch.no_grad():
 
 
 def train(d_initial, steps=200, lr=1e-2):
-    layer = ref.VeraLinear(base_layer, vera_A, vera_B, d_initial=d_initial)
+    layer = ref.VeraLinear(base_layer, projections, d_initial=d_initial)
     optimizer = torch.optim.Adam([layer.vera_lambda_d, layer.vera_lambda_b], lr=lr)
     losses = []
     for _ in range(steps):
@@ -227,9 +230,10 @@ y_reference = ref.vera_forward(
 y_reference.pow(2).sum().backward()
 
 # %% [markdown]
-# The fast path gets the λ gradients from `P = G^T h` (DESIGN.md §4) rather than through autograd's chain,
-# so its float32 sums run in another order and may differ in the last bits: we compare with a relative
-# tolerance of 1e-5 (about 80 float32 units in the last place) rather than bit for bit.
+# The fast path gets the λ gradients from `P = G^T h` (the cost model of `docs/design.md`) rather than
+# through autograd's chain, so its float32 sums run in another order and may differ in the last bits: we
+# compare with a relative tolerance of 1e-5 (about 80 float32 units in the last place) rather than bit for
+# bit.
 
 # %%
 fp32_sums = {"rtol": 1e-5, "atol": 1e-5}

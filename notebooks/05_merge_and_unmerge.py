@@ -22,6 +22,8 @@
 # 2. The same on a whole model with `veralab.fast`: `merge_adapter`, `unmerge_adapter`, `merge_and_unload`,
 #    and merged inference equal to unmerged inference.
 # 3. What merging buys: the extra work of an unmerged adapter counted exactly, and both timed.
+#
+# In the code: §5 of `veralab.reference` (`delta_weight`, `merge`, `unmerge`), and `VeraLinear.merge` (§6).
 
 # %%
 import time
@@ -46,7 +48,7 @@ from veralab.fast import VeraLinear, get_model
 torch.manual_seed(0)
 base_layer = nn.Linear(48, 32)
 vera_A, vera_B = ref.init_projections(r=16, max_in=48, max_out=32, prng_key=0)
-layer = ref.VeraLinear(base_layer, vera_A, vera_B, init_weights=False)
+layer = ref.VeraLinear(base_layer, ref.SharedProjections(vera_A, vera_B), init_weights=False)
 x = torch.randn(10, 48)
 
 W0 = base_layer.weight.detach().clone()

@@ -11,8 +11,8 @@
 #
 # An adapted layer with `x (N × in)`, a frozen `W (out × in)` and the slices `A_s (r × in)`, `B_s (out × r)`
 # computes `y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ x A_sᵀ) B_sᵀ)` (notebook 04). How much does that cost to *train*, in
-# arithmetic and in memory? DESIGN.md §4 writes it down as a cost model, and `veralab.fast` uses the model to
-# decide, layer by layer, how to compute the adapter. This notebook checks the model against what PyTorch
+# arithmetic and in memory? `docs/design.md` writes it down as a cost model, and `veralab.fast` uses the model
+# to decide, layer by layer, how to compute the adapter. This notebook checks the model against what PyTorch
 # actually does.
 #
 # **What you will learn**

@@ -618,7 +618,7 @@ def test_safe_merge_refuses_non_finite_weights_and_leaves_them_untouched(quant):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The AVX-512 bf16 repacking pitfall (DESIGN.md §5)
+# The AVX-512 bf16 repacking pitfall (docs/design.md, environment)
 # ---------------------------------------------------------------------------------------------------------
 
 # out a multiple of 32, in of the block size: shapes bitsandbytes repacks
@@ -707,15 +707,15 @@ def test_a_weight_repacked_before_get_model_is_restored_and_trains():
 # ---------------------------------------------------------------------------------------------------------
 
 ARCHITECTURES = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
-# The seeds' examples (004): how the base is loaded, and the VeRA config put on top of it.
+# How a PEFT user loads a base in 8 or 4 bits, and the VeRA config put on top of it.
 QUANTIZATION_CONFIGS = {
     "8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
     "4bit": lambda: BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
     ),
 }
-# target_modules=None: the model type's defaults, the seeds' ["q_proj", "v_proj"] for Llama and OPT
-SEED_VERA_CONFIGS = {"8bit": VeraConfig(r=128, vera_dropout=0.1), "4bit": VeraConfig(r=256, d_initial=0.1)}
+# target_modules=None: the model type's defaults, ["q_proj", "v_proj"] for Llama and OPT
+USER_VERA_CONFIGS = {"8bit": VeraConfig(r=128, vera_dropout=0.1), "4bit": VeraConfig(r=256, d_initial=0.1)}
 
 
 @pytest.fixture(scope="module")
@@ -759,7 +759,7 @@ def test_quantized_transformers_model_trains_merges_and_saves(
     saved_models, architecture, bits, device, tmp_path
 ):
     inputs = batch(device)
-    model = get_model(load_quantized(saved_models[architecture], bits, device), SEED_VERA_CONFIGS[bits])
+    model = get_model(load_quantized(saved_models[architecture], bits, device), USER_VERA_CONFIGS[bits])
     expected = Linear8bitLt if bits == "8bit" else Linear4bit
     assert {type(layer) for _, layer in model.vera_layers()} == {expected}
     initial = eval_loss(model, inputs)  # an eval pass first: the 4-bit repacking must not break training
@@ -794,7 +794,7 @@ def test_trainable_parameter_counts_match_peft_on_a_4bit_model(saved_models):
     assert ours[0] == sum(16 + layer.out_features for _, layer in model.vera_layers())  # r + out per layer
 
 
-# PEFT casts vera_A / vera_B to a 4-bit layer's compute dtype (fp16 in the seeds' config), so its adapter term
+# PEFT casts vera_A / vera_B to a 4-bit layer's compute dtype (fp16 in the config above), so its adapter term
 # drifts from the reference there; with an fp32 compute dtype both implementations compute the same thing.
 PEFT_COMPARABLE_CONFIGS = {
     "8bit": QUANTIZATION_CONFIGS["8bit"],

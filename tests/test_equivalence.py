@@ -27,7 +27,8 @@ def fast_and_reference(out_features, in_features, r, bias=True, dtype=torch.floa
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features, bias=bias)
     projections = SharedProjections.create(r, in_features + 3, out_features + 2, prng_key=seed)
-    ref_layer = ref.VeraLinear(copy.deepcopy(base), projections.vera_A, projections.vera_B, init_weights=False)
+    shared = ref.SharedProjections(projections.vera_A, projections.vera_B)
+    ref_layer = ref.VeraLinear(copy.deepcopy(base), shared, init_weights=False)
     if conv1d:
         fast_base = Conv1D(out_features, in_features)
         fast_base.weight.data.copy_(base.weight.data.T)
@@ -93,7 +94,7 @@ def test_half_precision_error_bounded_by_torch_own_error(dtype, out_features, in
     # PyTorch's own error: the reference formula evaluated with every tensor in `dtype`.
     torch_low = ref.vera_forward(
         x.to(dtype), reference.base_layer.weight.to(dtype), reference.base_layer.bias.to(dtype),
-        reference.vera_A.to(dtype), reference.vera_B.to(dtype),
+        reference.projections.vera_A.to(dtype), reference.projections.vera_B.to(dtype),
         reference.vera_lambda_d.to(dtype), reference.vera_lambda_b.to(dtype),
     )
     y = fast(x.to(dtype))

@@ -343,7 +343,7 @@ def test_path_costs_follow_the_cost_model():
     build = out_features * in_features * (r + 1)
     assert costs[WEIGHT_SPACE] == tokens * r * (in_features + out_features) + 2 * build
     assert costs[ACTIVATION_SPACE] == tokens * r * (2 * in_features + 3 * out_features)
-    # DESIGN.md §4: weight space costs about half of activation space at this size
+    # the cost model (docs/design.md): weight space costs about half of activation space at this size
     assert 0.35 < costs[WEIGHT_SPACE] / costs[ACTIVATION_SPACE] < 0.55
     inference = path_costs(tokens, in_features, out_features, r, needs_grad=False)
     assert inference == {WEIGHT_SPACE: build, ACTIVATION_SPACE: tokens * r * (in_features + out_features)}

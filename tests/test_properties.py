@@ -28,7 +28,8 @@ def build(out_features, in_features, r, bias, conv1d, seed, extra_in=2, extra_ou
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features, bias=bias)
     projections = SharedProjections.create(r, in_features + extra_in, out_features + extra_out, prng_key=seed)
-    reference = ref.VeraLinear(copy.deepcopy(base), projections.vera_A, projections.vera_B, init_weights=False)
+    shared = ref.SharedProjections(projections.vera_A, projections.vera_B)
+    reference = ref.VeraLinear(copy.deepcopy(base), shared, init_weights=False)
     if conv1d:
         fast_base = Conv1D(out_features, in_features)
         with torch.no_grad():
@@ -76,8 +77,9 @@ def test_half_precision_within_twice_torch_error(out_features, in_features, r, b
     fast.base_layer.to(dtype)
     x = torch.randn(*batch_shape, in_features, generator=torch.Generator().manual_seed(seed))
     truth = reference(x).detach().double()
-    low = [t.to(dtype) for t in (x, reference.base_layer.weight, reference.base_layer.bias, reference.vera_A,
-                                 reference.vera_B, reference.vera_lambda_d, reference.vera_lambda_b)]
+    shared = reference.projections
+    low = [t.to(dtype) for t in (x, reference.base_layer.weight, reference.base_layer.bias, shared.vera_A,
+                                 shared.vera_B, reference.vera_lambda_d, reference.vera_lambda_b)]
     torch_error = (ref.vera_forward(*low).double() - truth).abs().max().item()
     y = fast(x.to(dtype))
     assert y.dtype == dtype

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import AutoModel, GPT2Config, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
 
 from veralab.config import VeraConfig
+from veralab.reference import lora_trainable_per_layer, vera_trainable_per_layer
 from veralab.targets import name_matches_entry, select_targets
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,13 +226,15 @@ def count_adapter(model: nn.Module, config: VeraConfig, lora_r: int) -> AdapterC
 def vera_trainable_parameters(shapes: Iterable[tuple[str, int, int]], r: int) -> int:
     """Σ (r + out) over the adapted layers: λ_d (r) and λ_b (out) per layer; A and B are frozen and shared."""
     _check_rank(r)
-    return sum(r + out_features for _, out_features, _ in shapes)
+    return sum(vera_trainable_per_layer(out_features, r) for _, out_features, _ in shapes)
 
 
 def lora_trainable_parameters(shapes: Iterable[tuple[str, int, int]], r: int) -> int:
     """Σ r (in + out) over the adapted layers: A (r x in) and B (out x r) per layer."""
     _check_rank(r)
-    return sum(r * (in_features + out_features) for _, out_features, in_features in shapes)
+    return sum(
+        lora_trainable_per_layer(in_features, out_features, r) for _, out_features, in_features in shapes
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

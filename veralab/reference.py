@@ -2,64 +2,128 @@ r"""VeRA, the executable textbook.
 
 Kopiczko, Blankevoort, Asano. "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024.
 https://arxiv.org/abs/2310.11454
+Hu et al. "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+https://arxiv.org/abs/2106.09685
 
-LoRA adapts a frozen weight W0 (out x in) with a trained low-rank product, h = W0 x + B A x.
-VeRA freezes A and B too. One pair of random matrices is drawn once and *shared by every adapted
-layer*; each layer trains only two scaling vectors:
+LoRA adapts a frozen weight W0 (out x in) with a trained low-rank product B A. VeRA freezes A and B too:
+one pair of random matrices is drawn once and *shared by every adapted layer*, and each layer trains only
+two scaling vectors. For one input vector x (in):
 
-    h = W0 x + Λ_b B Λ_d A x,        Λ_b = diag(λ_b) (out),   Λ_d = diag(λ_d) (r)
+    y = W0 x + Λ_b B_s Λ_d A_s x        Λ_d = diag(λ_d), λ_d (r)      Λ_b = diag(λ_b), λ_b (out)
 
-so a layer costs r + out trainable numbers instead of LoRA's r (in + out).
+where A_s (r x in) and B_s (out x r) are the layer's slices of the shared pair. The paper writes h for the
+layer's output; here (and in `veralab.fast`) y is the output and h = x A_s^T (..., r) is the input projected
+into the random subspace. Code works on batches of row vectors x (..., in), as PyTorch does, and weights have
+PyTorch's (out, in) shape, so the same layer reads y = x W0^T + b + λ_b ⊙ ((λ_d ⊙ (x A_s^T)) B_s^T).
 
-This module reads top to bottom in the paper's order, numbered like the notebooks:
+The file reads top to bottom in the paper's order. Sections §1 to §5 are the concept notebooks 01 to 05, one
+for one; §6 assembles them into a layer:
 
-    §1 the shared random projections (Kaiming uniform from a seeded generator)
-    §2 one pair for layers of many shapes: max-dim sizing and slicing
-    §3 lambda scaling: the forward pass
-    §4 merging the adapter into the weight, and back
-    §5 the layer: VeraLinear
+    §1 what VeRA trains: the parameter count of one layer     notebook 01_why_vera
+    §2 the shared random projections                          notebook 02_shared_random_projections
+    §3 one pair for every shape: max-dim sizing and slicing   notebook 03_max_dim_slicing
+    §4 lambda scaling: the forward pass                       notebook 04_lambda_scaling_forward
+    §5 merging the adapter into the weight, and back          notebook 05_merge_and_unmerge
+    §6 the layer: SharedProjections and VeraLinear            used by notebooks 04 and 05
 
-Everything is float32 and plain PyTorch on purpose: this is the ground truth `veralab.fast` is tested
-against, so it favours clarity over speed. It never imports `veralab.fast`.
+Each section's mathematics is in the docstring of its first function. Everything is plain PyTorch in float32
+on purpose: this is the ground truth `veralab.fast` is tested against, so it favours clarity over speed. It
+imports nothing of veralab.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------------
-# §1 The shared random projections
+# §1 What VeRA trains: the parameter count of one layer (notebook 01)
 # ---------------------------------------------------------------------------------------------------
-# A and B are never trained, so they only need to be *reproducible*: they are drawn from a CPU
-# generator seeded with `projection_prng_key`. The distribution is Kaiming (He) uniform, the default
-# init of nn.Linear's successors: for a matrix with `fan_in` columns,
-#
-#     gain  = sqrt(2)                      (ReLU gain)
-#     std   = gain / sqrt(fan_in)
-#     bound = sqrt(3) * std                (a uniform on [-b, b] has std b / sqrt(3))
-#     M ~ U(-bound, bound)
+
+
+def vera_trainable_per_layer(out_features: int, r: int) -> int:
+    r"""VeRA's trainable numbers in one adapted layer: r + out.
+
+    §1 What VeRA trains (notebook 01). For a frozen weight W0 (out x in), LoRA and VeRA add
+
+        LoRA:  W0 + B A                B (out x r), A (r x in) trained         r · (in + out) numbers
+        VeRA:  W0 + Λ_b B_s Λ_d A_s    λ_d (r), λ_b (out) trained;             r + out        numbers
+                                       A_s, B_s frozen slices of a shared pair
+
+    LoRA's count grows with the rank *times* the layer's width, VeRA's with the rank *plus* the width, so
+    VeRA affords ranks of 256 to 1024. The shared pair is drawn once per model (§2) and is not trained.
+
+    Args:
+        out_features: the layer's output size (λ_b has one entry per output).
+        r: the rank of the shared projections (λ_d has one entry per random direction).
+    """
+    return r + out_features  # λ_d (r) + λ_b (out)
+
+
+def lora_trainable_per_layer(in_features: int, out_features: int, r: int) -> int:
+    """LoRA's trainable numbers in one adapted layer: r · (in + out), for comparison.
+
+    Args:
+        in_features: the layer's input size (A is r x in).
+        out_features: the layer's output size (B is out x r).
+        r: LoRA's rank.
+    """
+    return r * (in_features + out_features)  # A (r, in) + B (out, r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# §2 The shared random projections (notebook 02)
+# ---------------------------------------------------------------------------------------------------
 
 
 def kaiming_init(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Draw a (rows, fan_in) float32 matrix from Kaiming uniform with the given generator."""
+    r"""Draw a (rows, fan_in) float32 matrix from Kaiming (He) uniform with ReLU gain, from `generator`.
+
+    §2 The shared random projections (notebook 02). A and B are never trained, so they only need to be
+    *reproducible*: both are drawn from one CPU generator seeded with `projection_prng_key`
+    (`init_projections`). VeRA, and PEFT whose bits we reproduce, draw Kaiming uniform with the ReLU gain,
+    for a matrix M with `fan_in` columns:
+
+        gain  = √2                          the ReLU gain
+        std   = gain / √fan_in
+        bound = √3 · std = √(6 / fan_in)    a uniform on [-b, b] has std b / √3
+        M ~ U(-bound, bound)                (rows, fan_in)
+
+    These are exactly the numbers of `torch.nn.init.kaiming_uniform_(M, nonlinearity="relu",
+    generator=generator)`. They are *not* nn.Linear's default: nn.Linear initialises its weight with
+    `kaiming_uniform_(weight, a=√5)`, a leaky-ReLU gain √(2 / (1 + 5)) = √(1/3), so its bound is
+    1 / √fan_in, √6 ≈ 2.45 times narrower than the projections'.
+
+    Args:
+        shape: (rows, fan_in) of the matrix to draw.
+        generator: the seeded CPU generator; the draw consumes rows · fan_in values of its stream.
+    """
     rows, fan_in = shape
-    gain = math.sqrt(2.0)
+    gain = math.sqrt(2.0)  # ReLU gain
     std = gain / math.sqrt(fan_in)
-    bound = math.sqrt(3.0) * std
+    bound = math.sqrt(3.0) * std  # = √(6 / fan_in)
     matrix = torch.empty(rows, fan_in)  # (rows, fan_in)
-    # uniform_ consumes the generator's stream in order; this is what makes A, B reproducible.
+    # uniform_ consumes the generator's stream in order, row by row: this is what makes A, B reproducible.
     return matrix.uniform_(-bound, bound, generator=generator)
 
 
 def init_projections(r: int, max_in: int, max_out: int, prng_key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared pair: A (r x max_in) drawn first, then B (max_out x r), from one seeded CPU generator.
+    """The shared pair: vera_A (r, max_in) drawn first, then vera_B (max_out, r), from one seeded generator.
 
-    The order matters: B's values are the generator's stream *after* A's r * max_in draws, so
-    the same key gives the same matrices only if A is drawn first (as PEFT does).
+    The order matters: B's values are the generator's stream *after* A's r · max_in draws, so the same key
+    gives the same matrices only if A is drawn first (as PEFT does). The sizes matter as much: A is filled
+    row by row, so the first columns of a wider draw are not a narrower draw. `find_max_dims` (§3) gives the
+    sizes.
+
+    Args:
+        r: the rank: rows of vera_A, columns of vera_B.
+        max_in: the largest in_features over the adapted layers (columns of vera_A).
+        max_out: the largest out_features over the adapted layers (rows of vera_B).
+        prng_key: the generator's seed (PEFT's `projection_prng_key`).
     """
     generator = torch.Generator(device="cpu").manual_seed(prng_key)
     vera_A = kaiming_init((r, max_in), generator)  # (r, max_in), fan_in = max_in
@@ -68,32 +132,60 @@ def init_projections(r: int, max_in: int, max_out: int, prng_key: int) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------------
-# §2 One pair for layers of many shapes: max-dim sizing and slicing
+# §3 One pair for every shape: max-dim sizing and slicing (notebook 03)
 # ---------------------------------------------------------------------------------------------------
-# A model's layers differ in shape (q_proj is 768 x 768, an MLP up-projection 3072 x 768, ...).
-# VeRA sizes the single shared pair for the largest input and the largest output over all adapted
-# layers, and each layer uses the top-left corner it needs:
-#
-#     A_s = A[:, :in]      (r, in)
-#     B_s = B[:out, :]     (out, r)
-#
-# Slicing is a view: no layer owns a copy.
 
 
-def find_max_dims(shapes: Iterable[tuple[int, int]]) -> tuple[int, int]:
-    """Largest (out_features, in_features) over the (out, in) weight shapes of the adapted layers."""
+def find_max_dims(shapes: Iterable[tuple[int, int]]) -> MaxDims:
+    r"""Size the shared pair for all adapted layers: MaxDims(max_in, max_out) from their (out, in) weights.
+
+    §3 One pair for every shape (notebook 03). A model's layers differ in shape (q_proj 768 x 768, an MLP
+    up-projection 3072 x 768, ...). VeRA sizes the one shared pair for the largest input and the largest
+    output over all adapted layers, and each layer uses the top-left corner it needs (`slice_projections`):
+
+        max_in  = max over layers of in_features       vera_A (r, max_in)
+        max_out = max over layers of out_features      vera_B (max_out, r)
+        A_s = vera_A[:, :in]                           (r, in)
+        B_s = vera_B[:out, :]                          (out, r)
+
+    The slices are views: every layer reads the one pair, none owns a copy. PEFT's documented example: layers
+    of (out, in) shapes (100, 20) and (80, 50) give MaxDims(max_in=50, max_out=100).
+
+    Args:
+        shapes: each layer's weight shape in PyTorch's (out_features, in_features) order, e.g.
+            `linear.weight.shape`. The result is in the other order, (max_in, max_out), the order
+            `init_projections` takes.
+    """
     shapes = list(shapes)
     if not shapes:
-        raise ValueError("find_max_dims needs at least one (out_features, in_features) shape")
-    max_out = max(out for out, _ in shapes)
-    max_in = max(in_ for _, in_ in shapes)
-    return max_out, max_in
+        raise ValueError("find_max_dims needs the (out_features, in_features) shape of at least one layer")
+    max_in = max(in_features for _, in_features in shapes)
+    max_out = max(out_features for out_features, _ in shapes)
+    return MaxDims(max_in=max_in, max_out=max_out)
+
+
+class MaxDims(NamedTuple):
+    """The size of the shared pair, vera_A (r, max_in) and vera_B (max_out, r): in before out.
+
+    Its order matches `init_projections(r, max_in, max_out, prng_key)`, so
+    `init_projections(r, *find_max_dims(shapes), prng_key)` is correct; reading the fields by name is clearer.
+    """
+
+    max_in: int
+    max_out: int
 
 
 def slice_projections(
     vera_A: torch.Tensor, vera_B: torch.Tensor, in_features: int, out_features: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The views of the shared pair one (out_features x in_features) layer uses."""
+    """The views A_s = vera_A[:, :in] (r, in) and B_s = vera_B[:out, :] (out, r) one (out x in) layer uses.
+
+    Args:
+        vera_A: the shared (r, max_in) projection.
+        vera_B: the shared (max_out, r) projection.
+        in_features: the layer's input size.
+        out_features: the layer's output size.
+    """
     r, max_in = vera_A.shape
     max_out, r_b = vera_B.shape
     if r != r_b:
@@ -103,25 +195,14 @@ def slice_projections(
             f"a ({out_features} x {in_features}) layer does not fit the shared projections "
             f"sized ({max_out} x {max_in}); size them with find_max_dims over every adapted layer"
         )
-    A_s = vera_A[:, :in_features]  # (r, in)
-    B_s = vera_B[:out_features, :]  # (out, r)
+    A_s = vera_A[:, :in_features]  # (r, in): a view
+    B_s = vera_B[:out_features, :]  # (out, r): a view
     return A_s, B_s
 
 
 # ---------------------------------------------------------------------------------------------------
-# §3 Lambda scaling: the forward pass
+# §4 Lambda scaling: the forward pass (notebook 04)
 # ---------------------------------------------------------------------------------------------------
-# For an input x (..., in):
-#
-#     h     = x A_s^T              (..., r)     project into the shared random subspace
-#     h_d   = λ_d ⊙ h              (..., r)     scale each random direction (trained)
-#     u     = h_d B_s^T            (..., out)   lift back with the shared random B
-#     delta = λ_b ⊙ u              (..., out)   scale each output feature (trained)
-#     y     = x W0^T + bias + delta
-#
-# At init λ_b = 0, so delta = 0 and the adapted layer *is* the base layer; λ_d starts at d_initial
-# (0.1 by default), which sets the scale of λ_b's first gradient: dL/dλ_b = u ⊙ dL/dy with u ∝ λ_d.
-# Dropout, when used, applies to the adapter's input only.
 
 
 def vera_forward(
@@ -134,11 +215,36 @@ def vera_forward(
     lambda_b: torch.Tensor,
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """y = x W^T + bias + λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T), with A_s, B_s sliced for W."""
-    out_features, in_features = weight.shape  # W: (out, in)
+    r"""The adapted layer's output y = x W0^T + b + λ_b ⊙ ((λ_d ⊙ (x A_s^T)) B_s^T), one step at a time.
+
+    §4 Lambda scaling (notebook 04). For an input x (..., in) and the layer's slices A_s (r, in),
+    B_s (out, r) of the shared pair:
+
+        h   = x A_s^T               (..., r)     project into the shared random subspace
+        h_d = λ_d ⊙ h               (..., r)     scale each random direction (λ_d trained)
+        u   = h_d B_s^T             (..., out)   lift back with the shared random B
+        δ   = λ_b ⊙ u               (..., out)   scale each output feature (λ_b trained)
+        y   = x W0^T + b + δ        (..., out)
+
+    At init λ_b = 0, so δ = 0 and the adapted layer *is* the base layer; λ_d starts at d_initial (0.1 by
+    default), which sets the scale of λ_b's first gradient: ∂L/∂λ_b = Σ_rows u ⊙ ∂L/∂y, with u ∝ λ_d.
+    λ_d's own first gradient is 0, being scaled by λ_b. Dropout, when used, applies to the adapter's input
+    only: h = dropout(x) A_s^T, while the base layer reads x.
+
+    Args:
+        x: the input, (..., in).
+        weight: the frozen W0, (out, in).
+        bias: the frozen b, (out,), or None.
+        vera_A: the shared (r, max_in) projection; sliced here to the layer's in.
+        vera_B: the shared (max_out, r) projection; sliced here to the layer's out.
+        lambda_d: λ_d, (r,).
+        lambda_b: λ_b, (out,).
+        dropout: applied to the adapter's input, or None.
+    """
+    out_features, in_features = weight.shape  # W0: (out, in)
     A_s, B_s = slice_projections(vera_A, vera_B, in_features, out_features)
-    base = nn.functional.linear(x, weight, bias)  # (..., out)
-    x_adapter = dropout(x) if dropout is not None else x
+    base = nn.functional.linear(x, weight, bias)  # x W0^T + b: (..., out)
+    x_adapter = dropout(x) if dropout is not None else x  # (..., in)
     h = x_adapter @ A_s.T  # (..., r)
     h_d = lambda_d * h  # (..., r)
     u = h_d @ B_s.T  # (..., out)
@@ -147,13 +253,8 @@ def vera_forward(
 
 
 # ---------------------------------------------------------------------------------------------------
-# §4 Merging the adapter into the weight, and back
+# §5 Merging the adapter into the weight, and back (notebook 05)
 # ---------------------------------------------------------------------------------------------------
-# Without dropout the adapter is linear in x, so it folds into the weight:
-#
-#     λ_b ⊙ (B_s (λ_d ⊙ (A_s x))) = (Λ_b B_s Λ_d A_s) x = ΔW x,   ΔW = (λ_b[:, None] B_s) (λ_d[:, None] A_s)
-#
-# Merged inference then costs exactly the base layer; unmerging subtracts the same ΔW.
 
 
 def delta_weight(
@@ -164,7 +265,24 @@ def delta_weight(
     in_features: int,
     out_features: int,
 ) -> torch.Tensor:
-    """ΔW = Λ_b B_s Λ_d A_s, shape (out_features, in_features)."""
+    r"""The adapter as one matrix: ΔW = Λ_b B_s Λ_d A_s, shape (out_features, in_features).
+
+    §5 Merging (notebook 05). Without dropout the adapter is linear in x, so it folds into the weight:
+
+        δ = λ_b ⊙ ((λ_d ⊙ (x A_s^T)) B_s^T) = x ΔW^T
+        ΔW = Λ_b B_s Λ_d A_s = (λ_b[:, None] ⊙ B_s) (λ_d[:, None] ⊙ A_s)     (out, r) @ (r, in) = (out, in)
+
+    (row o of B_s scaled by λ_b[o], row k of A_s by λ_d[k]). Merged, y = x (W0 + ΔW)^T + b costs exactly the
+    base layer; unmerging subtracts the same ΔW, which restores W0 up to float rounding.
+
+    Args:
+        vera_A: the shared (r, max_in) projection.
+        vera_B: the shared (max_out, r) projection.
+        lambda_d: λ_d, (r,).
+        lambda_b: λ_b, (out,).
+        in_features: the layer's input size.
+        out_features: the layer's output size.
+    """
     A_s, B_s = slice_projections(vera_A, vera_B, in_features, out_features)
     scaled_B = lambda_b[:, None] * B_s  # (out, r): row o scaled by λ_b[o]
     scaled_A = lambda_d[:, None] * A_s  # (r, in):  row k scaled by λ_d[k]
@@ -172,9 +290,13 @@ def delta_weight(
 
 
 def merge(
-    weight: torch.Tensor, vera_A: torch.Tensor, vera_B: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor
+    weight: torch.Tensor,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
 ) -> torch.Tensor:
-    """W0 + ΔW: the weight of a plain linear layer that computes the adapted layer."""
+    """W0 + ΔW, (out, in): the weight of a plain linear layer that computes the adapted layer."""
     out_features, in_features = weight.shape
     return weight + delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)
 
@@ -186,26 +308,49 @@ def unmerge(
     lambda_d: torch.Tensor,
     lambda_b: torch.Tensor,
 ) -> torch.Tensor:
-    """(W0 + ΔW) - ΔW: the base weight back (up to float rounding)."""
+    """(W0 + ΔW) - ΔW, (out, in): the base weight back (up to float rounding)."""
     out_features, in_features = merged_weight.shape
     return merged_weight - delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)
 
 
 # ---------------------------------------------------------------------------------------------------
-# §5 The layer: VeraLinear
+# §6 The layer: SharedProjections and VeraLinear
 # ---------------------------------------------------------------------------------------------------
-# A frozen nn.Linear plus the two trained vectors. The shared pair is *referenced*, not copied: every
-# VeraLinear built with the same vera_A / vera_B tensors reads the same storage. Parameter names follow
-# PEFT (vera_lambda_d, vera_lambda_b) so state dicts move between the reference, veralab.fast and PEFT.
+
+
+class SharedProjections(nn.Module):
+    r"""The one pair vera_A (r, max_in), vera_B (max_out, r) that every VeraLinear of a model reads.
+
+    §6 The layer. Every adapted layer holds this *same* module, so the pair exists once in memory whatever
+    the number of layers. `model.to(...)`, `.double()` and the like replace the module's two buffers, and
+    since the layers hold the module, not its tensors, they all read the one converted pair. The buffers are
+    non-persistent: they follow the model's device and dtype, but no layer's state dict holds them (a model
+    saves the pair once, if at all). Converting one layer alone converts the pair for every layer holding it.
+
+    Args:
+        vera_A: the shared (r, max_in) projection.
+        vera_B: the shared (max_out, r) projection.
+    """
+
+    def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("vera_A", vera_A, persistent=False)  # (r, max_in)
+        self.register_buffer("vera_B", vera_B, persistent=False)  # (max_out, r)
+
+    def extra_repr(self) -> str:
+        return f"vera_A={tuple(self.vera_A.shape)}, vera_B={tuple(self.vera_B.shape)}"
 
 
 class VeraLinear(nn.Module):
     """A frozen linear layer adapted with VeRA (single adapter, float32, for reading and testing).
 
+    The layer owns only its two trained vectors; the pair is *referenced* through the shared module.
+    Parameter names follow PEFT (`vera_lambda_d`, `vera_lambda_b`), so state dicts move between the
+    reference, `veralab.fast` and PEFT.
+
     Args:
         base_layer: the nn.Linear to adapt; its weight and bias are frozen.
-        vera_A: the shared (r, max_in) projection.
-        vera_B: the shared (max_out, r) projection.
+        projections: the model's `SharedProjections`, the same object for every adapted layer.
         d_initial: initial value of every λ_d entry.
         vera_dropout: dropout probability on the adapter's input.
         init_weights: True gives λ_b = 0 (the layer starts as the base layer); False draws random
@@ -215,64 +360,79 @@ class VeraLinear(nn.Module):
     def __init__(
         self,
         base_layer: nn.Linear,
-        vera_A: torch.Tensor,
-        vera_B: torch.Tensor,
+        projections: SharedProjections,
+        *,
         d_initial: float = 0.1,
         vera_dropout: float = 0.0,
         init_weights: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(projections, SharedProjections):
+            raise TypeError(
+                "VeraLinear takes the shared pair as one SharedProjections module, got "
+                f"{type(projections).__name__}; build it once per model with "
+                "SharedProjections(vera_A, vera_B) and pass the same module to every layer"
+            )
         self.base_layer = base_layer.requires_grad_(False)
+        self.projections = projections  # the same module in every layer: one pair in memory
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        slice_projections(vera_A, vera_B, self.in_features, self.out_features)  # fails early if too small
-        r = vera_A.shape[0]
-        # Shared and frozen: registered as non-persistent buffers so .to() moves them but each layer's
-        # state dict holds only what the layer owns.
-        self.register_buffer("vera_A", vera_A, persistent=False)
-        self.register_buffer("vera_B", vera_B, persistent=False)
+        # Fails early, naming the layer's shape, if the pair was sized without this layer.
+        slice_projections(projections.vera_A, projections.vera_B, self.in_features, self.out_features)
+        r = projections.vera_A.shape[0]
         if init_weights:
             self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial)))  # (r,)
-            self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features))  # (out,)
+            self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features))  # (out,): starts as the base
         else:
-            self.vera_lambda_d = nn.Parameter(torch.randn(r))
-            self.vera_lambda_b = nn.Parameter(torch.randn(self.out_features))
+            self.vera_lambda_d = nn.Parameter(torch.randn(r))  # (r,)
+            self.vera_lambda_b = nn.Parameter(torch.randn(self.out_features))  # (out,)
         self.vera_dropout = nn.Dropout(vera_dropout) if vera_dropout > 0 else nn.Identity()
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
+        """ΔW = Λ_b B_s Λ_d A_s, (out, in)."""
         return delta_weight(
-            self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b, self.in_features, self.out_features
+            self.projections.vera_A,
+            self.projections.vera_B,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            self.in_features,
+            self.out_features,
         )
 
     def merge(self) -> None:
         """Fold ΔW into the base weight; forward then costs exactly the base layer."""
         if self.merged:
             raise RuntimeError("VeraLinear is already merged; unmerge() first")
+        A, B = self.projections.vera_A, self.projections.vera_B
+        weight = self.base_layer.weight
         with torch.no_grad():
-            self.base_layer.weight.copy_(
-                merge(self.base_layer.weight, self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b)
-            )
+            weight.copy_(merge(weight, A, B, self.vera_lambda_d, self.vera_lambda_b))  # W0 + ΔW
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract ΔW again, restoring the base weight."""
         if not self.merged:
             raise RuntimeError("VeraLinear is not merged; there is nothing to unmerge")
+        A, B = self.projections.vera_A, self.projections.vera_B
+        weight = self.base_layer.weight
         with torch.no_grad():
-            self.base_layer.weight.copy_(
-                unmerge(self.base_layer.weight, self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b)
-            )
+            weight.copy_(unmerge(weight, A, B, self.vera_lambda_d, self.vera_lambda_b))  # (W0 + ΔW) - ΔW
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W0^T + b + λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T), or x (W0 + ΔW)^T + b once merged.
+
+        Args:
+            x: the input, (..., in).
+        """
         if self.merged:
             return self.base_layer(x)
         return vera_forward(
             x,
             self.base_layer.weight,
             self.base_layer.bias,
-            self.vera_A,
-            self.vera_B,
+            self.projections.vera_A,
+            self.projections.vera_B,
             self.vera_lambda_d,
             self.vera_lambda_b,
             dropout=self.vera_dropout,

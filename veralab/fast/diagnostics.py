@@ -1,6 +1,6 @@
 """Measuring what an adapted model keeps and shares: saved activations, and the layers that share one h.
 
-The benchmarks, the tests and notebook 09 check the cost model of DESIGN.md §4 with these two measurements:
+The benchmarks, the tests and notebook 09 check the cost model (docs/design.md) with these two measurements:
 
 - `saved_activations` records every tensor autograd saves for the backward during one forward, seen through
   `torch.autograd.graph.saved_tensors_hooks`, each storage counted once (a tensor and its views share one),

@@ -134,7 +134,7 @@ class VeraModel(nn.Module):
         self.projections.replace(vera_A, vera_B)
 
     def _create_projections(self, config: VeraConfig, targets: list[Target]) -> None:
-        max_out, max_in = find_max_dims([(t.out_features, t.in_features) for t in targets])
+        max_in, max_out = find_max_dims([(t.out_features, t.in_features) for t in targets])
         projections = SharedProjections.create(config.r, max_in, max_out, config.projection_prng_key)
         device = self._target_device(targets)
         if device is not None:

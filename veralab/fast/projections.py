@@ -24,9 +24,16 @@ from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from veralab.fast.functional import autocast_dtype
-from veralab.reference import find_max_dims, init_projections, kaiming_init
+from veralab.reference import MaxDims, find_max_dims, init_projections, kaiming_init
 
-__all__ = ["DerivedCache", "SharedProjections", "find_max_dims", "init_projections", "kaiming_init"]
+__all__ = [
+    "DerivedCache",
+    "MaxDims",
+    "SharedProjections",
+    "find_max_dims",
+    "init_projections",
+    "kaiming_init",
+]
 
 
 @dataclass

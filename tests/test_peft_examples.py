@@ -1,6 +1,7 @@
-"""The PEFT VeRA examples of the product documents (../shared/seeds), with `get_peft_model` replaced by
-`veralab.fast.get_model` and nothing else changed but the imports and the hub model (a tiny OPT built from
-a config, since there is no hub here)."""
+"""PEFT VeRA usage as PEFT users write it (one model, several adapters, layer-specific targets, training with
+`transformers.Trainer` then saving and reloading, a memory-efficient config), with `get_peft_model` replaced
+by `veralab.fast.get_model` and nothing else changed but the imports and the hub model (a tiny OPT built from
+a config, so that no hub is needed)."""
 
 import warnings
 
@@ -68,7 +69,7 @@ def test_training_and_saving(tmp_path):
     trainer = Trainer(model=model, args=training_args, train_dataset=TrainDataset())
     trainer.train()
     model.save_pretrained(str(tmp_path / "vera_adapter"))
-    # `PeftModel.from_pretrained(base_model, path)` in the seed; veralab's class method is the same call.
+    # `PeftModel.from_pretrained(base_model, path)` in PEFT; veralab's class method is the same call.
     loaded_model = VeraModel.from_pretrained(tiny_opt(), str(tmp_path / "vera_adapter"))
     ids = token_batch()
     model.eval()
