@@ -21,13 +21,11 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
+from veralab.fast.dispatch import WEIGHT_SPACE, choose_path, path_costs
 from veralab.fast.functional import (
-    WEIGHT_SPACE,
     activation_space_vera,
     autocast_dtype,
-    choose_path,
     mixed_batch_vera,
-    path_costs,
     scaled_projection,
     weight_space_vera,
 )
