@@ -14,6 +14,7 @@ activation space over `base_forward`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
-from veralab.fast.dispatch import AdapterFacts, ForwardPlan, plan_forward
+from veralab.fast.dispatch import AdapterFacts, ForwardPlan, lambdas_train, plan_forward
 from veralab.fast.functional import (
     activation_space_vera,
     mixed_batch_vera,
@@ -42,6 +43,90 @@ class RowAdapters:
 
     names: list[str]
     index: torch.Tensor
+
+
+class LambdaForms:
+    """What a layer builds from its lambdas, kept across forwards while none of them trains.
+
+    Two forms: the scaled projection `S = B_s ⊙ (Λ_b^T Λ_d)` of the adapters a forward computes together, and
+    a mixed batch's tables of lambdas. While the lambdas train (grad enabled and one of them requires grad)
+    they change every step, and a form is cheaper to rebuild than to keep: it is built for the call and not
+    held. Otherwise (inference) one value serves forward after forward, rebuilt when one of the tensors it was
+    built from is replaced or written in place (an optimizer step, load_state_dict), or when its key (dtype,
+    device, adapter names) changes.
+    """
+
+    def __init__(self) -> None:
+        self._scaled_projection = DerivedCache()
+        self._row_tables = DerivedCache()
+
+    def scaled_projection(
+        self,
+        B_s: torch.Tensor,
+        lambda_d: torch.Tensor,
+        lambda_b: torch.Tensor,
+        parameters: list[nn.Parameter],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """`scaled_projection(B_s, lambda_d, lambda_b)` in `dtype`.
+
+        Args:
+            B_s: the layer's slice of vera_B, (out, r), in the dtype S is formed in.
+            lambda_d: the adapters' λ_d stacked, (K, r).
+            lambda_b: the adapters' λ_b stacked, (K, out).
+            parameters: the λ_d and λ_b parameters the stacks were made from.
+            dtype: the dtype S is returned in.
+        """
+
+        def build() -> torch.Tensor:
+            return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
+
+        return self._kept(self._scaled_projection, [B_s, *parameters], dtype, build)
+
+    def row_tables(
+        self,
+        names: list[str],
+        lambdas_d: nn.ParameterDict,
+        lambdas_b: nn.ParameterDict,
+        r: int,
+        out_features: int,
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mixed batch's lambda tables: (len(names), r) λ_d and (len(names), out) λ_b, in x's dtype/device.
+
+        A name the layer lacks (the base model's rows, or an adapter only other layers have) gets zeros.
+
+        Args:
+            names: the batch's distinct adapter names, in the order of its row index.
+            lambdas_d: the layer's λ_d parameters by adapter name.
+            lambdas_b: the layer's λ_b parameters by adapter name.
+            r: the projections' rank.
+            out_features: the layer's output size.
+            x: the adapter's input.
+        """
+        present = [name for name in names if name in lambdas_d]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                torch.stack([self._lambda_or_zeros(lambdas_d, name, r, x) for name in names]),
+                torch.stack([self._lambda_or_zeros(lambdas_b, name, out_features, x) for name in names]),
+            )
+
+        sources = [*(lambdas_d[name] for name in present), *(lambdas_b[name] for name in present)]
+        return self._kept(self._row_tables, sources, (tuple(names), x.dtype, x.device), build)
+
+    @staticmethod
+    def _kept(cache: DerivedCache, sources: list[torch.Tensor], key: object, build: Callable[[], object]):
+        """`build()`, kept in `cache` for the next call unless this call trains one of `sources`."""
+        if lambdas_train(sources):
+            return build()
+        return cache.get(sources, key=key, build=build)
+
+    @staticmethod
+    def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
+        if name in table:
+            return table[name].to(x.dtype)
+        return torch.zeros(size, dtype=x.dtype, device=x.device)
 
 
 class VeraLinear(nn.Module):
@@ -76,9 +161,7 @@ class VeraLinear(nn.Module):
         # Plain attributes, not submodules: shared by every layer, and not part of any layer's state dict.
         self._projections = projections
         self._row_adapters: RowAdapters | None = None
-        # Forms built from the lambdas, kept across forwards while the lambdas are not trained (inference).
-        self._scaled_cache = DerivedCache()
-        self._row_lambda_cache = DerivedCache()
+        self._lambda_forms = LambdaForms()
 
     # ------------------------------------------------------------------ adapters
 
@@ -261,7 +344,8 @@ class VeraLinear(nn.Module):
         B_s = self._projections.sliced_B(self.out_features, weight.dtype, weight.device)
         lambda_d, lambda_b = self._stacked_lambdas(names)
         h = self._projections.hidden(x, A_s) if with_h else None  # only the lambda gradients read h
-        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, weight.dtype)
+        parameters = self._lambda_parameters(names)
+        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, weight.dtype)
         return weight_space_vera(x, h, S, weight, self.base_layer.bias, A_s, B_s, lambda_d, lambda_b)
 
     def _activation_space_forward(
@@ -272,7 +356,8 @@ class VeraLinear(nn.Module):
         A_s = self._projections.sliced_A(self.in_features, dtype, x.device)
         B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
         h = self._projections.hidden(x, A_s)
-        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, dtype)
+        parameters = self._lambda_parameters(names)
+        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, dtype)
         return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
     def _stacked_lambdas(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,36 +367,14 @@ class VeraLinear(nn.Module):
             torch.stack([self.vera_lambda_b[n] for n in names]),
         )
 
+    def _lambda_parameters(self, names: list[str] | tuple[str, ...]) -> list[nn.Parameter]:
+        """The λ_d and then the λ_b parameters of the adapters `names`."""
+        return [*(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
+
     @staticmethod
     def _lambda_compute_dtype(lambda_d: torch.Tensor) -> torch.dtype:
         # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
         return torch.promote_types(lambda_d.dtype, torch.float32)
-
-    def _scaled_projection(
-        self, B_s: torch.Tensor, names: list[str], lambda_d: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """S in `dtype`: kept across forwards while the lambdas are not trained (inference)."""
-
-        def build() -> torch.Tensor:
-            return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
-
-        return self._kept_while_frozen(self._scaled_cache, names, [B_s], dtype, build)
-
-    def _kept_while_frozen(self, cache: DerivedCache, names: list[str], other_sources: list, key, build):
-        """`build()`, kept in `cache` across forwards unless this forward trains the lambdas of `names`.
-
-        The cached value is rebuilt when one of those lambdas or `other_sources` changes, or `key` differs.
-        """
-        if self._lambdas_train(names):
-            return build()
-        sources = [*other_sources, *(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
-        return cache.get(sources, key=key, build=build)
-
-    def _lambdas_train(self, names: list[str]) -> bool:
-        """Whether this forward builds a graph to the lambdas of `names` (they may change before the next)."""
-        return torch.is_grad_enabled() and any(
-            self.vera_lambda_d[n].requires_grad or self.vera_lambda_b[n].requires_grad for n in names
-        )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
@@ -323,7 +386,14 @@ class VeraLinear(nn.Module):
             )
         result = self.base_forward(x, *args, **kwargs)
         x_adapter = x.to(self.adapter_dtype(x))
-        lambda_d_table, lambda_b_table = self._row_lambda_tables(rows, x_adapter)
+        lambda_d_table, lambda_b_table = self._lambda_forms.row_tables(
+            rows.names,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            r=self._projections.r,
+            out_features=self.out_features,
+            x=x_adapter,
+        )
         index = rows.index.to(x.device)
         A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
         adapter_input = self._dropout_rows(x_adapter, rows)
@@ -332,26 +402,6 @@ class VeraLinear(nn.Module):
         else:
             h = self._projections.hidden(adapter_input, A_s)
         return mixed_batch_vera(result, h, B_s, lambda_d_table[index], lambda_b_table[index])
-
-    def _row_lambda_tables(self, rows: RowAdapters, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(adapters, r) λ_d and (adapters, out) λ_b of the batch's adapters in x's dtype, zeros where this
-        layer lacks one; kept across forwards while the lambdas are not trained."""
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            r = self._projections.r
-            return (
-                torch.stack([self._lambda_or_zeros(self.vera_lambda_d, name, r, x) for name in rows.names]),
-                torch.stack([self._lambda_or_zeros(self.vera_lambda_b, name, self.out_features, x) for name in rows.names]),
-            )
-
-        present = [name for name in rows.names if name in self.vera_lambda_d]
-        return self._kept_while_frozen(self._row_lambda_cache, present, [], (tuple(rows.names), x.dtype, x.device), build)
-
-    @staticmethod
-    def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
-        if name in table:
-            return table[name].to(x.dtype)
-        return torch.zeros(size, dtype=x.dtype, device=x.device)
 
     def _dropout_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """Dropout with each row's own adapter probability (identity in eval or when every p is 0)."""
