@@ -50,7 +50,7 @@ def predicted_overhead_ratio(model, setup: Setup, dtype: torch.dtype) -> tuple[f
     for group in layers_sharing_inputs(model, lambda: model(input_ids=ids)):
         for position, (_, layer) in enumerate(group):
             x = torch.empty(tokens, layer.in_features, dtype=dtype, device="meta", requires_grad=True)
-            path = layer.compute_path(x, layer.active_adapters)
+            path = layer.plan(x).path
             cost = path_costs(tokens, layer.in_features, layer.out_features, setup.r, needs_grad=True)[path]
             if position > 0:
                 cost -= tokens * setup.r * layer.in_features  # h is computed by the group's first layer

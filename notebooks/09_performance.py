@@ -148,7 +148,7 @@ layer_model = get_model(
 )
 _, layer = next(layer_model.vera_layers())
 for n, path in [(crossover - 1, ACTIVATION_SPACE), (crossover, WEIGHT_SPACE)]:
-    assert layer.compute_path(torch.empty(n, in_features, requires_grad=True), ["default"]) == path
+    assert layer.plan(torch.empty(n, in_features, requires_grad=True)).path == path
 
 # Weight space costs a fixed part (the two ΔW builds) plus a part in N that is exactly half of PEFT's;
 # activation space costs (2·in + 3·out) / (2·(in + out)) of PEFT's: 5/4 for a square layer.
@@ -250,7 +250,7 @@ print(
     f"{'N':>6}  {'path':<17}{'veralab extra FLOPs':>21}{'2·(path_costs ± exact terms)':>30}{'PEFT extra FLOPs':>18}"
 )
 for n in (64, crossover - 1, crossover, 2048):
-    path = layer.compute_path(torch.empty(n, in_features, requires_grad=True), ["default"])
+    path = layer.plan(torch.empty(n, in_features, requires_grad=True)).path
     base_flops = training_step_flops(frozen_base, n)
     assert base_flops == 2 * 2 * n * in_features * out_features  # forward and input gradient
     veralab_extra = training_step_flops(layer, n) - base_flops
@@ -532,11 +532,11 @@ for name, predicted in predicted_extra.items():
 # %%
 few_ids = input_ids[:1, :16]
 assert {
-    vera_layer.compute_path(torch.empty(16, vera_layer.in_features, requires_grad=True), ["default"])
+    vera_layer.plan(torch.empty(16, vera_layer.in_features, requires_grad=True)).path
     for vera_layer in vera_layers
 } == {ACTIVATION_SPACE}
 assert {
-    vera_layer.compute_path(torch.empty(n_tokens, vera_layer.in_features, requires_grad=True), ["default"])
+    vera_layer.plan(torch.empty(n_tokens, vera_layer.in_features, requires_grad=True)).path
     for vera_layer in vera_layers
 } == {WEIGHT_SPACE}
 few_extra = saved_bytes(veralab_model, few_ids) - saved_bytes(frozen, few_ids)
@@ -662,7 +662,7 @@ cases = [
 for label, forward, n, expected_path in cases:
     if expected_path is not None:
         assert (
-            layer.compute_path(torch.empty(n, in_features, requires_grad=True), ["default"]) == expected_path
+            layer.plan(torch.empty(n, in_features, requires_grad=True)).path == expected_path
         )
         label = f"VeraLinear ({expected_path})"
     x = torch.randn(n, in_features, generator=generator)

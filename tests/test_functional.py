@@ -49,7 +49,8 @@ FUNCTION_NAMES = {"WeightSpaceVeraBackward": WEIGHT_SPACE, "ActivationSpaceVeraB
 class NoWeightSpaceLinear(VeraLinear):
     """Stands for a quantized subclass (the bitsandbytes layers): its weight is no dense matrix to add ΔW to."""
 
-    supports_weight_space = False
+    def base_is_plain_dense(self) -> bool:
+        return False
 
 
 def make_layer(
@@ -185,7 +186,7 @@ def test_every_dispatch_branch_matches_the_reference(kwargs, lead, expected_path
     grad_output = torch.randn(*lead, OUT, generator=generator)
 
     y, grad_x, grads_d, grads_b, grad_bias, path = fast_run(layer, x, grad_output, seed=5)
-    assert path == expected_path == layer.compute_path(x.requires_grad_(), layer.active_adapters)
+    assert path == expected_path == layer.plan(x.requires_grad_()).path
     low = reference_run(layer, x, grad_output, dtype, seed=5)
     truth = reference_run(layer, x, grad_output, torch.float64, seed=5)
 
@@ -205,8 +206,8 @@ def test_inference_takes_the_cheapest_path_and_matches_the_reference():
     layer = make_layer(adapters=("a", "b")).eval()
     x = torch.randn(3, 40, IN)
     with torch.no_grad():
-        assert layer.compute_path(x, ["a", "b"]) == WEIGHT_SPACE  # many tokens: ΔW costs less than h S^T
-        assert layer.compute_path(x[:1, :1], ["a", "b"]) == ACTIVATION_SPACE  # one token (generation)
+        assert layer.plan(x).path == WEIGHT_SPACE  # many tokens: ΔW costs less than h S^T
+        assert layer.plan(x[:1, :1]).path == ACTIVATION_SPACE  # one token (generation)
         for inputs in (x, x[:1, :1]):
             truth = reference_run(layer, inputs, None, torch.float64)[0]
             low = reference_run(layer, inputs, None, torch.float32)[0]
@@ -219,7 +220,7 @@ def test_autocast_takes_activation_space_and_stays_within_autocasts_own_error():
     grad_output = torch.randn(4, 9, OUT)
     truth = reference_run(layer, x, grad_output, torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.compute_path(x.requires_grad_(), ["a", "b"]) == ACTIVATION_SPACE  # bf16 matmuls drop ΔW
+        assert layer.plan(x.requires_grad_()).path == ACTIVATION_SPACE  # bf16 matmuls drop ΔW
         y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=0)
         low = reference_run(layer, x, grad_output, torch.float32)  # PyTorch's own error under the same autocast
     assert path == ACTIVATION_SPACE and y.dtype == torch.float32
@@ -239,7 +240,9 @@ def test_a_dropout_adapter_adds_in_activation_space_over_a_weight_space_adapter(
     grad_output = torch.randn(4, 9, OUT, dtype=torch.float64)
     y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=3)
     assert path == ACTIVATION_SPACE  # b, added last
-    assert layer.compute_path(x.requires_grad_(), ["a"]) == WEIGHT_SPACE  # a, underneath
+    plan = layer.plan(x.requires_grad_())
+    assert plan.path == WEIGHT_SPACE and plan.weight_space == ("a",)  # a, underneath
+    assert plan.own_dropout == ("b",)
     truth = reference_run(layer, x, grad_output, torch.float64, seed=3)
     torch.testing.assert_close(y, truth[0], **ROUNDOFF)
     torch.testing.assert_close(grad_x, truth[1], **ROUNDOFF)
@@ -376,13 +379,13 @@ def test_choose_path(overrides, expected):
 def test_layer_dispatch_respects_trained_base_weight_hooks_and_extra_arguments():
     layer = make_layer()
     x = torch.randn(4, 9, IN, requires_grad=True)
-    assert layer.compute_path(x, ["a"]) == WEIGHT_SPACE
-    assert layer.compute_path(x, ["a"], extra_arguments=True) == ACTIVATION_SPACE
+    assert layer.plan(x).path == WEIGHT_SPACE
+    assert layer.plan(x, extra_arguments=True).path == ACTIVATION_SPACE
     handle = layer.base_layer.register_forward_hook(lambda module, args, output: output)
-    assert layer.compute_path(x, ["a"]) == ACTIVATION_SPACE  # the hook must still run
+    assert layer.plan(x).path == ACTIVATION_SPACE  # the hook must still run
     handle.remove()
     layer.base_layer.weight.requires_grad_(True)
-    assert layer.compute_path(x, ["a"]) == ACTIVATION_SPACE  # the base weight's own gradient is needed
+    assert layer.plan(x).path == ACTIVATION_SPACE  # the base weight's own gradient is needed
 
 
 # ------------------------------------------------------------------ whole models: PEFT, sharing, checkpointing
@@ -433,7 +436,7 @@ def test_llama_matches_peft_outputs_and_gradients(path):
 
     shape = TOKENS[path]
     paths = {
-        layer.compute_path(torch.empty(*shape, layer.in_features, dtype=torch.float64, requires_grad=True), ["default"])
+        layer.plan(torch.empty(*shape, layer.in_features, dtype=torch.float64, requires_grad=True)).path
         for _, layer in ours.vera_layers()
     }
     assert paths == {path}

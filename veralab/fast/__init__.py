@@ -6,16 +6,9 @@ from veralab.fast.diagnostics import (
     saved_activation_bytes,
     saved_activations,
 )
+from veralab.fast.dispatch import ACTIVATION_SPACE, WEIGHT_SPACE, choose_path, path_costs
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
-from veralab.fast.functional import (
-    ACTIVATION_SPACE,
-    WEIGHT_SPACE,
-    activation_space_vera,
-    choose_path,
-    mixed_batch_vera,
-    path_costs,
-    weight_space_vera,
-)
+from veralab.fast.functional import activation_space_vera, mixed_batch_vera, weight_space_vera
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init

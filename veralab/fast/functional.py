@@ -1,7 +1,8 @@
-r"""The VeRA adapter term as custom autograd Functions, and the cost model that picks how to compute it.
+r"""The VeRA adapter term as custom autograd Functions.
 
-Notation (DESIGN.md §4): x (N x in), W (out x in), A_s (r x in), B_s (out x r), and the K active adapters'
-lambdas stacked as Λ_d (K x r) and Λ_b (K x out). All K adapters fold into one *scaled projection*
+Notation (as in the cost model in docs/design.md): x (N x in), W (out x in), A_s (r x in), B_s (out x r), and
+the K active adapters' lambdas stacked as Λ_d (K x r) and Λ_b (K x out). All K adapters fold into one *scaled
+projection*
 
     S = B_s ⊙ (Λ_b^T Λ_d)      (out x r),     S[o, k] = B_s[o, k] · Σ_a λ_b^a[o] λ_d^a[k]
 
@@ -22,8 +23,7 @@ produce its gradient themselves, so a shared h never carries a graph that one ba
 another. S is an input too (the caller may cache it), recomputed from the lambdas in the backward rather
 than saved.
 
-`choose_path` is the dispatch: weight space where it is exact and the cost model says it is cheaper,
-activation space otherwise.
+Which of the two a layer runs, call by call, is decided in one place: `veralab.fast.dispatch`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
-
-WEIGHT_SPACE = "weight space"
-ACTIVATION_SPACE = "activation space"
-
-# Weight dtypes in which W + ΔW keeps ΔW's low bits: a bf16/fp16 weight would round most of a small ΔW away.
-DELTA_KEEPING_DTYPES = (torch.float32, torch.float64)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -208,58 +202,6 @@ def weight_space_vera(
         lambda_b: (K, out) stacked λ_b of the adapters.
     """
     return WeightSpaceVera.apply(x, h, S, weight, bias, A_s, B_s, lambda_d, lambda_b)
-
-
-def path_costs(tokens: int, in_features: int, out_features: int, r: int, needs_grad: bool) -> dict[str, int]:
-    """Multiply-adds one adapted layer adds to the base layer on each path (DESIGN.md §4), h = x A_s^T included.
-
-    Training: activation space computes h and h S^T forward, G S, G^T h and the input gradient (G S) A_s
-    backward; weight space computes h, W + S A_s forward and again backward, and G^T h. Without a backward,
-    weight space needs no h at all.
-
-    Args:
-        tokens: N, the number of rows the layer sees (batch x sequence).
-        in_features: the layer's input size.
-        out_features: the layer's output size.
-        r: the projections' rank.
-        needs_grad: whether a backward pass will run through the layer.
-    """
-    build_weight = out_features * in_features * (r + 1)  # S A_s, then the add
-    if needs_grad:
-        activation = tokens * r * (2 * in_features + 3 * out_features)
-        weight = tokens * r * (in_features + out_features) + 2 * build_weight
-    else:
-        activation = tokens * r * (in_features + out_features)
-        weight = build_weight
-    return {ACTIVATION_SPACE: activation, WEIGHT_SPACE: weight}
-
-
-def choose_path(
-    costs: dict[str, int],
-    *,
-    weight_dtype: torch.dtype,
-    input_dtype: torch.dtype,
-    dropout_active: bool,
-    weight_space_supported: bool,
-) -> str:
-    """Weight space where it is exact and cheaper by `costs`, activation space otherwise.
-
-    Args:
-        costs: `path_costs(...)` of the layer and its input.
-        weight_dtype: the base weight's dtype; only float32/float64 keep ΔW exactly.
-        input_dtype: the dtype x's matmuls run in (the autocast dtype under autocast); weight space runs the
-            matmul in the weight's dtype, so they must agree.
-        dropout_active: the adapter reads dropout(x), which no weight can express.
-        weight_space_supported: the base layer is a plain dense layer whose weight the matmul may replace
-            (False for quantized layers, layers with hooks or extra forward arguments).
-    """
-    exact = (
-        weight_space_supported
-        and not dropout_active
-        and weight_dtype in DELTA_KEEPING_DTYPES
-        and input_dtype == weight_dtype
-    )
-    return WEIGHT_SPACE if exact and costs[WEIGHT_SPACE] < costs[ACTIVATION_SPACE] else ACTIVATION_SPACE
 
 
 def mixed_batch_vera(

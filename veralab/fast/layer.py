@@ -5,14 +5,16 @@
 The shared projections are referenced through one `SharedProjections` object per model.
 
 Everything that touches the base weight goes through two methods, `get_base_weight` and
-`set_base_weight`; the bitsandbytes layers (`veralab.fast.backends.bnb`) override only those two (and the base
-forward's quirks), so merge, unmerge and safe merge are written once. They also set
-`supports_weight_space = False`, which routes their forward to the activation-space path over `base_forward`.
+`set_base_weight`; the bitsandbytes layers (`veralab.fast.backends.bnb`) override only those two (and the
+base forward's quirks), so merge, unmerge and safe merge are written once. Their base is no plain dense
+matmul (`base_is_plain_dense`), so the plan of every forward (`veralab.fast.dispatch`) keeps them in
+activation space over `base_forward`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +23,10 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
+from veralab.fast.dispatch import AdapterFacts, ForwardPlan, lambdas_train, plan_forward
 from veralab.fast.functional import (
-    WEIGHT_SPACE,
     activation_space_vera,
-    autocast_dtype,
-    choose_path,
     mixed_batch_vera,
-    path_costs,
     scaled_projection,
     weight_space_vera,
 )
@@ -46,14 +45,98 @@ class RowAdapters:
     index: torch.Tensor
 
 
+class LambdaForms:
+    """What a layer builds from its lambdas, kept across forwards while none of them trains.
+
+    Two forms: the scaled projection `S = B_s ⊙ (Λ_b^T Λ_d)` of the adapters a forward computes together, and
+    a mixed batch's tables of lambdas. While the lambdas train (grad enabled and one of them requires grad)
+    they change every step, and a form is cheaper to rebuild than to keep: it is built for the call and not
+    held. Otherwise (inference) one value serves forward after forward, rebuilt when one of the tensors it was
+    built from is replaced or written in place (an optimizer step, load_state_dict), or when its key (dtype,
+    device, adapter names) changes.
+    """
+
+    def __init__(self) -> None:
+        self._scaled_projection = DerivedCache()
+        self._row_tables = DerivedCache()
+
+    def scaled_projection(
+        self,
+        B_s: torch.Tensor,
+        lambda_d: torch.Tensor,
+        lambda_b: torch.Tensor,
+        parameters: list[nn.Parameter],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """`scaled_projection(B_s, lambda_d, lambda_b)` in `dtype`.
+
+        Args:
+            B_s: the layer's slice of vera_B, (out, r), in the dtype S is formed in.
+            lambda_d: the adapters' λ_d stacked, (K, r).
+            lambda_b: the adapters' λ_b stacked, (K, out).
+            parameters: the λ_d and λ_b parameters the stacks were made from.
+            dtype: the dtype S is returned in.
+        """
+
+        def build() -> torch.Tensor:
+            return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
+
+        return self._kept(self._scaled_projection, [B_s, *parameters], dtype, build)
+
+    def row_tables(
+        self,
+        names: list[str],
+        lambdas_d: nn.ParameterDict,
+        lambdas_b: nn.ParameterDict,
+        r: int,
+        out_features: int,
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mixed batch's lambda tables: (len(names), r) λ_d and (len(names), out) λ_b, in x's dtype/device.
+
+        A name the layer lacks (the base model's rows, or an adapter only other layers have) gets zeros.
+
+        Args:
+            names: the batch's distinct adapter names, in the order of its row index.
+            lambdas_d: the layer's λ_d parameters by adapter name.
+            lambdas_b: the layer's λ_b parameters by adapter name.
+            r: the projections' rank.
+            out_features: the layer's output size.
+            x: the adapter's input.
+        """
+        present = [name for name in names if name in lambdas_d]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                torch.stack([self._lambda_or_zeros(lambdas_d, name, r, x) for name in names]),
+                torch.stack([self._lambda_or_zeros(lambdas_b, name, out_features, x) for name in names]),
+            )
+
+        sources = [*(lambdas_d[name] for name in present), *(lambdas_b[name] for name in present)]
+        return self._kept(self._row_tables, sources, (tuple(names), x.dtype, x.device), build)
+
+    @staticmethod
+    def _kept(cache: DerivedCache, sources: list[torch.Tensor], key: object, build: Callable[[], object]):
+        """`build()`, kept in `cache` for the next call unless this call trains one of `sources`."""
+        if lambdas_train(sources):
+            return build()
+        return cache.get(sources, key=key, build=build)
+
+    @staticmethod
+    def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
+        if name in table:
+            return table[name].to(x.dtype)
+        return torch.zeros(size, dtype=x.dtype, device=x.device)
+
+
 class VeraLinear(nn.Module):
     """VeRA over a frozen linear-like layer (`nn.Linear`, or `Conv1D` with `fan_in_fan_out=True`).
 
     Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, returned in the dtype of `x`,
-    computed exactly on one of two paths (`veralab.fast.functional`, chosen by `compute_path`): in weight space
-    as one matmul with `W + ΔW` (float32/float64 plain dense bases, no dropout, enough tokens), otherwise in
-    activation space over `base_forward`. Either way only `h = x A_s^T` is kept for the backward, once for all
-    the layers reading the same x.
+    computed exactly on one of two paths (`veralab.fast.functional`), chosen call by call by `plan`
+    (`veralab.fast.dispatch`): in weight space as one matmul with `W + ΔW` (float32/float64 plain dense bases,
+    no dropout, enough tokens), otherwise in activation space over `base_forward`. Either way only
+    `h = x A_s^T` is kept for the backward, once for all the layers reading the same x.
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
@@ -62,10 +145,6 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
-    # Whether `forward` may replace the base layer's matmul by one with W + ΔW (see `compute_path`). Quantized
-    # subclasses set False: their weight is not a dense tensor the matmul can take, so they run in activation
-    # space over `base_forward`.
-    supports_weight_space = True
 
     def __init__(self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False) -> None:
         super().__init__()
@@ -82,9 +161,7 @@ class VeraLinear(nn.Module):
         # Plain attributes, not submodules: shared by every layer, and not part of any layer's state dict.
         self._projections = projections
         self._row_adapters: RowAdapters | None = None
-        # Forms built from the lambdas, kept across forwards while the lambdas are not trained (inference).
-        self._scaled_cache = DerivedCache()
-        self._row_lambda_cache = DerivedCache()
+        self._lambda_forms = LambdaForms()
 
     # ------------------------------------------------------------------ adapters
 
@@ -191,127 +268,113 @@ class VeraLinear(nn.Module):
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
 
+    def base_is_plain_dense(self) -> bool:
+        """Whether the base layer computes exactly `x W^T + b` with the dense W of `get_base_weight()`.
+
+        Only then may one matmul with `W + ΔW` replace the base layer's call (weight space): an `nn.Linear` or
+        `Conv1D` with its own forward and no forward hooks (which must still run). Layers over quantized bases
+        return False: their weight is not a dense matrix a matmul can take.
+        """
+        base = self.base_layer
+        return type(base).forward in (nn.Linear.forward, Conv1D.forward) and not (
+            base._forward_hooks or base._forward_pre_hooks
+        )
+
     def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the adapter term is computed in: the input's (quantized layers use the lambdas')."""
         return x.dtype
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """`base(x)` plus every active, unmerged adapter's term, computed on the path `compute_path` picks."""
+        """`base(x)` plus every active, unmerged adapter's term, computed as `plan` decides."""
         if self.disable_adapters:
             result = self.base_forward(x, *args, **kwargs)
         elif self._row_adapters is not None:
             result = self._mixed_batch_forward(x, *args, **kwargs)
         else:
-            names = [name for name in self.active_adapters if name not in self.merged_adapters]
-            result = self._adapted_forward(x, names, *args, **kwargs) if names else self.base_forward(x, *args, **kwargs)
+            plan = self.plan(x, extra_arguments=bool(args or kwargs))
+            result = self._run(plan, x, *args, **kwargs)
         return result.to(x.dtype)
 
-    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
-        # Adapters whose dropout is active read their own dropout(x); the others read x and share one h.
-        dropped = [name for name in names if self._drops_input(name)]
-        undropped = [name for name in names if name not in dropped]
-        if undropped and self.compute_path(x, undropped, extra_arguments=bool(args or kwargs)) == WEIGHT_SPACE:
-            result = self._weight_space_forward(x, undropped)
-        else:
-            result = self.base_forward(x, *args, **kwargs)
-            if undropped:
-                result = self._activation_space_forward(result, x, undropped)
-        for name in dropped:
-            x_adapter = x.to(self.adapter_dtype(x))
-            result = self._activation_space_forward(result, self.vera_dropout[name](x_adapter), [name])
-        return result
-
-    def compute_path(self, x: torch.Tensor, adapter_names: list[str], extra_arguments: bool = False) -> str:
-        """WEIGHT_SPACE or ACTIVATION_SPACE: how `forward` computes these adapters' terms for input `x`.
+    def plan(self, x: torch.Tensor, extra_arguments: bool = False) -> ForwardPlan:
+        """How `forward` computes the active, unmerged adapters' terms for input `x` (see `plan_forward`).
 
         Args:
             x: the input, (..., in).
-            adapter_names: the active, unmerged adapters (all with dropout inactive for weight space).
             extra_arguments: the base layer is called with more than x (only its own forward can honor them).
         """
-        weight = self.base_layer.weight
-        lambdas = [self.vera_lambda_d[n] for n in adapter_names] + [self.vera_lambda_b[n] for n in adapter_names]
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in lambdas))
-        tokens = x.numel() // self.in_features
-        costs = path_costs(tokens, self.in_features, self.out_features, self._projections.r, needs_grad)
-        return choose_path(
-            costs,
-            weight_dtype=weight.dtype,
-            input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
-            dropout_active=any(self._drops_input(n) for n in adapter_names),
-            weight_space_supported=self._plain_dense_base() and not extra_arguments and not weight.requires_grad,
+        adapters = [
+            AdapterFacts(
+                name, self._dropout_probability(name), (self.vera_lambda_d[name], self.vera_lambda_b[name])
+            )
+            for name in self.active_adapters
+            if name not in self.merged_adapters
+        ]
+        return plan_forward(
+            x,
+            adapters,
+            in_features=self.in_features,
+            out_features=self.out_features,
+            r=self._projections.r,
+            base_weight=self.base_layer.weight,
+            base_is_plain_dense=self.base_is_plain_dense(),
+            training=self.training,
+            extra_arguments=extra_arguments,
         )
 
-    def _plain_dense_base(self) -> bool:
-        """Whether the base layer is exactly `x W^T + b` with W = get_base_weight(): no subclass forward, no hooks."""
-        base = self.base_layer
-        return (
-            type(self).supports_weight_space
-            and type(base).forward in (nn.Linear.forward, Conv1D.forward)
-            and not (base._forward_hooks or base._forward_pre_hooks)
-        )
+    def _run(self, plan: ForwardPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Carry `plan` out: the base call (or the weight-space matmul replacing it), then the terms added."""
+        if plan.weight_space:
+            result = self._weight_space_forward(x, plan.weight_space, with_h=plan.lambdas_train)
+        else:
+            result = self.base_forward(x, *args, **kwargs)
+        if plan.activation_space:
+            result = self._activation_space_forward(result, x, plan.activation_space)
+        for name in plan.own_dropout:
+            dropped = self.vera_dropout[name](x.to(self.adapter_dtype(x)))
+            result = self._activation_space_forward(result, dropped, (name,))
+        return result
 
-    def _drops_input(self, adapter_name: str) -> bool:
+    def _dropout_probability(self, adapter_name: str) -> float:
         dropout = self.vera_dropout[adapter_name]
-        return self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
-    def _weight_space_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _weight_space_forward(self, x: torch.Tensor, names: tuple[str, ...], with_h: bool) -> torch.Tensor:
         weight = self.get_base_weight()
         A_s = self._projections.sliced_A(self.in_features, weight.dtype, weight.device)
         B_s = self._projections.sliced_B(self.out_features, weight.dtype, weight.device)
         lambda_d, lambda_b = self._stacked_lambdas(names)
-        h = None
-        if self._lambdas_train(names):
-            h = self._projections.hidden(x, A_s)  # only the lambda gradients read h; dx comes from W + ΔW
-        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, weight.dtype)
+        h = self._projections.hidden(x, A_s) if with_h else None  # only the lambda gradients read h
+        parameters = self._lambda_parameters(names)
+        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, weight.dtype)
         return weight_space_vera(x, h, S, weight, self.base_layer.bias, A_s, B_s, lambda_d, lambda_b)
 
-    def _activation_space_forward(self, base_output: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _activation_space_forward(
+        self, base_output: torch.Tensor, x: torch.Tensor, names: tuple[str, ...]
+    ) -> torch.Tensor:
         dtype = self.adapter_dtype(x)
         lambda_d, lambda_b = self._stacked_lambdas(names)
         A_s = self._projections.sliced_A(self.in_features, dtype, x.device)
         B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
         h = self._projections.hidden(x, A_s)
-        S = self._scaled_projection(B_s, names, lambda_d, lambda_b, dtype)
+        parameters = self._lambda_parameters(names)
+        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, dtype)
         return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
-    def _stacked_lambdas(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stacked_lambdas(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, r) λ_d and (K, out) λ_b of the adapters `names`, differentiable back to each parameter."""
         return (
             torch.stack([self.vera_lambda_d[n] for n in names]),
             torch.stack([self.vera_lambda_b[n] for n in names]),
         )
 
+    def _lambda_parameters(self, names: list[str] | tuple[str, ...]) -> list[nn.Parameter]:
+        """The λ_d and then the λ_b parameters of the adapters `names`."""
+        return [*(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
+
     @staticmethod
     def _lambda_compute_dtype(lambda_d: torch.Tensor) -> torch.dtype:
         # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
         return torch.promote_types(lambda_d.dtype, torch.float32)
-
-    def _scaled_projection(
-        self, B_s: torch.Tensor, names: list[str], lambda_d: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """S in `dtype`: kept across forwards while the lambdas are not trained (inference)."""
-
-        def build() -> torch.Tensor:
-            return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
-
-        return self._kept_while_frozen(self._scaled_cache, names, [B_s], dtype, build)
-
-    def _kept_while_frozen(self, cache: DerivedCache, names: list[str], other_sources: list, key, build):
-        """`build()`, kept in `cache` across forwards unless this forward trains the lambdas of `names`.
-
-        The cached value is rebuilt when one of those lambdas or `other_sources` changes, or `key` differs.
-        """
-        if self._lambdas_train(names):
-            return build()
-        sources = [*other_sources, *(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
-        return cache.get(sources, key=key, build=build)
-
-    def _lambdas_train(self, names: list[str]) -> bool:
-        """Whether this forward builds a graph to the lambdas of `names` (they may change before the next)."""
-        return torch.is_grad_enabled() and any(
-            self.vera_lambda_d[n].requires_grad or self.vera_lambda_b[n].requires_grad for n in names
-        )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
@@ -323,7 +386,14 @@ class VeraLinear(nn.Module):
             )
         result = self.base_forward(x, *args, **kwargs)
         x_adapter = x.to(self.adapter_dtype(x))
-        lambda_d_table, lambda_b_table = self._row_lambda_tables(rows, x_adapter)
+        lambda_d_table, lambda_b_table = self._lambda_forms.row_tables(
+            rows.names,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            r=self._projections.r,
+            out_features=self.out_features,
+            x=x_adapter,
+        )
         index = rows.index.to(x.device)
         A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
         adapter_input = self._dropout_rows(x_adapter, rows)
@@ -333,32 +403,10 @@ class VeraLinear(nn.Module):
             h = self._projections.hidden(adapter_input, A_s)
         return mixed_batch_vera(result, h, B_s, lambda_d_table[index], lambda_b_table[index])
 
-    def _row_lambda_tables(self, rows: RowAdapters, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(adapters, r) λ_d and (adapters, out) λ_b of the batch's adapters in x's dtype, zeros where this
-        layer lacks one; kept across forwards while the lambdas are not trained."""
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            r = self._projections.r
-            return (
-                torch.stack([self._lambda_or_zeros(self.vera_lambda_d, name, r, x) for name in rows.names]),
-                torch.stack([self._lambda_or_zeros(self.vera_lambda_b, name, self.out_features, x) for name in rows.names]),
-            )
-
-        present = [name for name in rows.names if name in self.vera_lambda_d]
-        return self._kept_while_frozen(self._row_lambda_cache, present, [], (tuple(rows.names), x.dtype, x.device), build)
-
-    @staticmethod
-    def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
-        if name in table:
-            return table[name].to(x.dtype)
-        return torch.zeros(size, dtype=x.dtype, device=x.device)
-
     def _dropout_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """Dropout with each row's own adapter probability (identity in eval or when every p is 0)."""
         probabilities = [
-            self.vera_dropout[name].p if name in self.vera_dropout and isinstance(self.vera_dropout[name], nn.Dropout)
-            else 0.0
-            for name in rows.names
+            self._dropout_probability(name) if name in self.vera_dropout else 0.0 for name in rows.names
         ]
         if not self.training or not any(probabilities):
             return x

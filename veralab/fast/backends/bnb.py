@@ -41,8 +41,8 @@ class QuantizedVeraLinear(VeraLinear):
         fan_in_fan_out: must be False: bitsandbytes layers store their weight as (out, in).
     """
 
-    # The quantized weight is no dense matrix a matmul could take with ΔW added: activation space always.
-    supports_weight_space = False
+    def base_is_plain_dense(self) -> bool:
+        return False  # the quantized weight is no dense matrix a matmul could take with ΔW added
 
     def __init__(
         self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
