@@ -36,7 +36,7 @@ from benchmarks.common import (
     print_table,
     verdict,
 )
-from veralab.fast import saved_activation_bytes
+from veralab.fast.diagnostics import saved_activation_bytes
 
 VARIANTS = [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]
 RESULT_PREFIX = "RESULT "
@@ -44,7 +44,7 @@ MB = 2**20
 
 
 def one_forward_saved_bytes(step: TrainingStep) -> int:
-    """Bytes autograd saves in one training forward of the step's model (`veralab.fast.saved_activation_bytes`)."""
+    """Bytes autograd saves in one training forward of the step's model (`veralab.fast.diagnostics.saved_activation_bytes`)."""
     embeds = step.embeddings(step.ids).detach().requires_grad_(True)
     return saved_activation_bytes(step.model, lambda: step.model(inputs_embeds=embeds, labels=step.ids).loss)
 

@@ -33,7 +33,8 @@ from benchmarks.common import (
     trainable_parameters,
     verdict,
 )
-from veralab.fast import layers_sharing_inputs, path_costs
+from veralab.fast.diagnostics import layers_sharing_inputs
+from veralab.fast.dispatch import path_costs
 
 VARIANTS = [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]
 

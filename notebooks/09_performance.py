@@ -50,18 +50,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import (
-    ACTIVATION_SPACE,
-    WEIGHT_SPACE,
-    activation_space_vera,
-    choose_path,
-    get_model,
-    layers_sharing_inputs,
-    path_costs,
-    saved_activation_bytes,
-    weight_space_vera,
-)
-from veralab.fast.functional import scaled_projection
+from veralab.fast import get_model
+from veralab.fast.diagnostics import layers_sharing_inputs, saved_activation_bytes
+from veralab.fast.dispatch import ACTIVATION_SPACE, WEIGHT_SPACE, choose_path, path_costs
+from veralab.fast.functional import activation_space_vera, scaled_projection, weight_space_vera
 
 # PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -442,7 +434,7 @@ for n in token_counts:
 # During a training forward autograd keeps the tensors each backward will need. Those *saved activations*
 # grow with the batch, and they are what limits the batch size when training with a frozen base. We measure
 # them with `torch.autograd.graph.saved_tensors_hooks`, whose `pack` hook sees every tensor as it is saved:
-# `veralab.fast.saved_activation_bytes` counts each storage once (a tensor and its views share one) and leaves
+# `veralab.fast.diagnostics.saved_activation_bytes` counts each storage once (a tensor and its views share one) and leaves
 # out the parameters and buffers, which exist whether or not anything is saved.
 #
 # The model: a small Llama (2 blocks, width 128, MLP 344), VeRA at rank 64 on all seven linear layers of each
@@ -499,7 +491,7 @@ for name, nbytes in measured.items():
 #   the model keeps one contiguous copy of `A_s = vera_A[:, :in]` per input width narrower than `vera_A`
 #   (a column slice of a matrix is not contiguous; the row slices `B_s = vera_B[:out]` are views).
 #
-# Which layers share an input is not taken on trust: `veralab.fast.layers_sharing_inputs` records, with forward
+# Which layers share an input is not taken on trust: `veralab.fast.diagnostics.layers_sharing_inputs` records, with forward
 # pre-hooks, the input tensor each adapted layer receives in one forward.
 
 

@@ -258,3 +258,14 @@ def test_no_module_reaches_into_another_modules_private_names():
         if foreign:
             reach_ins[module] = sorted(foreign)
     assert reach_ins == {}
+
+
+def test_veralab_fast_exports_the_public_api_only():
+    """What the README and the docs use; everything else is imported from the module that defines it."""
+    import veralab.fast
+
+    assert sorted(veralab.fast.__all__) == sorted([
+        "get_model", "VeraModel", "VeraLinear", "AdapterLoadError", "ProjectionMismatchError", "BASE_ROW",
+        "VeraTrainer", "VeraTrainerMixin",
+    ])  # fmt: skip
+    assert all(getattr(veralab.fast, name) is not None for name in veralab.fast.__all__)

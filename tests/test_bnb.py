@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from veralab import VeraConfig  # noqa: E402
 from veralab import reference as ref  # noqa: E402
-from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model  # noqa: E402
+from veralab.fast import VeraLinear, VeraModel, get_model  # noqa: E402
 from veralab.fast.backends.bnb import Linear4bit, Linear8bitLt, keep_standard_layouts  # noqa: E402
+from veralab.fast.projections import SharedProjections  # noqa: E402
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]

@@ -15,8 +15,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
-from veralab.fast import ACTIVATION_SPACE, WEIGHT_SPACE, SharedProjections, VeraLinear, get_model, path_costs
-from veralab.fast.dispatch import AdapterFacts, ForwardPlan, plan_forward
+from veralab.fast import VeraLinear, get_model
+from veralab.fast.dispatch import (
+    ACTIVATION_SPACE,
+    WEIGHT_SPACE,
+    AdapterFacts,
+    ForwardPlan,
+    path_costs,
+    plan_forward,
+)
+from veralab.fast.projections import SharedProjections
 
 IN, OUT, R = 7, 11, 4  # odd sizes
 MANY, FEW = 64, 2  # token counts on either side of where the cost model switches paths for these sizes

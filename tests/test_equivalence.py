@@ -16,7 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import SharedProjections, VeraLinear, get_model
+from veralab.fast import VeraLinear, get_model
+from veralab.fast.projections import SharedProjections
 
 SHAPES = [(7, 5), (13, 3), (4, 17), (1, 1), (33, 31)]  # (out, in)
 RANKS = [1, 7, 256]  # 256 is larger than every layer here

@@ -20,24 +20,17 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import (
-    ACTIVATION_SPACE,
-    WEIGHT_SPACE,
-    SharedProjections,
-    VeraLinear,
+from veralab.fast import VeraLinear, get_model
+from veralab.fast.diagnostics import layers_sharing_inputs, saved_activation_bytes, saved_activations
+from veralab.fast.dispatch import ACTIVATION_SPACE, WEIGHT_SPACE, choose_path, path_costs
+from veralab.fast.functional import (
     activation_space_vera,
-    choose_path,
-    get_model,
-    layers_sharing_inputs,
     mixed_batch_vera,
-    path_costs,
-    saved_activation_bytes,
-    saved_activations,
+    scaled_projection,
     weight_space_vera,
 )
-from veralab.fast.functional import scaled_projection
-from veralab.fast.layer import RowAdapters
-from veralab.fast.projections import DerivedCache
+from veralab.fast.projections import DerivedCache, SharedProjections
+from veralab.fast.rows import RowAdapters
 
 # Odd sizes on purpose; the projections are sized larger than the layer so that slicing matters.
 IN, OUT, R = 7, 11, 5
@@ -662,11 +655,11 @@ def test_mixed_batch_matches_each_rows_own_adapter():
     layer = make_layer(adapters=("a", "b", "c")).eval()
     model_rows = ["a", "c", "__base__", "b", "a"]
     names = list(dict.fromkeys(model_rows))
-    layer._row_adapters = RowAdapters(names=names, index=torch.tensor([names.index(n) for n in model_rows]))
+    layer.row_adapters = RowAdapters(names=names, index=torch.tensor([names.index(n) for n in model_rows]))
     x = torch.randn(5, 3, IN)
     with torch.no_grad():
         mixed = layer(x)
-    layer._row_adapters = None
+    layer.row_adapters = None
     for row, name in enumerate(model_rows):
         with torch.no_grad():
             if name == "__base__":

@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab import VeraConfig
 from veralab import reference as ref
-from veralab.fast import SharedProjections, VeraLinear, VeraModel, get_model
+from veralab.fast import VeraLinear, VeraModel, get_model
+from veralab.fast.projections import SharedProjections
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 

@@ -1,41 +1,31 @@
-"""veralab.fast: the production VeRA path (PEFT's API and names; `get_model` replaces `get_peft_model`)."""
+"""veralab.fast: the production VeRA path, PEFT's API and names (`get_model` replaces `get_peft_model`).
 
-from veralab.fast.diagnostics import (
-    SavedStorage,
-    layers_sharing_inputs,
-    saved_activation_bytes,
-    saved_activations,
-)
-from veralab.fast.dispatch import ACTIVATION_SPACE, WEIGHT_SPACE, choose_path, path_costs
+    from veralab import VeraConfig
+    from veralab.fast import get_model, VeraModel
+
+    model = get_model(base_model, VeraConfig(r=256, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained("adapter/")
+    model = VeraModel.from_pretrained(base_model, "adapter/")
+
+These names are the public API. The modules under veralab.fast are documented too (the cost model in
+`veralab.fast.dispatch`, the autograd Functions in `veralab.fast.functional`, the measurements in
+`veralab.fast.diagnostics`, ...); import their other names from the module that defines them.
+"""
+
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
-from veralab.fast.functional import activation_space_vera, mixed_batch_vera, weight_space_vera
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
-from veralab.fast.projections import SharedProjections, find_max_dims, init_projections, kaiming_init
+from veralab.fast.rows import BASE_ROW
 
 __all__ = [
-    "ACTIVATION_SPACE",
-    "WEIGHT_SPACE",
+    "BASE_ROW",
     "AdapterLoadError",
     "ProjectionMismatchError",
-    "SavedStorage",
-    "SharedProjections",
     "VeraLinear",
     "VeraModel",
     "VeraTrainer",
     "VeraTrainerMixin",
-    "activation_space_vera",
-    "choose_path",
-    "find_max_dims",
     "get_model",
-    "init_projections",
-    "kaiming_init",
-    "layers_sharing_inputs",
-    "mixed_batch_vera",
-    "path_costs",
-    "saved_activation_bytes",
-    "saved_activations",
-    "weight_space_vera",
 ]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,18 +30,8 @@ from veralab.fast.functional import (
     weight_space_vera,
 )
 from veralab.fast.projections import DerivedCache, SharedProjections
+from veralab.fast.rows import RowAdapters
 from veralab.targets import weight_shape
-
-# A row of a mixed batch that uses no adapter at all (the base model) is tagged with this name.
-BASE_ROW = "__base__"
-
-
-@dataclass
-class RowAdapters:
-    """Which adapter each row of a mixed batch uses: the distinct names and a (batch,) index into them."""
-
-    names: list[str]
-    index: torch.Tensor
 
 
 class LambdaForms:
@@ -160,7 +149,7 @@ class VeraLinear(nn.Module):
         self.disable_adapters = False
         # Plain attributes, not submodules: shared by every layer, and not part of any layer's state dict.
         self._projections = projections
-        self._row_adapters: RowAdapters | None = None
+        self.row_adapters: RowAdapters | None = None
         self._lambda_forms = LambdaForms()
 
     # ------------------------------------------------------------------ adapters
@@ -288,7 +277,7 @@ class VeraLinear(nn.Module):
         """`base(x)` plus every active, unmerged adapter's term, computed as `plan` decides."""
         if self.disable_adapters:
             result = self.base_forward(x, *args, **kwargs)
-        elif self._row_adapters is not None:
+        elif self.row_adapters is not None:
             result = self._mixed_batch_forward(x, *args, **kwargs)
         else:
             plan = self.plan(x, extra_arguments=bool(args or kwargs))
@@ -378,7 +367,7 @@ class VeraLinear(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
-        rows = self._row_adapters
+        rows = self.row_adapters
         if rows.index.shape[0] != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; "

@@ -24,15 +24,10 @@ from torch import nn
 from veralab.config import VeraConfig
 from veralab.fast import loading, lora_export, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
-from veralab.fast.layer import (
-    BASE_ROW,
-    RowAdapters,
-    VeraLinear,
-    is_fan_in_fan_out,
-    warn_fan_in_fan_out_mismatch,
-)
+from veralab.fast.layer import VeraLinear, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
+from veralab.fast.rows import BASE_ROW, RowAdapters
 from veralab.targets import Target, modules_to_save_names, select_modules_to_save, select_targets
 
 
@@ -492,33 +487,24 @@ class VeraModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        rows = self._row_adapters(adapter_names)
+        rows = self._rows_for(adapter_names)
         layers = [layer for _, layer in self.vera_layers()]
         wrappers = list(self._wrappers())
         for module in layers + wrappers:
-            module._row_adapters = rows
+            module.row_adapters = rows
         try:
             yield
         finally:
             for module in layers + wrappers:
-                module._row_adapters = None
+                module.row_adapters = None
 
-    def _row_adapters(self, adapter_names: list[str]) -> RowAdapters:
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise ValueError("adapter_names must be a list with one adapter name per row of the batch")
-        unknown = sorted({n for n in adapter_names if n not in self.peft_config and n != BASE_ROW})
-        if unknown:
-            raise ValueError(
-                f"adapter_names has unknown adapter(s) {unknown}; this model has {list(self.peft_config)} "
-                f"(use {BASE_ROW!r} for rows that should use the base model)"
-            )
+    def _rows_for(self, adapter_names: list[str]) -> RowAdapters:
+        rows = RowAdapters.for_batch(adapter_names, self.peft_config)
         if self.merged_adapters:
             raise ValueError("a mixed-adapter batch needs unmerged weights; call unmerge_adapter() first")
         if self._adapters_disabled:
             raise ValueError("adapter_names cannot be used inside disable_adapter()")
-        names = list(dict.fromkeys(adapter_names))
-        index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long)
-        return RowAdapters(names=names, index=index)
+        return rows
 
     # ------------------------------------------------------------------ saving and loading (veralab.fast.saving, loading)
 

@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from veralab.fast.rows import RowAdapters
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Routes calls to the active adapter's copy of a module, or to the original when none applies.
@@ -26,7 +28,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
-        self._row_adapters = None  # set by VeraModel during a mixed-adapter batch
+        # Which adapter each row uses during a mixed-adapter batch (set by VeraModel for the batch).
+        self.row_adapters: RowAdapters | None = None
 
     def update(self, adapter_name: str) -> None:
         """Give `adapter_name` its own copy, starting from the original module's weights."""
@@ -50,7 +53,7 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self._row_adapters is not None and not self.disable_adapters:
+        if self.row_adapters is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
             return self.original_module(x, *args, **kwargs)
@@ -58,7 +61,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs):
         """Each row through its own adapter's copy (the original for rows of adapters without one)."""
-        rows = self._row_adapters
+        rows = self.row_adapters
         index = rows.index.to(x.device)
         pieces, positions = [], []
         for i, name in enumerate(rows.names):
