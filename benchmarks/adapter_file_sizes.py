@@ -41,7 +41,9 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
-def measure(base: torch.nn.Module, r: int, targets: list[str], save_projection: bool, root: Path) -> dict[str, int]:
+def measure(
+    base: torch.nn.Module, r: int, targets: list[str], save_projection: bool, root: Path
+) -> dict[str, int]:
     config = VeraConfig(r=r, target_modules=targets, save_projection=save_projection, init_weights=False)
     model = get_model(base, config)
     model.save_pretrained(root / "veralab")

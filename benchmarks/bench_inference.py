@@ -3,10 +3,12 @@
     python -m benchmarks.bench_inference            # the default configuration (benchmarks/common.py)
     python -m benchmarks.bench_inference --quick    # a smoke run on a tiny model
 
-Two tables of medians (variants timed interleaved, no grad): the eval forward of the 8 x 512 batch (base model,
+Two tables of medians (variants timed interleaved, no grad): the eval forward of the 8 x 512 batch (base
+model,
 veralab merged and unmerged, PEFT VeRA unmerged), and a mixed batch of 32 rows x 128 tokens using 32 different
 adapters through `adapter_names` against the same batch with one adapter, with 32 separate forward passes and
-PEFT for context (PEFT 0.21 accepts `adapter_names` for VeRA; the table says whether its rows are right). --quick uses 4 rows.
+PEFT for context (PEFT 0.21 accepts `adapter_names` for VeRA; the table says whether its rows are right).
+--quick uses 4 rows.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ def eval_table(args, setup: Setup, base) -> None:
             for name, seconds in medians.items()
         ],
         [
-            f"merged veralab / base model: {merged_ratio:.3f} (target <= 1.03: {verdict(merged_ratio, 1.03)})",
-            f"unmerged veralab / unmerged PEFT VeRA: {unmerged_ratio:.3f} "
-            f"(target <= 0.80: {verdict(unmerged_ratio, 0.80)})",
+            f"merged veralab / base model: {merged_ratio:.3f} (target <= 1.03: "
+            f"{verdict(merged_ratio, 1.03)})",
+            f"unmerged veralab / unmerged PEFT VeRA: {unmerged_ratio:.3f} (target <= 0.80: "
+            f"{verdict(unmerged_ratio, 0.80)})",
         ],
     )
 
@@ -142,7 +145,8 @@ def peft_mixed_batch(model, ids: torch.Tensor, names: list[str]):
 
 
 def rows_right(run, expected: torch.Tensor | None) -> str:
-    """Whether `run` gives the `expected` rows ("fails: ..." when it raises; "(reference)" for no expectation)."""
+    """Whether `run` gives the `expected` rows ("fails: ..." when it raises; "(reference)" for no
+    expectation)."""
     try:
         output = run()
     except Exception as error:  # PEFT may refuse or crash: the table says so instead of a number
@@ -166,8 +170,14 @@ def mixed_table(args, setup: Setup, base) -> None:
     expected_rows, expected_one = ours_separately(), ours_plain()
     # name -> (the run, the output it must give; None for a reference itself)
     runs = {
-        f"veralab, {adapters} adapters (adapter_names)": (eval_forward(ours, ids, adapter_names=names), expected_rows),
-        "veralab, 1 adapter (adapter_names)": (eval_forward(ours, ids, adapter_names=[names[0]] * adapters), expected_one),
+        f"veralab, {adapters} adapters (adapter_names)": (
+            eval_forward(ours, ids, adapter_names=names),
+            expected_rows,
+        ),
+        "veralab, 1 adapter (adapter_names)": (
+            eval_forward(ours, ids, adapter_names=[names[0]] * adapters),
+            expected_one,
+        ),
         "veralab, 1 adapter (plain forward)": (ours_plain, None),
         f"veralab, {adapters} separate forward passes": (ours_separately, None),
         f"PEFT VeRA, {adapters} adapters (adapter_names)": (
@@ -181,12 +191,16 @@ def mixed_table(args, setup: Setup, base) -> None:
     one = medians["veralab, 1 adapter (adapter_names)"]
     mixed = medians[f"veralab, {adapters} adapters (adapter_names)"]
     print_table(
-        f"Mixed batch, {adapters} rows x {mixed_setup.seq} tokens (no grad), medians of {setup.steps} interleaved runs",
+        f"Mixed batch, {adapters} rows x {mixed_setup.seq} tokens (no grad), medians of {setup.steps} "
+        "interleaved runs",
         ["variant", "forward (s)", "/ veralab 1 adapter (adapter_names)", "rows right"],
-        [[name, medians.get(name, float("nan")), medians.get(name, float("nan")) / one, correct[name]] for name in correct],
         [
-            f"{adapters} different adapters / one adapter, same batch through adapter_names: {mixed / one:.3f} "
-            f"(target <= 1.1: {verdict(mixed / one, 1.1)})",
+            [name, medians.get(name, float("nan")), medians.get(name, float("nan")) / one, correct[name]]
+            for name in correct
+        ],
+        [
+            f"{adapters} different adapters / one adapter, same batch through adapter_names: "
+            f"{mixed / one:.3f} (target <= 1.1: {verdict(mixed / one, 1.1)})",
         ],
     )
 

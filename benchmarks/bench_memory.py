@@ -44,7 +44,8 @@ MB = 2**20
 
 
 def one_forward_saved_bytes(step: TrainingStep) -> int:
-    """Bytes autograd saves in one training forward of the step's model (`veralab.fast.diagnostics.saved_activation_bytes`)."""
+    """Bytes autograd saves in one training forward of the step's model
+    (`veralab.fast.diagnostics.saved_activation_bytes`)."""
     embeds = step.embeddings(step.ids).detach().requires_grad_(True)
     return saved_activation_bytes(step.model, lambda: step.model(inputs_embeds=embeds, labels=step.ids).loss)
 
@@ -73,7 +74,9 @@ def run_in_own_process(name: str, argv: list[str]) -> dict[str, float]:
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"measuring {name!r} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+        raise RuntimeError(
+            f"measuring {name!r} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}"
+        )
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
@@ -82,8 +85,8 @@ def add_options(parser) -> None:
     parser.add_argument(
         "--same-process",
         action="store_true",
-        help="measure every variant in this process (fast, for smoke runs): saved activations stay exact, peak "
-        "memory is not reported since it would mix the variants",
+        help="measure every variant in this process (fast, for smoke runs): saved activations stay exact, "
+        "peak memory is not reported since it would mix the variants",
     )
 
 
@@ -119,13 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     saved_ratio = results[VERALAB]["saved"] / base_saved
     peak_ratio = results[VERALAB]["peak"] / peft_peak
     print_table(
-        "Training memory, " + ("all variants in this process" if args.same_process else "each variant in its own process"),
+        "Training memory, "
+        + ("all variants in this process" if args.same_process else "each variant in its own process"),
         ["variant", "saved activations (MB)", "/ frozen base", peak_label, "/ PEFT VeRA"],
         rows,
         [
             machine_line(args),
-            f"saved activations of one training forward, veralab / frozen base: {saved_ratio:.3f} "
-            f"(target <= 1.12: {verdict(saved_ratio, 1.12)}); PEFT VeRA / frozen base: "
+            f"saved activations of one training forward, veralab / frozen base: {saved_ratio:.3f} (target <= "
+            f"1.12: {verdict(saved_ratio, 1.12)}); PEFT VeRA / frozen base: "
             f"{results[PEFT_VERA]['saved'] / base_saved:.3f}",
             f"{peak_label}, veralab / PEFT VeRA: {peak_ratio:.3f} (target <= 1.0: {verdict(peak_ratio, 1.0)})"
             if not args.same_process

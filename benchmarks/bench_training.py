@@ -93,15 +93,22 @@ def main(argv: list[str] | None = None) -> None:
     lora_ratio = medians[VERALAB] / medians[PEFT_LORA]
     print_table(
         f"Training step, medians of {setup.steps} interleaved steps after {setup.warmup} warm-up",
-        ["variant", "trainable params", "step (s)", "/ frozen base", "overhead / PEFT VeRA overhead", "/ PEFT LoRA r=8"],
+        [
+            "variant",
+            "trainable params",
+            "step (s)",
+            "/ frozen base",
+            "overhead / PEFT VeRA overhead",
+            "/ PEFT LoRA r=8",
+        ],
         rows,
         [
             machine_line(args),
-            f"adapter overhead, (veralab - base) / (PEFT VeRA - base): {overhead_ratio:.3f} "
-            f"(target <= 0.35: {verdict(overhead_ratio, 0.35)}); cost-model limit {predicted:.3f} "
-            f"({ours / 1e9:.1f} vs {theirs / 1e9:.1f} GMAC of adapter work per step)",
-            f"headline, veralab VeRA r={setup.r} step / PEFT LoRA r=8 step: {lora_ratio:.3f} "
-            f"(target < 1.0: {verdict(lora_ratio, 1.0, strict=True)}), training "
+            f"adapter overhead, (veralab - base) / (PEFT VeRA - base): {overhead_ratio:.3f} (target <= 0.35: "
+            f"{verdict(overhead_ratio, 0.35)}); cost-model limit {predicted:.3f} ({ours / 1e9:.1f} vs "
+            f"{theirs / 1e9:.1f} GMAC of adapter work per step)",
+            f"headline, veralab VeRA r={setup.r} step / PEFT LoRA r=8 step: {lora_ratio:.3f} (target < 1.0: "
+            f"{verdict(lora_ratio, 1.0, strict=True)}), training "
             f"{trainable[PEFT_LORA] / trainable[VERALAB]:.1f}x fewer parameters",
         ],
     )

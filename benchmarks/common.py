@@ -42,17 +42,29 @@ class Setup:
     steps: int
 
 
-FULL = Setup(hidden=512, intermediate=1376, layers=4, heads=8, vocab=8000, batch=8, seq=512, r=256, warmup=1, steps=5)
-QUICK = Setup(hidden=64, intermediate=176, layers=1, heads=4, vocab=256, batch=2, seq=32, r=32, warmup=1, steps=2)
+FULL = Setup(
+    hidden=512, intermediate=1376, layers=4, heads=8, vocab=8000, batch=8, seq=512, r=256, warmup=1, steps=5
+)
+QUICK = Setup(
+    hidden=64, intermediate=176, layers=1, heads=4, vocab=256, batch=2, seq=32, r=32, warmup=1, steps=2
+)
 
 
-def parse_args(description: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: list[str] | None = None, extra: Callable | None = None
+) -> argparse.Namespace:
     """The options every benchmark takes: --quick, --steps, --device, --dtype, --threads."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a tiny model and 2 steps: checks the script runs")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant after warm-up (default 5)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny model and 2 steps: checks the script runs"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per variant after warm-up (default 5)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     if extra is not None:
         extra(parser)
@@ -68,10 +80,13 @@ def parse_args(description: str, argv: list[str] | None = None, extra: Callable 
 def gpu_unavailable_note(args: argparse.Namespace, script: str) -> str | None:
     """None when the run can go ahead; else why the GPU rows are not measured (they are never faked)."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        return "GPU rows: need a CUDA GPU, and torch.cuda.is_available() is False on this machine; nothing measured."
+        return (
+            "GPU rows: need a CUDA GPU, and torch.cuda.is_available() is False on this machine; "
+            "nothing measured."
+        )
     if args.device == "cpu":
         return (
-            f"GPU rows (bf16, peak memory from torch.cuda.max_memory_allocated) need a CUDA GPU: on one, run "
+            "GPU rows (bf16, peak memory from torch.cuda.max_memory_allocated) need a CUDA GPU: on one, run "
             f"`python -m benchmarks.{script} --device cuda`"
             + (" (a GPU is available here)." if torch.cuda.is_available() else " (none on this machine).")
         )
@@ -81,8 +96,8 @@ def gpu_unavailable_note(args: argparse.Namespace, script: str) -> str | None:
 def machine_line(args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     return (
-        f"machine: {device} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, {args.dtype}; setup: {describe(args.setup)}"
+        f"machine: {device} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, {args.dtype}; setup: {describe(args.setup)}"
     )
 
 
@@ -99,8 +114,9 @@ def cpu_name() -> str:
 
 def describe(setup: Setup) -> str:
     return (
-        f"Llama hidden {setup.hidden}, intermediate {setup.intermediate}, {setup.layers} layers, {setup.heads} heads, "
-        f"vocab {setup.vocab}; batch {setup.batch} x seq {setup.seq}; VeRA r={setup.r} on {','.join(TARGETS)}"
+        f"Llama hidden {setup.hidden}, intermediate {setup.intermediate}, {setup.layers} layers, "
+        f"{setup.heads} heads, vocab {setup.vocab}; batch {setup.batch} x seq {setup.seq}; VeRA r={setup.r} "
+        f"on {','.join(TARGETS)}"
     )
 
 
@@ -140,7 +156,9 @@ def build_variant(name: str, base: nn.Module, setup: Setup) -> nn.Module:
     elif name == PEFT_LORA:
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
     else:
-        raise ValueError(f"unknown variant {name!r}; use one of {[FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]}")
+        raise ValueError(
+            f"unknown variant {name!r}; use one of {[FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA]}"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(model, config)

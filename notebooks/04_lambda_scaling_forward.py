@@ -11,7 +11,8 @@
 #
 # VeRA's layer computes
 #
-# $$ y = W_0 x + b + \Lambda_b B_s \Lambda_d A_s x, \qquad \Lambda_b = \mathrm{diag}(\lambda_b),\ \Lambda_d = \mathrm{diag}(\lambda_d) $$
+# $$ y = W_0 x + b + \Lambda_b B_s \Lambda_d A_s x, \qquad \Lambda_b = \mathrm{diag}(\lambda_b),\ \Lambda_d =
+# \mathrm{diag}(\lambda_d) $$
 #
 # with the frozen slices `A_s (r × in)`, `B_s (out × r)` of the shared pair (notebooks 02 and 03) and the two
 # trained vectors `λ_d (r)` and `λ_b (out)`.

@@ -10,8 +10,10 @@
 # # 07 · VeRA over quantized bases: what is exact, what is approximate
 #
 # A frozen base model does not need full precision: bitsandbytes stores its weights in 8 bits (LLM.int8()) or
-# 4 bits (QLoRA's nf4 and fp4), and VeRA's few float32 parameters train on top. `veralab.fast.get_model` sees the
-# bitsandbytes layers and wraps them in `veralab.fast.backends.bnb.Linear8bitLt` / `Linear4bit`, which add the adapter
+# 4 bits (QLoRA's nf4 and fp4), and VeRA's few float32 parameters train on top. `veralab.fast.get_model` sees
+# the
+# bitsandbytes layers and wraps them in `veralab.fast.backends.bnb.Linear8bitLt` / `Linear4bit`, which add the
+# adapter
 # term to the quantized layer's output.
 #
 # **What you will learn**
@@ -20,7 +22,8 @@
 #    scheme implies: int8 row-wise absmax, nf4 and fp4 blockwise — measured and plotted side by side.
 # 2. That the adapter over a quantized base is *exact*: its term equals the reference's to float32 rounding,
 #    while the base output is off by the quantization error, some 10⁵ times more.
-# 3. That merging into a quantized weight is *approximate*: it requantizes `W + ΔW`, within the same bound, and
+# 3. That merging into a quantized weight is *approximate*: it requantizes `W + ΔW`, within the same bound,
+# and
 #    what that does to a small adapter.
 #
 # Everything runs on the CPU, on layers built directly (bitsandbytes quantizes a layer when it is moved to a
@@ -58,12 +61,17 @@ U32 = torch.finfo(torch.float32).eps / 2
 #
 # | scheme | stores | one value is | worst rounding |
 # |---|---|---|---|
-# | int8 (`Linear8bitLt`) | int8 codes, one fp32 scale per output row | `code · rowmax / 127` | `rowmax / 254` |
-# | nf4 (`Linear4bit`) | 4-bit codes, one scale per block of 64 | `absmax · nf4[code]` | `absmax · (largest gap in nf4) / 2` |
-# | fp4 (`Linear4bit`) | 4-bit codes, one scale per block of 64 | `absmax · fp4[code]` | `absmax · (largest gap in fp4) / 2` |
+# | int8 (`Linear8bitLt`) | int8 codes, one fp32 scale per output row | `code · rowmax / 127` | `rowmax / 254`
+# |
+# | nf4 (`Linear4bit`) | 4-bit codes, one scale per block of 64 | `absmax · nf4[code]` | `absmax · (largest
+# gap in nf4) / 2` |
+# | fp4 (`Linear4bit`) | 4-bit codes, one scale per block of 64 | `absmax · fp4[code]` | `absmax · (largest
+# gap in fp4) / 2` |
 #
-# Rows are rows of the `(out, in)` weight; blocks are 64 consecutive values of the flattened weight. The 16 nf4
-# values are quantiles of a normal distribution, the 16 fp4 values those of a tiny floating-point format. (int8
+# Rows are rows of the `(out, in)` weight; blocks are 64 consecutive values of the flattened weight. The 16
+# nf4
+# values are quantiles of a normal distribution, the 16 fp4 values those of a tiny floating-point format.
+# (int8
 # first rounds the weight to fp16, which adds `u16 · |W|`.) We turn off 4-bit *double quantization*, which
 # quantizes the scales too, so that the bound stays this simple.
 
@@ -132,8 +140,9 @@ stored_bytes = {
 }
 for scheme in SCHEMES:
     print(
-        f"{scheme}: {stored_bytes[scheme]:>7,d} bytes (fp32: {W.nbytes:,d})   |error| mean {errors[scheme].mean():.2e}"
-        f"  max {errors[scheme].max():.2e}   max error / bound {(errors[scheme] / bounds[scheme]).max():.3f}"
+        f"{scheme}: {stored_bytes[scheme]:>7,d} bytes (fp32: {W.nbytes:,d})   |error| mean "
+        f"{errors[scheme].mean():.2e}  max {errors[scheme].max():.2e}   max error / bound "
+        f"{(errors[scheme] / bounds[scheme]).max():.3f}"
     )
 
 # %%
@@ -192,18 +201,24 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Each scheme stays within its bound, and the bound is nearly reached: rounding to the nearest code errs by up to
-# half a gap. int8 has 255 levels per row, and its errors are 10 times smaller than the 4-bit ones. Between the
-# 4-bit schemes, nf4 puts its 16 values where normally distributed weights are dense, near 0; fp4 spends four of
+# Each scheme stays within its bound, and the bound is nearly reached: rounding to the nearest code errs by up
+# to
+# half a gap. int8 has 255 levels per row, and its errors are 10 times smaller than the 4-bit ones. Between
+# the
+# 4-bit schemes, nf4 puts its 16 values where normally distributed weights are dense, near 0; fp4 spends four
+# of
 # its 16 codes within 0.0052 of zero (+0 and −0 among them) and leaves wide gaps from ±0.67 to ±1. So nf4 errs
 # less on average, for the same 4.5 bits a weight (the codes and one float32 scale per 64).
 
 # %% [markdown]
 # ## 2. The adapter is exact over a quantized base
 #
-# Now VeRA. A small two-layer block, `up` (256 → 512) and `down` (512 → 256), in float32 and in each of the three
-# quantized forms. `get_model` picks the VeRA layer for each bitsandbytes layer; every copy gets the same shared
-# projections (same `projection_prng_key`) and the same λ vectors, random around the sizes a trained adapter has
+# Now VeRA. A small two-layer block, `up` (256 → 512) and `down` (512 → 256), in float32 and in each of the
+# three
+# quantized forms. `get_model` picks the VeRA layer for each bitsandbytes layer; every copy gets the same
+# shared
+# projections (same `projection_prng_key`) and the same λ vectors, random around the sizes a trained adapter
+# has
 # (λ_d near its initial 0.1, λ_b of order 0.1): they move the block's output by a few percent.
 
 
@@ -269,12 +284,15 @@ for model in models.values():  # one and the same shared pair everywhere
     )
 
 # %% [markdown]
-# For each adapted layer we split the output in two: the base layer's output, and the rest, which is the adapter
+# For each adapted layer we split the output in two: the base layer's output, and the rest, which is the
+# adapter
 # term. The reference (`veralab.reference.vera_forward` with a zero weight) gives the adapter term in exact
 # float32 arithmetic, and the float32 `nn.Linear` gives the exact base output.
 #
-# The adapter term is two sums, over `in` and over `r` products, and two elementwise scalings, so float32 rounding
-# can move it by at most `(in + r + 2) · u32 · Σ|terms|`; adding it to the base output and subtracting that back
+# The adapter term is two sums, over `in` and over `r` products, and two elementwise scalings, so float32
+# rounding
+# can move it by at most `(in + r + 2) · u32 · Σ|terms|`; adding it to the base output and subtracting that
+# back
 # adds a rounding of each one's size.
 
 # %%
@@ -332,8 +350,10 @@ for row in rows:
 
 # %% [markdown]
 # The adapter term is the reference's to the last few bits; the base output is off by `x (Q(W) − W)ᵀ`, the
-# quantization error of section 1 — about 10⁻² for 8 bits and 10⁻¹ for 4 bits here. Over 4 bits that is as large
-# as the adapter's whole effect, and it does not matter: the adapter is trained on the quantized model, as QLoRA
+# quantization error of section 1 — about 10⁻² for 8 bits and 10⁻¹ for 4 bits here. Over 4 bits that is as
+# large
+# as the adapter's whole effect, and it does not matter: the adapter is trained on the quantized model, as
+# QLoRA
 # trains LoRA, and what it adds is added exactly.
 # (In eval mode `Linear8bitLt` also rounds the *input* to int8, row by row: LLM.int8()'s matmul.) VeRA's
 # layers compute the adapter term in float32 whatever the base's compute dtype, so the λ vectors get exact
@@ -343,7 +363,8 @@ for row in rows:
 # ## 3. Merging into a quantized weight rounds
 #
 # `merge_adapter()` computes `W̃ + ΔW` in float32, with `W̃` the dequantized base weight, and *requantizes* it
-# with the layer's own scheme. The result is a quantized weight again — so it is within the bound of section 1 of
+# with the layer's own scheme. The result is a quantized weight again — so it is within the bound of section 1
+# of
 # `W̃ + ΔW`, not equal to it. veralab says so with a warning.
 
 # %%
@@ -376,8 +397,9 @@ for scheme in SCHEMES:
     print(
         f"{scheme}: warned={merge_rows[scheme]['warned']}  "
         + "  ".join(
-            f"{name}: max |merged W - (W̃ + ΔW)| / bound {merge_rows[scheme][name]['weight error / bound']:.3f},"
-            f" max |merged - unmerged| output {merge_rows[scheme][name]['output error']:.2e}"
+            f"{name}: max |merged W - (W̃ + ΔW)| / bound "
+            f"{merge_rows[scheme][name]['weight error / bound']:.3f}, max |merged - unmerged| output "
+            f"{merge_rows[scheme][name]['output error']:.2e}"
             for name in ("up", "down")
         )
     )
@@ -391,10 +413,13 @@ for scheme in SCHEMES:
         assert merge_rows[scheme][name]["output error"] > 1000 * row["adapter error"]  # not float32 rounding
 
 # %% [markdown]
-# How much that matters depends on how large `ΔW` is next to the quantization step. A trained adapter's `ΔW` is
-# small (λ_b starts at zero), and a merge rounds it to the base's grid: part of it, or all of it, can vanish. We
+# How much that matters depends on how large `ΔW` is next to the quantization step. A trained adapter's `ΔW`
+# is
+# small (λ_b starts at zero), and a merge rounds it to the base's grid: part of it, or all of it, can vanish.
+# We
 # scale λ_b from 1/100 to 100 times the adapter above and measure what merging loses: the error of the merged
-# output, `|merged − unmerged|`, over the adapter's own effect, `|unmerged − base|` (whole block, 64 inputs). At
+# output, `|merged − unmerged|`, over the adapter's own effect, `|unmerged − base|` (whole block, 64 inputs).
+# At
 # 1 the adapter is lost entirely: the merged model is the base model again.
 
 # %%
@@ -451,13 +476,16 @@ assert min(relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][
 #
 # So over a quantized base, keep VeRA *unmerged*: the adapter term is exact and costs two thin matmuls per
 # layer. A merge into 8 bits keeps an adapter that moves the weights by more than the int8 step; a merge into
-# 4 bits is a new quantization of the model, and an adapter of a trained size is lost in it. To deploy a merged model, merge
+# 4 bits is a new quantization of the model, and an adapter of a trained size is lost in it. To deploy a
+# merged model, merge
 # into a dequantized (fp16 / bf16) copy of the base instead, and quantize the result once if you must.
 #
 # One practical trap, handled for you: on CPUs with AVX-512 bf16, bitsandbytes repacks a 4-bit weight in place
-# the first time the layer runs in eval mode without gradients, into a layout that breaks training gradients and
+# the first time the layer runs in eval mode without gradients, into a layout that breaks training gradients
+# and
 # dequantizing (so merging). `get_model` turns the repacking off for every `Linear4bit` of the model
-# (`veralab.fast.backends.bnb.keep_standard_layouts`); that is why everything above ran in eval mode and still merged
+# (`veralab.fast.backends.bnb.keep_standard_layouts`); that is why everything above ran in eval mode and still
+# merged
 # correctly.
 
 # %%

@@ -9,13 +9,15 @@
 # %% [markdown]
 # # 08 · Many adapters: one model, one batch, many users
 #
-# Every VeRA adapter of a model shares the same frozen pair `vera_A`, `vera_B`; what makes an adapter *yours* is
+# Every VeRA adapter of a model shares the same frozen pair `vera_A`, `vera_B`; what makes an adapter *yours*
+# is
 # two small vectors per layer. So a server can keep one base model and thousands of users' adapters in memory,
 # and run a batch in which every row uses a different one.
 #
 # **What you will learn**
 #
-# 1. How to run a *mixed batch*: `model(input_ids, adapter_names=[...])`, one adapter name per row, `"__base__"`
+# 1. How to run a *mixed batch*: `model(input_ids, adapter_names=[...])`, one adapter name per row,
+# `"__base__"`
 #    for rows that use none — and that every row comes out exactly as if its adapter ran alone.
 # 2. What a mixed batch costs as the number of distinct adapters grows from 1 to 32: the same two thin matmuls
 #    per layer, counted, against one forward pass per adapter; both timed and plotted.
@@ -48,8 +50,10 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # %% [markdown]
 # ## 1. Thirty-two users on one model
 #
-# A small Llama (2 layers, width 128), with VeRA on `q_proj` and `v_proj` at rank 64. The first adapter creates
-# the shared pair; `add_adapter` adds 31 more over the same pair. `init_weights=False` gives each adapter random
+# A small Llama (2 layers, width 128), with VeRA on `q_proj` and `v_proj` at rank 64. The first adapter
+# creates
+# the shared pair; `add_adapter` adds 31 more over the same pair. `init_weights=False` gives each adapter
+# random
 # non-zero λ vectors, so that the users' adapters really differ (fresh ones would all be the base model).
 
 # %%
@@ -81,7 +85,8 @@ assert list(model.peft_config) == users
 assert adapter_parameters == 4 * (64 + 128)  # 2 layers × (q_proj, v_proj) × (r + out)
 
 # %% [markdown]
-# A mixed batch: eight rows, six of them for five different users (user03 twice), two for the base model. Each row must come out
+# A mixed batch: eight rows, six of them for five different users (user03 twice), two for the base model. Each
+# row must come out
 # exactly as it does when its adapter runs alone (`set_adapter`), and the `"__base__"` rows as the base model
 # (`disable_adapter`).
 
@@ -133,11 +138,13 @@ assert all((mixed[row] - base_logits[row]).abs().max() > 0.1 for row in adapted_
 # where `Λ_d[row]`, `Λ_b[row]` are the rows' λ vectors gathered from the adapters present. The matmuls do not
 # depend on how many distinct adapters the batch holds; only the gather does, and it is `batch × (r + out)`
 # numbers. So a mixed batch costs the base model plus at most `2 · N · r · (in + out)` FLOPs per adapted layer
-# for `N` tokens, whatever `K`. (At most: layers that read the same input, like `q_proj` and `v_proj`, may share
+# for `N` tokens, whatever `K`. (At most: layers that read the same input, like `q_proj` and `v_proj`, may
+# share
 # one `h`.) The alternative, one forward pass per adapter over its own rows, runs the whole model `K` times.
 #
 # We check this by counting, over batches of 32 rows in which `K` distinct users take turns: the matmul FLOPs
-# (PyTorch's `FlopCounterMode`) and the calls to `torch.nn.functional.linear`, through which every linear layer
+# (PyTorch's `FlopCounterMode`) and the calls to `torch.nn.functional.linear`, through which every linear
+# layer
 # of the model goes (a `TorchFunctionMode` sees each call).
 
 # %%
@@ -219,7 +226,8 @@ for k, c in counts.items():
 
 # %% [markdown]
 # One pass per user computes the same tokens, so it does about the same arithmetic, but in `K` passes over
-# `32 / K` rows each: it pays every per-call cost (Python, dispatch, attention set-up) `K` times. Now the clock,
+# `32 / K` rows each: it pays every per-call cost (Python, dispatch, attention set-up) `K` times. Now the
+# clock,
 # on this machine: each count of users timed in interleaved rounds, best of 5 (timings are not asserted; the
 # counts above are the facts).
 
@@ -239,7 +247,8 @@ for _ in range(5):
         best["separate", k] = min(best["separate", k], seconds(lambda k=k: run_separately(k)))
 for k in distinct_counts:
     print(
-        f"K = {k:>2}: mixed batch {1e3 * best['mixed', k]:6.1f} ms   one pass per user {1e3 * best['separate', k]:7.1f} ms"
+        f"K = {k:>2}: mixed batch {1e3 * best['mixed', k]:6.1f} ms   one pass per user "
+        f"{1e3 * best['separate', k]:7.1f} ms"
     )
 
 fig, ax = plt.subplots(figsize=(7, 4))
@@ -259,17 +268,21 @@ plt.show()
 
 # %% [markdown]
 # The mixed batch stays flat as users are added; one pass per user grows about linearly with their number. At
-# `K = 1` both are the same single pass. (Merging is no help here: a merged weight serves one adapter at a time.)
+# `K = 1` both are the same single pass. (Merging is no help here: a merged weight serves one adapter at a
+# time.)
 
 # %% [markdown]
 # ## 3. On disk, and out to LoRA
 #
-# `save_pretrained` writes each adapter in PEFT's layout, one directory per adapter. What a user's file holds is
-# its λ vectors — and, with the default `save_projection=True`, a copy of the shared pair, which here outweighs
+# `save_pretrained` writes each adapter in PEFT's layout, one directory per adapter. What a user's file holds
+# is
+# its λ vectors — and, with the default `save_projection=True`, a copy of the shared pair, which here
+# outweighs
 # the λ vectors twenty times over. With `save_projection=False` the pair is left out and regenerated from
 # `projection_prng_key` at load time (notebook 02 shows what that saves and risks).
 #
-# `save_as_lora` writes the same adapter as a standard LoRA adapter: per layer `lora_A = λ_d ⊙ A_s` (r × in) and
+# `save_as_lora` writes the same adapter as a standard LoRA adapter: per layer `lora_A = λ_d ⊙ A_s` (r × in)
+# and
 # `lora_B = λ_b ⊙ B_s` (out × r), with `lora_alpha = r` so that LoRA's scaling is 1. Then
 # `lora_B @ lora_A = (λ_b ⊙ B_s)(λ_d ⊙ A_s)`, VeRA's `ΔW` exactly, and any LoRA server can serve it — at the
 # price of a LoRA adapter's size: `r · (in + out)` numbers a layer instead of `r + out`.
@@ -338,6 +351,7 @@ plt.show()
 
 # %% [markdown]
 # So a server that keeps the base model and one shared pair needs 3 KiB per user here (768 bytes a layer); the
-# same adapter as LoRA takes 256 KiB, 85 times more, and the ratio grows with the layers' width. The export is for
+# same adapter as LoRA takes 256 KiB, 85 times more, and the ratio grows with the layers' width. The export is
+# for
 # reach, not for size: it lets a VeRA adapter run wherever LoRA adapters run, with the same outputs to float32
 # rounding.

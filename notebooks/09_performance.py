@@ -57,7 +57,8 @@ from veralab.fast.functional import activation_space_vera, scaled_projection, we
 
 # PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-# One thread: the cost model counts work, not parallelism, and one thread times more steadily on a shared machine.
+# One thread: the cost model counts work, not parallelism, and one thread times more steadily on a shared
+# machine.
 torch.set_num_threads(1)
 
 # %% [markdown]
@@ -69,9 +70,12 @@ torch.set_num_threads(1)
 #
 # | | forward | backward | kept for the backward |
 # |---|---|---|---|
-# | PEFT (activation space) | `h = x A_sᵀ`, `u = (λ_d ⊙ h) B_sᵀ`: `N·r·(in + out)` | `∂u → ∂h → ∂x`: `N·r·(out + in)`; λ gradients elementwise | `h (N × r)` and `u (N × out)` |
-# | veralab, activation space | `h`, then `h Sᵀ` with `S = B_s ⊙ (λ_bᵀ λ_d)`: `N·r·(in + out)` | `G S`, `(G S) A_s` and `P = Gᵀ h`: `N·r·(in + 2·out)` | `h` |
-# | veralab, weight space | `h`, and `W + S A_s` once: `N·r·in + out·in·(r + 1)` | `W + S A_s` again, `P = Gᵀ h`: `out·in·(r + 1) + N·r·out` | `h` |
+# | PEFT (activation space) | `h = x A_sᵀ`, `u = (λ_d ⊙ h) B_sᵀ`: `N·r·(in + out)` | `∂u → ∂h → ∂x`: `N·r·(out
+# + in)`; λ gradients elementwise | `h (N × r)` and `u (N × out)` |
+# | veralab, activation space | `h`, then `h Sᵀ` with `S = B_s ⊙ (λ_bᵀ λ_d)`: `N·r·(in + out)` | `G S`, `(G S)
+# A_s` and `P = Gᵀ h`: `N·r·(in + 2·out)` | `h` |
+# | veralab, weight space | `h`, and `W + S A_s` once: `N·r·in + out·in·(r + 1)` | `W + S A_s` again, `P = Gᵀ
+# h`: `out·in·(r + 1) + N·r·out` | `h` |
 #
 # (`G` is the output gradient.) veralab gets both λ gradients exactly from the small `P = Gᵀ h (out × r)`
 # instead of from `u`, so it never keeps an `N × out` activation; the price is the matmul `Gᵀ h`. Weight space
@@ -124,7 +128,8 @@ tie_with_peft = 2 * out_features * in_features * (r + 1) / (r * (in_features + o
 crossover = int(tie_with_activation) + 1  # the first N at which weight space is strictly cheaper
 below_peft = int(tie_with_peft) + 1
 print(
-    f"weight space is cheaper than activation space from N = {crossover} (the two tie at {tie_with_activation})"
+    f"weight space is cheaper than activation space from N = {crossover} (the two tie at "
+    f"{tie_with_activation})"
 )
 print(f"weight space is cheaper than PEFT's computation from N = {below_peft} (tie at {tie_with_peft})")
 
@@ -196,7 +201,8 @@ plt.show()
 # Below the crossover, veralab runs activation space and does *more* arithmetic than PEFT — a quarter more
 # here, the `Gᵀ h` that replaces keeping `u` — in exchange for keeping `N × out` fewer numbers (section 3).
 # Above it the ΔW builds are spread over enough tokens, and from about `in` tokens on veralab does less than
-# PEFT, heading for half. Training batches are thousands of tokens (8 × 512 in the benchmarks), so weight space
+# PEFT, heading for half. Training batches are thousands of tokens (8 × 512 in the benchmarks), so weight
+# space
 # is what runs in practice.
 #
 # ### The model is what PyTorch counts
@@ -239,7 +245,8 @@ def training_step_flops(forward, n):
 
 
 print(
-    f"{'N':>6}  {'path':<17}{'veralab extra FLOPs':>21}{'2·(path_costs ± exact terms)':>30}{'PEFT extra FLOPs':>18}"
+    f"{'N':>6}  "
+    f"{'path':<17}{'veralab extra FLOPs':>21}{'2·(path_costs ± exact terms)':>30}{'PEFT extra FLOPs':>18}"
 )
 for n in (64, crossover - 1, crossover, 2048):
     path = layer.plan(torch.empty(n, in_features, requires_grad=True)).path
@@ -344,7 +351,8 @@ for n in token_counts:
     print(f"{n:>6}" + "".join(f"{median_ms[name, n]:>27.2f}" for name in variants))
 
 # %% [markdown]
-# To turn multiply-adds into seconds we need one number, the machine's rate. We take it from the frozen base at
+# To turn multiply-adds into seconds we need one number, the machine's rate. We take it from the frozen base
+# at
 # the largest `N` (one big matmul forward, one backward: as close to the machine's peak as this gets) and draw
 # every prediction with it. Left: time per token against `N`, the axes of section 1's plot, measured as
 # markers and predicted as lines. Right: every variant at every `N`, measured time against predicted
@@ -412,15 +420,15 @@ for n in token_counts:
     predicted_ratio = (
         predicted_macs("veralab.fast VeraLinear", n) - predicted_macs("frozen base", n)
     ) / peft_macs(n)
-    print(
-        f"{n:>6}{peft_extra:>15.2f}{ours_extra:>18.2f}{ours_extra / peft_extra:>16.2f}{predicted_ratio:>17.2f}"
-    )
+    measured_ratio = ours_extra / peft_extra
+    print(f"{n:>6}{peft_extra:>15.2f}{ours_extra:>18.2f}{measured_ratio:>16.2f}{predicted_ratio:>17.2f}")
 
 # %% [markdown]
 # What to look for (on a quiet machine; a loaded one scatters the points):
 #
 # - As `N` grows the points close in on the cost model's lines (within about ten percent at 1024 and 2048
-#   tokens in our runs, PEFT's excepted, see below): the matmuls become the time. At small `N` every variant sits
+# tokens in our runs, PEFT's excepted, see below): the matmuls become the time. At small `N` every variant
+# sits
 #   above its line, because a step also pays a fixed cost per call (Python, dispatch, allocations) that no
 #   multiply-add count contains; the custom autograd Functions pay a little more of it than plain PyTorch ops.
 # - The two forced veralab paths cross near the `N` where `choose_path` switches (the vertical line), and the
@@ -434,7 +442,8 @@ for n in token_counts:
 # During a training forward autograd keeps the tensors each backward will need. Those *saved activations*
 # grow with the batch, and they are what limits the batch size when training with a frozen base. We measure
 # them with `torch.autograd.graph.saved_tensors_hooks`, whose `pack` hook sees every tensor as it is saved:
-# `veralab.fast.diagnostics.saved_activation_bytes` counts each storage once (a tensor and its views share one) and leaves
+# `veralab.fast.diagnostics.saved_activation_bytes` counts each storage once (a tensor and its views share
+# one) and leaves
 # out the parameters and buffers, which exist whether or not anything is saved.
 #
 # The model: a small Llama (2 blocks, width 128, MLP 344), VeRA at rank 64 on all seven linear layers of each
@@ -476,7 +485,8 @@ measured = {
 }
 for name, nbytes in measured.items():
     print(
-        f"{name:<14}{nbytes / 2**20:7.3f} MiB saved   extra {(nbytes - measured['frozen base']) / 2**20:6.3f} MiB"
+        f"{name:<14}{nbytes / 2**20:7.3f} MiB saved   extra "
+        f"{(nbytes - measured['frozen base']) / 2**20:6.3f} MiB"
     )
 
 # %% [markdown]
@@ -491,7 +501,8 @@ for name, nbytes in measured.items():
 #   the model keeps one contiguous copy of `A_s = vera_A[:, :in]` per input width narrower than `vera_A`
 #   (a column slice of a matrix is not contiguous; the row slices `B_s = vera_B[:out]` are views).
 #
-# Which layers share an input is not taken on trust: `veralab.fast.diagnostics.layers_sharing_inputs` records, with forward
+# Which layers share an input is not taken on trust: `veralab.fast.diagnostics.layers_sharing_inputs` records,
+# with forward
 # pre-hooks, the input tensor each adapted layer receives in one forward.
 
 
@@ -509,7 +520,8 @@ predicted_extra = {
 }
 for name, predicted in predicted_extra.items():
     print(
-        f"{name:<14}extra measured {measured[name] - measured['frozen base']:>9,d} B   predicted {predicted:>9,d} B"
+        f"{name:<14}extra measured {measured[name] - measured['frozen base']:>9,d} B   predicted "
+        f"{predicted:>9,d} B"
     )
 
 # %%
@@ -582,7 +594,8 @@ plt.show()
 
 # %% [markdown]
 # PEFT's extra is almost as large as everything the frozen model keeps (width 128, rank 64: `u` alone is the
-# size of a layer's output, seven times per block); veralab's is a small fraction of it. The ratio to expect at
+# size of a layer's output, seven times per block); veralab's is a small fraction of it. The ratio to expect
+# at
 # any size follows from the formula: `4·r` numbers per token and block against `Σ (r + out)` over the seven
 # layers.
 #
@@ -653,9 +666,7 @@ cases = [
 ]
 for label, forward, n, expected_path in cases:
     if expected_path is not None:
-        assert (
-            layer.plan(torch.empty(n, in_features, requires_grad=True)).path == expected_path
-        )
+        assert layer.plan(torch.empty(n, in_features, requires_grad=True)).path == expected_path
         label = f"VeraLinear ({expected_path})"
     x = torch.randn(n, in_features, generator=generator)
     grad_output = torch.randn(n, out_features, generator=generator)
@@ -667,7 +678,8 @@ for label, forward, n, expected_path in cases:
 
 # %% [markdown]
 # And the whole Llama of section 3 against PEFT: the same λ vectors in both models (non-zero, copied by
-# parameter name: veralab's are PEFT's without the leading `base_model.`), the same shared pair (drawn from the same key), and PEFT in
+# parameter name: veralab's are PEFT's without the leading `base_model.`), the same shared pair (drawn from
+# the same key), and PEFT in
 # float64 as the truth. At 256 tokens veralab's layers run in weight space, at 16 in activation space. We
 # compare the logits, the input gradient, and the gradients of all λ_d and all λ_b.
 

@@ -1,4 +1,5 @@
-"""Test-suite plumbing: one torch thread for the tiny test models, and `--fault-catalog PATH`, which writes the
+"""Test-suite plumbing: one torch thread for the tiny test models, and `--fault-catalog PATH`, which writes
+the
 reliability page from the collected fault markers."""
 
 import os
@@ -12,14 +13,17 @@ def pytest_configure(config):
     # The tests' matmuls are tiny: on a 2-core machine a second thread only spin-waits (the suite runs
     # markedly faster on one). Benchmarks and multi-process tests run in their own processes.
     torch.set_num_threads(1)
-    # The notebooks' kernels, which nbval starts as child processes, inherit this: under nbval on a busy 2-core
+    # The notebooks' kernels, which nbval starts as child processes, inherit this: under nbval on a busy
+    # 2-core
     # machine, notebook 05 took 62 s with two threads and 12 s with one.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--fault-catalog", metavar="PATH", default=None,
+        "--fault-catalog",
+        metavar="PATH",
+        default=None,
         help="write the reliability catalog (docs/reliability.md) generated from the fault markers to PATH",
     )
 

@@ -22,8 +22,16 @@ VOCAB = 96
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=44,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config)
 
@@ -31,8 +39,16 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=VOCAB, hidden_size=24, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=24, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=24,
+        ffn_dim=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=24,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return OPTForCausalLM(config)
 
@@ -40,7 +56,13 @@ def tiny_opt(seed: int = 0) -> OPTForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=24,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(config)
 
@@ -48,8 +70,13 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=3,
     )
     return BertForSequenceClassification(config)
 
@@ -57,13 +84,25 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
 def tiny_roberta(seed: int = 0) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
     config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=70, num_labels=3, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=70,
+        num_labels=3,
+        pad_token_id=1,
     )
     return RobertaForSequenceClassification(config)
 
 
-TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta}
+TINY_MODELS = {
+    "llama": tiny_llama,
+    "opt": tiny_opt,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "roberta": tiny_roberta,
+}
 
 
 def token_batch(batch: int = 3, seq: int = 7, seed: int = 1) -> torch.Tensor:

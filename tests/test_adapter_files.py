@@ -374,7 +374,8 @@ def test_saving_without_projections_refuses_projections_the_key_cannot_regenerat
 @pytest.mark.fault(
     "file",
     "projections regenerated from the key differ (another torch version or device)",
-    "ProjectionMismatchError saying how to recover (re-save with save_projection=True where it was saved); base model restored",
+    "ProjectionMismatchError saying how to recover (re-save with save_projection=True where it was saved); "
+    "base model restored",
 )
 def test_regenerated_projections_that_differ_are_refused_with_a_recovery_hint(tmp_path, monkeypatch):
     arch = ARCHS["llama"]
@@ -476,7 +477,8 @@ def test_an_adapter_with_other_saved_projections_does_not_join_a_model(tmp_path)
 @pytest.mark.fault(
     "file",
     "a save that fails midway (disk full)",
-    "the previous files stay byte-identical and loadable; no staging directory is left, no new directory appears",
+    "the previous files stay byte-identical and loadable; no staging directory is left, no new directory "
+    "appears",
 )
 def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
     arch = ARCHS["llama"]
@@ -510,7 +512,8 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter_intact(tmp_path, m
 @pytest.mark.fault(
     "file",
     "a read-only output directory",
-    "OSError naming the adapter and the directory; the adapter already there stays byte-identical and loadable",
+    "OSError naming the adapter and the directory; the adapter already there stays byte-identical and "
+    "loadable",
 )
 def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypatch):
     arch = ARCHS["llama"]
@@ -525,7 +528,9 @@ def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(saving.tempfile, "mkdtemp", read_only)
-    with pytest.raises(PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"):
+    with pytest.raises(
+        PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"
+    ):
         model.save_pretrained(tmp_path, selected_adapters=["default"])
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved

@@ -33,7 +33,9 @@ def parse_tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
     return tables
 
 
-def check_table(header: list[str], rows: list[list[str]], variants: list[str], numeric_columns: range) -> None:
+def check_table(
+    header: list[str], rows: list[list[str]], variants: list[str], numeric_columns: range
+) -> None:
     assert [row[0] for row in rows] == variants
     for row in rows:
         assert len(row) == len(header), row
@@ -42,7 +44,9 @@ def check_table(header: list[str], rows: list[list[str]], variants: list[str], n
 
 
 def run(script, argv, capsys) -> str:
-    script.main([*argv, "--threads", "1"])  # the suite's one thread (conftest): the quick runs only smoke-test
+    script.main(
+        [*argv, "--threads", "1"]
+    )  # the suite's one thread (conftest): the quick runs only smoke-test
     return capsys.readouterr().out
 
 
@@ -53,8 +57,12 @@ def test_bench_training_quick(capsys):
     assert title.startswith("Training step")
     check_table(header, rows, [FROZEN_BASE, PEFT_VERA, VERALAB, PEFT_LORA], range(1, len(header)))
     assert rows[0][3] == "1.000" and rows[3][-1] == "1.000"  # each ratio's own reference row
-    assert re.search(r"adapter overhead, .*: -?\d+\.\d+ \(target <= 0\.35: (meets|MISSES)\); cost-model limit \d", out)
-    assert re.search(r"headline, .*: \d+\.\d+ \(target < 1\.0: (meets|MISSES)\), training 11\.0x fewer parameters", out)
+    assert re.search(
+        r"adapter overhead, .*: -?\d+\.\d+ \(target <= 0\.35: (meets|MISSES)\); cost-model limit \d", out
+    )
+    assert re.search(
+        r"headline, .*: \d+\.\d+ \(target < 1\.0: (meets|MISSES)\), training 11\.0x fewer parameters", out
+    )
     assert "need a CUDA GPU" in out
 
 
@@ -95,5 +103,7 @@ def test_bench_inference_quick(capsys):
     assert rows_right["veralab, 4 adapters (adapter_names)"] == "yes"  # each row got its own adapter
     assert rows_right["veralab, 1 adapter (adapter_names)"] == "yes"
     assert re.search(r"merged veralab / base model: \d+\.\d+ \(target <= 1\.03: (meets|MISSES)\)", out)
-    assert re.search(r"different adapters / one adapter, .*: \d+\.\d+ \(target <= 1\.1: (meets|MISSES)\)", out)
+    assert re.search(
+        r"different adapters / one adapter, .*: \d+\.\d+ \(target <= 1\.1: (meets|MISSES)\)", out
+    )
     assert "need a CUDA GPU" in out

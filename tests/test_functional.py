@@ -40,7 +40,8 @@ FUNCTION_NAMES = {"WeightSpaceVeraBackward": WEIGHT_SPACE, "ActivationSpaceVeraB
 
 
 class NoWeightSpaceLinear(VeraLinear):
-    """Stands for a quantized subclass (the bitsandbytes layers): its weight is no dense matrix to add ΔW to."""
+    """Stands for a quantized subclass (the bitsandbytes layers): its weight is no dense matrix to add ΔW
+    to."""
 
     def base_is_plain_dense(self) -> bool:
         return False
@@ -140,7 +141,9 @@ def fast_run(layer: VeraLinear, x: torch.Tensor, grad_output: torch.Tensor, seed
     )
 
 
-def assert_close_to_truth(fast: torch.Tensor, same_dtype_reference: torch.Tensor, truth: torch.Tensor, dtype, length):
+def assert_close_to_truth(
+    fast: torch.Tensor, same_dtype_reference: torch.Tensor, truth: torch.Tensor, dtype, length
+):
     """fast's error against the float64 truth is at most twice the error the reference makes in `dtype`.
 
     The floor, eps(dtype) x |truth| x the reduction length, covers a reference that happens to be exact.
@@ -169,7 +172,9 @@ BRANCHES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, lead, expected_path", [b[1:] for b in BRANCHES], ids=[b[0] for b in BRANCHES])
+@pytest.mark.parametrize(
+    "kwargs, lead, expected_path", [b[1:] for b in BRANCHES], ids=[b[0] for b in BRANCHES]
+)
 def test_every_dispatch_branch_matches_the_reference(kwargs, lead, expected_path):
     layer = make_layer(**kwargs)
     layer.train()
@@ -215,7 +220,9 @@ def test_autocast_takes_activation_space_and_stays_within_autocasts_own_error():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.plan(x.requires_grad_()).path == ACTIVATION_SPACE  # bf16 matmuls drop ΔW
         y, grad_x, grads_d, grads_b, _, path = fast_run(layer, x, grad_output, seed=0)
-        low = reference_run(layer, x, grad_output, torch.float32)  # PyTorch's own error under the same autocast
+        low = reference_run(
+            layer, x, grad_output, torch.float32
+        )  # PyTorch's own error under the same autocast
     assert path == ACTIVATION_SPACE and y.dtype == torch.float32
     length = IN + R + 36
     assert_close_to_truth(y, low[0], truth[0], torch.bfloat16, length)
@@ -277,7 +284,11 @@ def float64_projections(r, in_features, out_features, seed=0):
     return A_s, B_s
 
 
-@pytest.mark.fault("numerics", "gradcheck (float64) of the weight-space autograd Function", "analytic gradients match finite differences")
+@pytest.mark.fault(
+    "numerics",
+    "gradcheck (float64) of the weight-space autograd Function",
+    "analytic gradients match finite differences",
+)
 @pytest.mark.parametrize("out_features, in_features, r, adapters", [(5, 3, 4, 1), (2, 6, 3, 2), (1, 1, 1, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_weight_space_function_passes_gradcheck(out_features, in_features, r, adapters, with_bias):
@@ -297,7 +308,11 @@ def test_weight_space_function_passes_gradcheck(out_features, in_features, r, ad
     assert torch.autograd.gradcheck(function, (x, lambda_d, lambda_b, bias))
 
 
-@pytest.mark.fault("numerics", "gradcheck (float64) of the activation-space autograd Function", "analytic gradients match finite differences")
+@pytest.mark.fault(
+    "numerics",
+    "gradcheck (float64) of the activation-space autograd Function",
+    "analytic gradients match finite differences",
+)
 @pytest.mark.parametrize("out_features, in_features, r, adapters", [(5, 3, 4, 1), (2, 6, 3, 2), (1, 1, 1, 1)])
 def test_activation_space_function_passes_gradcheck(out_features, in_features, r, adapters):
     A_s, B_s = float64_projections(r, in_features, out_features)
@@ -316,7 +331,11 @@ def test_activation_space_function_passes_gradcheck(out_features, in_features, r
     assert torch.autograd.gradcheck(function, (x, base_weight, lambda_d, lambda_b))
 
 
-@pytest.mark.fault("numerics", "gradcheck (float64) of the mixed-batch autograd Function", "analytic gradients match finite differences")
+@pytest.mark.fault(
+    "numerics",
+    "gradcheck (float64) of the mixed-batch autograd Function",
+    "analytic gradients match finite differences",
+)
 def test_mixed_batch_function_passes_gradcheck():
     A_s, B_s = float64_projections(3, 4, 5)
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
@@ -363,10 +382,16 @@ CHOICES = [
 def test_choose_path(overrides, expected):
     layer = dict(tokens=4096, in_features=512, out_features=512, r=256, needs_grad=True)
     conditions = dict(
-        weight_dtype=torch.float32, input_dtype=torch.float32, dropout_active=False, weight_space_supported=True
+        weight_dtype=torch.float32,
+        input_dtype=torch.float32,
+        dropout_active=False,
+        weight_space_supported=True,
     )
     costs = path_costs(**{**layer, **{k: v for k, v in overrides.items() if k in layer}})
-    assert choose_path(costs, **{**conditions, **{k: v for k, v in overrides.items() if k in conditions}}) == expected
+    assert (
+        choose_path(costs, **{**conditions, **{k: v for k, v in overrides.items() if k in conditions}})
+        == expected
+    )
 
 
 def test_layer_dispatch_respects_trained_base_weight_hooks_and_extra_arguments():
@@ -381,7 +406,8 @@ def test_layer_dispatch_respects_trained_base_weight_hooks_and_extra_arguments()
     assert layer.plan(x).path == ACTIVATION_SPACE  # the base weight's own gradient is needed
 
 
-# ------------------------------------------------------------------ whole models: PEFT, sharing, checkpointing
+# ------------------------------------------------------------------ whole models: PEFT, sharing,
+# checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCKS = tiny_llama().config.num_hidden_layers
@@ -411,7 +437,6 @@ def loss_and_grads(model, shape):
     return out.logits.detach(), embeds.grad, grads
 
 
-
 @pytest.mark.parametrize("path", [WEIGHT_SPACE, ACTIVATION_SPACE])
 def test_llama_matches_peft_outputs_and_gradients(path):
     peft = pytest.importorskip("peft")
@@ -419,7 +444,9 @@ def test_llama_matches_peft_outputs_and_gradients(path):
     ours = veralab_llama(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=LLAMA_R, target_modules=TARGETS)).double()
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.VeraConfig(r=LLAMA_R, target_modules=TARGETS)
+        ).double()
     their_params = dict(theirs.named_parameters())
     with torch.no_grad():
         for name, param in ours.named_parameters():
@@ -443,7 +470,8 @@ def test_llama_matches_peft_outputs_and_gradients(path):
 
 
 def saved_tensors_of_one_forward(model, shape):
-    """{storage pointer: SavedStorage} of the activations autograd saves in one training forward, and the loss."""
+    """{storage pointer: SavedStorage} of the activations autograd saves in one training forward, and the
+    loss."""
     ids, embeds = embeds_for(model, shape)
     return saved_activations(model, lambda: model(inputs_embeds=embeds, labels=ids).loss)
 
@@ -483,8 +511,13 @@ def test_layers_sharing_inputs_groups_q_k_v_and_gate_up():
     ids, _ = embeds_for(model, (1, 8))
     groups = layers_sharing_inputs(model, lambda: model(input_ids=ids))
     suffixes = [[name.rsplit(".", 1)[-1] for name, _ in group] for group in groups]
-    assert suffixes == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * BLOCKS
-    assert all(not layer._forward_pre_hooks for _, layer in model.vera_layers())  # the recording hooks are gone
+    assert (
+        suffixes
+        == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * BLOCKS
+    )
+    assert all(
+        not layer._forward_pre_hooks for _, layer in model.vera_layers()
+    )  # the recording hooks are gone
 
 
 def test_saved_activation_bytes_counts_each_storage_once_and_frees_the_graph():
@@ -608,7 +641,6 @@ def test_caches_follow_dtype_and_device():
     assert projections.sliced_A(IN, torch.float64, meta).device == meta
     assert projections.sliced_A(IN, torch.float32, torch.device("cpu")).dtype == torch.float32
     assert projections.sliced_A(IN, torch.float64, torch.device("cpu")) is cpu_A  # still cached
-
 
 
 def test_derived_cache_rebuilds_when_a_source_or_the_key_changes():

@@ -1,4 +1,5 @@
-"""Every notebook is a pair that never drifts: NN_topic.py (jupytext percent, the source of truth) and NN_topic.ipynb.
+"""Every notebook is a pair that never drifts: NN_topic.py (jupytext percent, the source of truth) and
+NN_topic.ipynb.
 
 nbval runs the .ipynb and the docs render it, while people edit and review the .py; these tests fail when the
 two disagree, when one lacks its pair, or when an .ipynb carries outputs (they are never committed).
@@ -35,7 +36,8 @@ def test_every_notebook_has_both_files():
     only_ipynb = sorted(_stems("*.ipynb") - _stems("*.py"))
     assert not only_py, f"notebooks/{only_py[0]}.py has no .ipynb: {SYNC}"
     assert not only_ipynb, (
-        f"notebooks/{only_ipynb[0]}.ipynb has no .py: run `jupytext --to py:percent notebooks/{only_ipynb[0]}.ipynb`"
+        f"notebooks/{only_ipynb[0]}.ipynb has no .py: run `jupytext --to py:percent "
+        f"notebooks/{only_ipynb[0]}.ipynb`"
     )
 
 
@@ -57,6 +59,6 @@ def test_committed_ipynb_has_no_outputs(stem):
         i for i, cell in enumerate(notebook.cells) if cell.get("outputs") or cell.get("execution_count")
     ]
     assert not with_outputs, (
-        f"notebooks/{stem}.ipynb has outputs in cells {with_outputs}: commit it without them, "
-        f"e.g. `jupyter nbconvert --clear-output --inplace notebooks/{stem}.ipynb`"
+        f"notebooks/{stem}.ipynb has outputs in cells {with_outputs}: commit it without them, e.g. `jupyter "
+        f"nbconvert --clear-output --inplace notebooks/{stem}.ipynb`"
     )

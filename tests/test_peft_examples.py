@@ -38,8 +38,13 @@ def test_multiple_adapter_configuration():
 def test_layer_specific_adaptation():
     base_model = tiny_opt()
     config = VeraConfig(
-        r=512, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], layers_to_transform=[0],
-        layers_pattern="layers", vera_dropout=0.1, d_initial=0.05, save_projection=True,
+        r=512,
+        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+        layers_to_transform=[0],
+        layers_pattern="layers",
+        vera_dropout=0.1,
+        d_initial=0.05,
+        save_projection=True,
     )
     model = get_peft_model(base_model, config)
     assert {name.split(".layers.")[1][0] for name, _ in model.vera_layers()} == {"0"}
@@ -63,8 +68,13 @@ def test_training_and_saving(tmp_path):
     config = VeraConfig(r=256, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(base_model, config)
     training_args = TrainingArguments(
-        output_dir=str(tmp_path / "vera_model"), per_device_train_batch_size=4, num_train_epochs=3,
-        save_strategy="epoch", report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "vera_model"),
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        save_strategy="epoch",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=TrainDataset())
     trainer.train()
@@ -81,8 +91,12 @@ def test_memory_efficient_and_custom_initialisation(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the save_projection=False warning is the point of this config
         config = VeraConfig(
-            r=256, target_modules=["q_proj", "v_proj"], save_projection=False, projection_prng_key=12345,
-            vera_dropout=0.0, d_initial=0.1,
+            r=256,
+            target_modules=["q_proj", "v_proj"],
+            save_projection=False,
+            projection_prng_key=12345,
+            vera_dropout=0.0,
+            d_initial=0.1,
         )
     model = get_peft_model(tiny_opt(), config)
     model.save_pretrained(str(tmp_path))

@@ -51,10 +51,17 @@ def build(out_features, in_features, r, bias, conv1d, seed, extra_in=2, extra_ou
 
 @SETTINGS
 @given(
-    out_features=dims, in_features=dims, r=ranks, batch_shape=batch_shapes,
-    bias=st.booleans(), conv1d=st.booleans(), seed=st.integers(0, 2**16),
+    out_features=dims,
+    in_features=dims,
+    r=ranks,
+    batch_shape=batch_shapes,
+    bias=st.booleans(),
+    conv1d=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
-def test_fast_equals_reference_outputs_and_gradients(out_features, in_features, r, batch_shape, bias, conv1d, seed):
+def test_fast_equals_reference_outputs_and_gradients(
+    out_features, in_features, r, batch_shape, bias, conv1d, seed
+):
     fast, reference = build(out_features, in_features, r, bias, conv1d, seed)
     x = torch.randn(*batch_shape, in_features, generator=torch.Generator().manual_seed(seed))
     x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -70,8 +77,12 @@ def test_fast_equals_reference_outputs_and_gradients(out_features, in_features, 
 
 @SETTINGS
 @given(
-    out_features=dims, in_features=dims, r=ranks, batch_shape=batch_shapes,
-    dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16),
+    out_features=dims,
+    in_features=dims,
+    r=ranks,
+    batch_shape=batch_shapes,
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
 )
 def test_half_precision_within_twice_torch_error(out_features, in_features, r, batch_shape, dtype, seed):
     fast, reference = build(out_features, in_features, r, True, False, seed)
@@ -79,8 +90,18 @@ def test_half_precision_within_twice_torch_error(out_features, in_features, r, b
     x = torch.randn(*batch_shape, in_features, generator=torch.Generator().manual_seed(seed))
     truth = reference(x).detach().double()
     shared = reference.projections
-    low = [t.to(dtype) for t in (x, reference.base_layer.weight, reference.base_layer.bias, shared.vera_A,
-                                 shared.vera_B, reference.vera_lambda_d, reference.vera_lambda_b)]
+    low = [
+        t.to(dtype)
+        for t in (
+            x,
+            reference.base_layer.weight,
+            reference.base_layer.bias,
+            shared.vera_A,
+            shared.vera_B,
+            reference.vera_lambda_d,
+            reference.vera_lambda_b,
+        )
+    ]
     torch_error = (ref.vera_forward(*low).double() - truth).abs().max().item()
     y = fast(x.to(dtype))
     assert y.dtype == dtype
@@ -114,8 +135,11 @@ def test_merged_forward_equals_unmerged(out_features, in_features, r, batch, see
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.fault("numerics", "100 training steps at lr 2e-2 with dropout, fp32 and bf16",
-                   "loss and lambdas stay finite and the loss goes down")
+@pytest.mark.fault(
+    "numerics",
+    "100 training steps at lr 2e-2 with dropout, fp32 and bf16",
+    "loss and lambdas stay finite and the loss goes down",
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_training_stays_finite(dtype):
     """100 AdamW steps at VeRA's usual (high) learning rate on a tiny Llama: loss and lambdas stay finite."""
@@ -136,14 +160,24 @@ def test_long_training_stays_finite(dtype):
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
-@pytest.mark.fault("numerics", "save then load, for random layer shapes, ranks and both save_projection settings", "outputs restored bit for bit")
+@pytest.mark.fault(
+    "numerics",
+    "save then load, for random layer shapes, ranks and both save_projection settings",
+    "outputs restored bit for bit",
+)
 @given(
-    shapes=st.lists(st.tuples(dims, dims), min_size=1, max_size=3), r=ranks, save_projection=st.booleans(),
-    batch=st.integers(1, 4), seed=st.integers(0, 2**16),
+    shapes=st.lists(st.tuples(dims, dims), min_size=1, max_size=3),
+    r=ranks,
+    save_projection=st.booleans(),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
 )
 def test_save_then_load_restores_outputs(shapes, r, save_projection, batch, seed):
     torch.manual_seed(seed)
-    layers = {f"layer{i}": nn.Linear(in_features, out_features) for i, (out_features, in_features) in enumerate(shapes)}
+    layers = {
+        f"layer{i}": nn.Linear(in_features, out_features)
+        for i, (out_features, in_features) in enumerate(shapes)
+    }
 
     class Parallel(nn.Module):  # layers of unrelated shapes side by side: every one reads its own input
         def __init__(self):
@@ -155,7 +189,9 @@ def test_save_then_load_restores_outputs(shapes, r, save_projection, batch, seed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = VeraConfig(r=r, target_modules=list(layers), save_projection=save_projection, init_weights=False)
+        config = VeraConfig(
+            r=r, target_modules=list(layers), save_projection=save_projection, init_weights=False
+        )
         model = get_model(Parallel(), config, adapter_name="default")
     inputs = [torch.randn(batch, layer.in_features) for layer in layers.values()]
     with torch.no_grad():

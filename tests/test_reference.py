@@ -161,7 +161,12 @@ def test_several_layer_shapes_share_one_pair():
         expected = layer.base_layer(x) + layer.vera_lambda_b * ((layer.vera_lambda_d * (x @ A_s.T)) @ B_s.T)
         torch.testing.assert_close(layer(x), expected)
     # the layers own only their lambdas
-    assert set(layers[0].state_dict()) == {"vera_lambda_d", "vera_lambda_b", "base_layer.weight", "base_layer.bias"}
+    assert set(layers[0].state_dict()) == {
+        "vera_lambda_d",
+        "vera_lambda_b",
+        "base_layer.weight",
+        "base_layer.bias",
+    }
 
 
 # §4 Lambda scaling: the forward pass ---------------------------------------------------------------
@@ -258,7 +263,9 @@ def test_unmerge_restores_weight():
         layer.unmerge()
         # one add and one subtract of the same ΔW: at most a couple of float32 roundings of |W| + |ΔW|
         scale = original.abs() + layer.delta_weight().detach().abs()
-        assert torch.all((layer.base_layer.weight - original).abs() <= 2 * torch.finfo(torch.float32).eps * scale)
+        assert torch.all(
+            (layer.base_layer.weight - original).abs() <= 2 * torch.finfo(torch.float32).eps * scale
+        )
 
 
 def test_merge_twice_and_unmerge_unmerged_raise():

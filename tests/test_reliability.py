@@ -1,4 +1,5 @@
-"""Bad inputs to a model: each raises (or warns) clearly and leaves outputs and state dict exactly as they were."""
+"""Bad inputs to a model: each raises (or warns) clearly and leaves outputs and state dict exactly as they
+were."""
 
 import warnings
 
@@ -39,56 +40,174 @@ def only_default(model):
 def fault(case, behaviour, operation, expected, match, prepare=None):
     """One model fault: `operation(model)` must raise/warn `expected` matching `match` and change nothing."""
     return pytest.param(
-        prepare, operation, expected, match, id=case,
+        prepare,
+        operation,
+        expected,
+        match,
+        id=case,
         marks=pytest.mark.fault("model", case, behaviour + "; model unchanged"),
     )
 
 
 MODEL_FAULTS = [
-    fault("target that matches nothing", "ValueError naming the target and showing real module names",
-          lambda m: m.add_adapter("x", quiet_config(target_modules=["q_proj", "nope"])), ValueError, r"\['nope'\] match no module"),
-    fault("target that is an Embedding", "ValueError naming the module and its type",
-          lambda m: m.add_adapter("x", quiet_config(target_modules=["embed_tokens"])), ValueError, "is a Embedding, which VeRA cannot adapt"),
-    fault("target that is a norm layer", "ValueError naming the module and its type",
-          lambda m: m.add_adapter("x", quiet_config(target_modules=["input_layernorm"])), ValueError, "LlamaRMSNorm, which VeRA cannot adapt"),
-    fault("layer indices that select nothing", "ValueError naming targets, indices and pattern",
-          lambda m: m.add_adapter("x", quiet_config(layers_to_transform=[9], layers_pattern="layers")), ValueError, "selects no module"),
-    fault("adapter with a different rank", "ValueError: every adapter shares one pair drawn for one rank",
-          lambda m: m.add_adapter("x", quiet_config(r=16)), ValueError, "r=16 differs"),
-    fault("adapter with a smaller rank", "ValueError up front (PEFT crashes later in forward)",
-          lambda m: m.add_adapter("x", quiet_config(r=2)), ValueError, "r=2 differs"),
-    fault("adapter with another projection_prng_key", "ValueError naming both keys",
-          lambda m: m.add_adapter("x", quiet_config(projection_prng_key=3)), ValueError, "projection_prng_key=3 differs"),
-    fault("adapter with another save_projection", "ValueError: all adapters must agree",
-          lambda m: m.add_adapter("x", quiet_config(save_projection=False)), ValueError, "save_projection=False differs"),
-    fault("adapter on a layer larger than the shared projections", "ValueError naming the layer and both sizes",
-          lambda m: m.add_adapter("x", quiet_config(target_modules=["gate_proj"])), ValueError, "shared projections were sized"),
-    fault("duplicate adapter name", "ValueError: already exists",
-          lambda m: m.add_adapter("other", quiet_config()), ValueError, "already exists"),
-    fault("reserved adapter name `__base__`", "ValueError: reserved for base rows of mixed batches",
-          lambda m: m.add_adapter("__base__", quiet_config()), ValueError, "reserved"),
-    fault("adapter name with a dot", "ValueError: it would corrupt state-dict keys",
-          lambda m: m.add_adapter("a.b", quiet_config()), ValueError, "without '.'"),
-    fault("activating a missing adapter", "ValueError listing the model's adapters",
-          lambda m: m.set_adapter("missing"), ValueError, r"unknown adapter\(s\) \['missing'\]"),
-    fault("deleting a missing adapter", "ValueError listing the model's adapters",
-          lambda m: m.delete_adapter("missing"), ValueError, "unknown adapter 'missing'"),
-    fault("deleting the last adapter", "ValueError pointing to unload()",
-          lambda m: m.delete_adapter("default"), ValueError, "last adapter", prepare=only_default),
-    fault("deleting a merged adapter", "ValueError: unmerge first",
-          lambda m: m.delete_adapter("default"), ValueError, "unmerge_adapter\\(\\) first", prepare=merged),
-    fault("merging twice", "UserWarning, the second merge is skipped",
-          lambda m: m.merge_adapter(), UserWarning, "already merged", prepare=merged),
-    fault("unmerging with nothing merged", "UserWarning, nothing happens",
-          lambda m: m.unmerge_adapter(), UserWarning, "nothing to unmerge"),
-    fault("merging an unknown adapter", "ValueError listing the model's adapters",
-          lambda m: m.merge_adapter(["nope"]), ValueError, "unknown adapter"),
-    fault("mixed batch naming an unknown adapter", "ValueError naming it",
-          lambda m: m(token_batch(batch=2), adapter_names=["default", "nope"]), ValueError, r"unknown adapter\(s\) \['nope'\]"),
-    fault("mixed batch with the wrong number of names", "ValueError with both counts",
-          lambda m: m(token_batch(batch=2), adapter_names=["default"]), ValueError, "1 entries but the batch has 2 rows"),
-    fault("mixed batch on merged weights", "ValueError: unmerge first",
-          lambda m: m(token_batch(batch=2), adapter_names=["default", "other"]), ValueError, "unmerged weights", prepare=merged),
+    fault(
+        "target that matches nothing",
+        "ValueError naming the target and showing real module names",
+        lambda m: m.add_adapter("x", quiet_config(target_modules=["q_proj", "nope"])),
+        ValueError,
+        r"\['nope'\] match no module",
+    ),
+    fault(
+        "target that is an Embedding",
+        "ValueError naming the module and its type",
+        lambda m: m.add_adapter("x", quiet_config(target_modules=["embed_tokens"])),
+        ValueError,
+        "is a Embedding, which VeRA cannot adapt",
+    ),
+    fault(
+        "target that is a norm layer",
+        "ValueError naming the module and its type",
+        lambda m: m.add_adapter("x", quiet_config(target_modules=["input_layernorm"])),
+        ValueError,
+        "LlamaRMSNorm, which VeRA cannot adapt",
+    ),
+    fault(
+        "layer indices that select nothing",
+        "ValueError naming targets, indices and pattern",
+        lambda m: m.add_adapter("x", quiet_config(layers_to_transform=[9], layers_pattern="layers")),
+        ValueError,
+        "selects no module",
+    ),
+    fault(
+        "adapter with a different rank",
+        "ValueError: every adapter shares one pair drawn for one rank",
+        lambda m: m.add_adapter("x", quiet_config(r=16)),
+        ValueError,
+        "r=16 differs",
+    ),
+    fault(
+        "adapter with a smaller rank",
+        "ValueError up front (PEFT crashes later in forward)",
+        lambda m: m.add_adapter("x", quiet_config(r=2)),
+        ValueError,
+        "r=2 differs",
+    ),
+    fault(
+        "adapter with another projection_prng_key",
+        "ValueError naming both keys",
+        lambda m: m.add_adapter("x", quiet_config(projection_prng_key=3)),
+        ValueError,
+        "projection_prng_key=3 differs",
+    ),
+    fault(
+        "adapter with another save_projection",
+        "ValueError: all adapters must agree",
+        lambda m: m.add_adapter("x", quiet_config(save_projection=False)),
+        ValueError,
+        "save_projection=False differs",
+    ),
+    fault(
+        "adapter on a layer larger than the shared projections",
+        "ValueError naming the layer and both sizes",
+        lambda m: m.add_adapter("x", quiet_config(target_modules=["gate_proj"])),
+        ValueError,
+        "shared projections were sized",
+    ),
+    fault(
+        "duplicate adapter name",
+        "ValueError: already exists",
+        lambda m: m.add_adapter("other", quiet_config()),
+        ValueError,
+        "already exists",
+    ),
+    fault(
+        "reserved adapter name `__base__`",
+        "ValueError: reserved for base rows of mixed batches",
+        lambda m: m.add_adapter("__base__", quiet_config()),
+        ValueError,
+        "reserved",
+    ),
+    fault(
+        "adapter name with a dot",
+        "ValueError: it would corrupt state-dict keys",
+        lambda m: m.add_adapter("a.b", quiet_config()),
+        ValueError,
+        "without '.'",
+    ),
+    fault(
+        "activating a missing adapter",
+        "ValueError listing the model's adapters",
+        lambda m: m.set_adapter("missing"),
+        ValueError,
+        r"unknown adapter\(s\) \['missing'\]",
+    ),
+    fault(
+        "deleting a missing adapter",
+        "ValueError listing the model's adapters",
+        lambda m: m.delete_adapter("missing"),
+        ValueError,
+        "unknown adapter 'missing'",
+    ),
+    fault(
+        "deleting the last adapter",
+        "ValueError pointing to unload()",
+        lambda m: m.delete_adapter("default"),
+        ValueError,
+        "last adapter",
+        prepare=only_default,
+    ),
+    fault(
+        "deleting a merged adapter",
+        "ValueError: unmerge first",
+        lambda m: m.delete_adapter("default"),
+        ValueError,
+        "unmerge_adapter\\(\\) first",
+        prepare=merged,
+    ),
+    fault(
+        "merging twice",
+        "UserWarning, the second merge is skipped",
+        lambda m: m.merge_adapter(),
+        UserWarning,
+        "already merged",
+        prepare=merged,
+    ),
+    fault(
+        "unmerging with nothing merged",
+        "UserWarning, nothing happens",
+        lambda m: m.unmerge_adapter(),
+        UserWarning,
+        "nothing to unmerge",
+    ),
+    fault(
+        "merging an unknown adapter",
+        "ValueError listing the model's adapters",
+        lambda m: m.merge_adapter(["nope"]),
+        ValueError,
+        "unknown adapter",
+    ),
+    fault(
+        "mixed batch naming an unknown adapter",
+        "ValueError naming it",
+        lambda m: m(token_batch(batch=2), adapter_names=["default", "nope"]),
+        ValueError,
+        r"unknown adapter\(s\) \['nope'\]",
+    ),
+    fault(
+        "mixed batch with the wrong number of names",
+        "ValueError with both counts",
+        lambda m: m(token_batch(batch=2), adapter_names=["default"]),
+        ValueError,
+        "1 entries but the batch has 2 rows",
+    ),
+    fault(
+        "mixed batch on merged weights",
+        "ValueError: unmerge first",
+        lambda m: m(token_batch(batch=2), adapter_names=["default", "other"]),
+        ValueError,
+        "unmerged weights",
+        prepare=merged,
+    ),
 ]
 
 
@@ -113,8 +232,11 @@ def test_model_fault_is_clear_and_changes_nothing(prepare, operation, expected, 
         torch.testing.assert_close(output_tensor(model(ids)), expected_output, rtol=0, atol=0)
 
 
-@pytest.mark.fault("model", "NaN/inf lambdas merged with `safe_merge=True`",
-                   "ValueError naming the layer before any weight changes; no layer is merged")
+@pytest.mark.fault(
+    "model",
+    "NaN/inf lambdas merged with `safe_merge=True`",
+    "ValueError naming the layer before any weight changes; no layer is merged",
+)
 def test_safe_merge_with_nan_lambdas_changes_nothing():
     model = two_adapter_model()
     last = list(model.vera_layers())[-1][1]
@@ -130,10 +252,24 @@ def test_safe_merge_with_nan_lambdas_changes_nothing():
 @pytest.mark.parametrize(
     "module, target, kind",
     [
-        pytest.param(nn.Sequential(nn.Conv2d(3, 4, 3)), "0", "Conv2d", id="conv2d",
-                     marks=pytest.mark.fault("model", "target that is a Conv2d", "ValueError naming the module and its type")),
-        pytest.param(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "1", "LayerNorm", id="layernorm",
-                     marks=pytest.mark.fault("model", "target that is a LayerNorm", "ValueError naming the module and its type")),
+        pytest.param(
+            nn.Sequential(nn.Conv2d(3, 4, 3)),
+            "0",
+            "Conv2d",
+            id="conv2d",
+            marks=pytest.mark.fault(
+                "model", "target that is a Conv2d", "ValueError naming the module and its type"
+            ),
+        ),
+        pytest.param(
+            nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
+            "1",
+            "LayerNorm",
+            id="layernorm",
+            marks=pytest.mark.fault(
+                "model", "target that is a LayerNorm", "ValueError naming the module and its type"
+            ),
+        ),
     ],
 )
 def test_unsupported_layers_on_plain_modules(module, target, kind):
@@ -144,8 +280,11 @@ def test_unsupported_layers_on_plain_modules(module, target, kind):
     assert all(type(m).__module__.startswith("torch") for m in module.modules())  # nothing was replaced
 
 
-@pytest.mark.fault("model", "a model without a config and `target_modules=None`",
-                   "ValueError: no model type to look defaults up; set target_modules")
+@pytest.mark.fault(
+    "model",
+    "a model without a config and `target_modules=None`",
+    "ValueError: no model type to look defaults up; set target_modules",
+)
 def test_model_without_config_needs_explicit_targets():
     with pytest.raises(ValueError, match="has no config.model_type"):
         get_model(nn.Sequential(nn.Linear(3, 3)), VeraConfig(r=2))

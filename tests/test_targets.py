@@ -80,14 +80,22 @@ def tiny_bert_config() -> BertConfig:
 
 ALL_LINEAR_CASES = {
     "causal LM, lm_head left out": (lambda: LlamaForCausalLM(tiny_llama_config()), None),
-    "causal LM with tied embeddings": (lambda: LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)), None),
+    "causal LM with tied embeddings": (
+        lambda: LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)),
+        None,
+    ),
     "Llama classifier, SEQ_CLS: score left out": (
-        lambda: LlamaForSequenceClassification(tiny_llama_config(num_labels=3)), "SEQ_CLS"
+        lambda: LlamaForSequenceClassification(tiny_llama_config(num_labels=3)),
+        "SEQ_CLS",
     ),
     "Llama classifier without task_type: score adapted": (
-        lambda: LlamaForSequenceClassification(tiny_llama_config(num_labels=3)), None
+        lambda: LlamaForSequenceClassification(tiny_llama_config(num_labels=3)),
+        None,
     ),
-    "BERT classifier, SEQ_CLS: classifier left out": (lambda: BertForSequenceClassification(tiny_bert_config()), "SEQ_CLS"),
+    "BERT classifier, SEQ_CLS: classifier left out": (
+        lambda: BertForSequenceClassification(tiny_bert_config()),
+        "SEQ_CLS",
+    ),
 }
 
 
@@ -106,9 +114,14 @@ def test_count_and_get_model_agree_on_all_linear(case):
     "layers_to_transform, layers_pattern", [([1], "layers"), (0, None), ([0, 2], ["layers"]), ([2], "layers")]
 )
 @pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], "all-linear", r".*\.mlp\..*_proj"])
-def test_count_and_get_model_agree_with_layers_to_transform(target_modules, layers_to_transform, layers_pattern):
+def test_count_and_get_model_agree_with_layers_to_transform(
+    target_modules, layers_to_transform, layers_pattern
+):
     config = VeraConfig(
-        r=4, target_modules=target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+        r=4,
+        target_modules=target_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
     )
     counted = counted_names(LlamaForCausalLM(tiny_llama_config()), config)
     assert counted == adapted_names(LlamaForCausalLM(tiny_llama_config()), config)
@@ -129,5 +142,7 @@ def test_veralab_count_prints_the_trainable_parameters_get_model_trains(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     assert main(["count", "--model", str(tmp_path), "--rank", "16", "--targets", "all-linear"]) == 0
     printed = capsys.readouterr().out
-    trainable, _ = get_model(LlamaForCausalLM(config), VeraConfig(r=16, target_modules="all-linear")).get_nb_trainable_parameters()
+    trainable, _ = get_model(
+        LlamaForCausalLM(config), VeraConfig(r=16, target_modules="all-linear")
+    ).get_nb_trainable_parameters()
     assert f"{trainable:,} trainable" in printed

@@ -1,4 +1,5 @@
-"""veralab: VeRA (Vector-based Random Matrix Adaptation), taught by a reference path and shipped by a fast one.
+"""veralab: VeRA (Vector-based Random Matrix Adaptation), taught by a reference path and shipped by a fast
+one.
 
 `veralab.reference` is the readable ground truth; `veralab.fast` is the production path
 (`veralab.fast.get_model`); `veralab.app` is the `veralab` command, an application built on them.

@@ -84,20 +84,31 @@ class VeraConfig:
         """Raise ValueError for the first invalid field, naming it, the value and what is allowed."""
         _check(
             isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-            "r", self.r, "a positive int (VeRA ranks of 256 or more are usual)",
+            "r",
+            self.r,
+            "a positive int (VeRA ranks of 256 or more are usual)",
         )
         _check(
-            isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool)
+            isinstance(self.projection_prng_key, int)
+            and not isinstance(self.projection_prng_key, bool)
             and 0 <= self.projection_prng_key < 2**64,
-            "projection_prng_key", self.projection_prng_key, "an int in [0, 2**64)",
+            "projection_prng_key",
+            self.projection_prng_key,
+            "an int in [0, 2**64)",
         )
         _check(
             _is_real(self.vera_dropout) and 0.0 <= self.vera_dropout < 1.0,
-            "vera_dropout", self.vera_dropout, "a float in [0, 1)",
+            "vera_dropout",
+            self.vera_dropout,
+            "a float in [0, 1)",
         )
         _check(
-            _is_real(self.d_initial) and self.d_initial == self.d_initial and abs(self.d_initial) != float("inf"),
-            "d_initial", self.d_initial, "a finite float (values <= 0.1 are recommended)",
+            _is_real(self.d_initial)
+            and self.d_initial == self.d_initial
+            and abs(self.d_initial) != float("inf"),
+            "d_initial",
+            self.d_initial,
+            "a finite float (values <= 0.1 are recommended)",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
         for name in ("save_projection", "fan_in_fan_out", "init_weights", "inference_mode"):
@@ -107,20 +118,35 @@ class VeraConfig:
         self._validate_layers()
         if self.modules_to_save is not None:
             _check(
-                isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) for m in self.modules_to_save),
-                "modules_to_save", self.modules_to_save, "a list of module names or None",
+                isinstance(self.modules_to_save, (list, tuple))
+                and all(isinstance(m, str) for m in self.modules_to_save),
+                "modules_to_save",
+                self.modules_to_save,
+                "a list of module names or None",
             )
 
     def _validate_target_modules(self) -> None:
         targets = self.target_modules
         if targets is None or isinstance(targets, str):
-            _check(targets != "", "target_modules", targets, "a non-empty regex, a list of names, 'all-linear' or None")
+            _check(
+                targets != "",
+                "target_modules",
+                targets,
+                "a non-empty regex, a list of names, 'all-linear' or None",
+            )
             return
         _check(
             isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) and t for t in targets),
-            "target_modules", targets, "a list of non-empty module names, a regex string, 'all-linear' or None",
+            "target_modules",
+            targets,
+            "a list of non-empty module names, a regex string, 'all-linear' or None",
         )
-        _check(len(targets) > 0, "target_modules", targets, "at least one module name (or None for the model's defaults)")
+        _check(
+            len(targets) > 0,
+            "target_modules",
+            targets,
+            "at least one module name (or None for the model's defaults)",
+        )
 
     def _validate_layers(self) -> None:
         layers = self.layers_to_transform
@@ -130,18 +156,26 @@ class VeraConfig:
                 isinstance(indices, (list, tuple))
                 and len(indices) > 0
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices),
-                "layers_to_transform", layers, "a non-negative int or a non-empty list of non-negative ints",
+                "layers_to_transform",
+                layers,
+                "a non-negative int or a non-empty list of non-negative ints",
             )
         pattern = self.layers_pattern
         if pattern is not None:
             _check(
                 layers is not None,
-                "layers_pattern", pattern, "set only together with layers_to_transform (give the layer indices too)",
+                "layers_pattern",
+                pattern,
+                "set only together with layers_to_transform (give the layer indices too)",
             )
             names = [pattern] if isinstance(pattern, str) else pattern
             _check(
-                isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(p, str) and p for p in names),
-                "layers_pattern", pattern, "a non-empty string or list of strings such as 'layers' or 'h'",
+                isinstance(names, (list, tuple))
+                and len(names) > 0
+                and all(isinstance(p, str) and p for p in names),
+                "layers_pattern",
+                pattern,
+                "a non-empty string or list of strings such as 'layers' or 'h'",
             )
 
     # ------------------------------------------------------------------ JSON round trip with PEFT
@@ -161,8 +195,8 @@ class VeraConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
-                f"unknown VeraConfig field(s) {unknown}; allowed fields are {sorted(known)} "
-                "(check the spelling, or the file is not a VeRA adapter_config.json)"
+                f"unknown VeraConfig field(s) {unknown}; allowed fields are {sorted(known)} (check the "
+                "spelling, or the file is not a VeRA adapter_config.json)"
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the save_projection warning is for new configs
@@ -193,8 +227,8 @@ def _check_peft_type(peft_type: Any) -> None:
     """A file of another PEFT method is refused before its fields are read (they would all be unknown)."""
     if peft_type != "VERA":
         raise ValueError(
-            f"peft_type={peft_type!r}: this is not a VeRA adapter config; veralab loads peft_type 'VERA' only "
-            "(load other adapters with the library that matches their peft_type)"
+            f"peft_type={peft_type!r}: this is not a VeRA adapter config; veralab loads peft_type 'VERA' "
+            "only (load other adapters with the library that matches their peft_type)"
         )
 
 

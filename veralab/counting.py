@@ -13,7 +13,8 @@ For one adapted layer with a frozen weight W (out x in):
 so a count needs only the (out, in) shape of every adapted layer. This module finds those shapes in a
 transformers model built on the meta device (no weights are allocated, so even a 13B model builds in a
 fraction of a second), selects the layers with `veralab.targets.select_targets` (the selector `get_model`
-uses, so a count is of exactly the layers an adapter would train), and reproduces the VeRA paper's tables of trainable parameters (`PAPER_TABLE`, `paper_table_rows`):
+uses, so a count is of exactly the layers an adapter would train), and reproduces the VeRA paper's tables of
+trainable parameters (`PAPER_TABLE`, `paper_table_rows`):
 
     model = build_meta_model(LlamaConfig(...))
     shapes = adapted_layer_shapes(model, ["q_proj", "v_proj"])
@@ -62,7 +63,8 @@ def build_meta_model(config: PretrainedConfig, auto_class: type = AutoModel) -> 
 
 def architecture_class(config: PretrainedConfig) -> type:
     """The model class `config.architectures` names (e.g. `LlamaForCausalLM`, with its head), as
-    `from_pretrained` would build it; `AutoModel` (the bare model) when the config names none transformers has."""
+    `from_pretrained` would build it; `AutoModel` (the bare model) when the config names none transformers
+    has."""
     for name in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, name, None)
         if isinstance(model_class, type):
@@ -114,7 +116,9 @@ class FusedTarget:
 Target = str | FusedTarget
 
 
-def _fused_block_shapes(name: str, out_features: int, in_features: int, target: FusedTarget) -> list[LayerShape]:
+def _fused_block_shapes(
+    name: str, out_features: int, in_features: int, target: FusedTarget
+) -> list[LayerShape]:
     """One (out / n_blocks, in) shape per adapted block of a fused layer."""
     n_blocks = len(target.split_into)
     if out_features % n_blocks:
@@ -167,9 +171,12 @@ def adapted_layer_shapes(
         plain_hits = [entry for entry in plain if name_matches_entry(target.name, entry)]
         if plain_hits or len(fused_hits) > 1:
             raise ValueError(
-                f"module {target.name!r} is matched by several targets {plain_hits + fused_hits!r}; keep one of them"
+                f"module {target.name!r} is matched by several targets {plain_hits + fused_hits!r}; keep one "
+                "of them"
             )
-        shapes.extend(_fused_block_shapes(target.name, target.out_features, target.in_features, fused_hits[0]))
+        shapes.extend(
+            _fused_block_shapes(target.name, target.out_features, target.in_features, fused_hits[0])
+        )
     return shapes
 
 
@@ -210,7 +217,8 @@ def count_adapter(model: nn.Module, config: VeraConfig, lora_r: int) -> AdapterC
     """Count an adapter with `config` on `model` (real or meta) against a LoRA of rank `lora_r` on the same
     layers; `veralab count` prints this."""
     layers = [
-        LayerShape(target.name, target.out_features, target.in_features) for target in select_targets(model, config)
+        LayerShape(target.name, target.out_features, target.in_features)
+        for target in select_targets(model, config)
     ]
     return AdapterCount(
         layers=layers,
@@ -249,8 +257,8 @@ def _printed_value_and_unit(printed: str) -> tuple[Decimal, Decimal]:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*", printed.upper())
     if match is None:
         raise ValueError(
-            f"cannot read the printed count {printed!r}; expected a number with an optional K, M or B suffix, "
-            f"e.g. '0.043M' or '24.6K'"
+            f"cannot read the printed count {printed!r}; expected a number with an optional K, M or B "
+            "suffix, e.g. '0.043M' or '24.6K'"
         )
     number, multiplier = Decimal(match[1]), _SUFFIX_MULTIPLIER[match[2]]
     # Decimal keeps the printed digits: Decimal("0.043") has exponent -3, so its last digit is worth 1e-3.
@@ -343,8 +351,8 @@ LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 # The VeRA paper copies its GPT-2 LoRA figures from the LoRA paper (Hu et al., Table 3); they are kept as
 # printed, and the arithmetic is not bent to meet them.
 _GPT2_LORA_NOTE = (
-    "The paper prints {printed} for LoRA r=4, the LoRA paper's figure; r*(in+out) over the q and v blocks "
-    "of c_attn does not reproduce it (see lora_computed)."
+    "The paper prints {printed} for LoRA r=4, the LoRA paper's figure; r*(in+out) over the q and v blocks of "
+    "c_attn does not reproduce it (see lora_computed)."
 )
 
 

@@ -192,8 +192,8 @@ def slice_projections(
         raise ValueError(f"vera_A has rank {r} but vera_B has rank {r_b}")
     if in_features > max_in or out_features > max_out:
         raise ValueError(
-            f"a ({out_features} x {in_features}) layer does not fit the shared projections "
-            f"sized ({max_out} x {max_in}); size them with find_max_dims over every adapted layer"
+            f"a ({out_features} x {in_features}) layer does not fit the shared projections sized ({max_out} "
+            f"x {max_in}); size them with find_max_dims over every adapted layer"
         )
     A_s = vera_A[:, :in_features]  # (r, in): a view
     B_s = vera_B[:out_features, :]  # (out, r): a view
@@ -370,8 +370,8 @@ class VeraLinear(nn.Module):
         if not isinstance(projections, SharedProjections):
             raise TypeError(
                 "VeraLinear takes the shared pair as one SharedProjections module, got "
-                f"{type(projections).__name__}; build it once per model with "
-                "SharedProjections(vera_A, vera_B) and pass the same module to every layer"
+                f"{type(projections).__name__}; build it once per model with SharedProjections(vera_A, "
+                "vera_B) and pass the same module to every layer"
             )
         self.base_layer = base_layer.requires_grad_(False)
         self.projections = projections  # the same module in every layer: one pair in memory

@@ -123,7 +123,9 @@ GeometryOf = Callable[[nn.Module], LayerGeometry | None]
 # ------------------------------------------------------------------------------------------ the selector
 
 
-def select_targets(model: nn.Module, config: VeraConfig, geometry: GeometryOf = layer_geometry) -> list[Target]:
+def select_targets(
+    model: nn.Module, config: VeraConfig, geometry: GeometryOf = layer_geometry
+) -> list[Target]:
     """The layers an adapter with `config` adapts in `model`, in module order (see the module docstring).
 
     Args:
@@ -157,8 +159,8 @@ def select_targets(model: nn.Module, config: VeraConfig, geometry: GeometryOf = 
         if layer is None:
             raise ValueError(
                 f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: only nn.Linear, "
-                "transformers Conv1D and quantized linear layers are supported. Remove it from target_modules "
-                "(or name its linear sub-layers instead)."
+                "transformers Conv1D and quantized linear layers are supported. Remove it from "
+                "target_modules (or name its linear sub-layers instead)."
             )
         selected.append(Target(name, module, layer.out_features, layer.in_features))
     if not all_linear and config.target_modules is not None:  # defaults name several architectures' layers
@@ -166,8 +168,8 @@ def select_targets(model: nn.Module, config: VeraConfig, geometry: GeometryOf = 
     if not selected:
         raise ValueError(
             f"target_modules={targets!r} with layers_to_transform={config.layers_to_transform!r} and "
-            f"layers_pattern={config.layers_pattern!r} selects no module of {type(model).__name__}; check the "
-            "layer indices and the name of the layer list"
+            f"layers_pattern={config.layers_pattern!r} selects no module of {type(model).__name__}; check "
+            "the layer indices and the name of the layer list"
         )
     return selected
 
@@ -214,13 +216,13 @@ def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise ValueError(
-            f"VeraConfig.target_modules=None needs a transformers model to look up default targets, but "
+            "VeraConfig.target_modules=None needs a transformers model to look up default targets, but "
             f"{type(model).__name__} has no config.model_type; set target_modules, e.g. ['q_proj', 'v_proj']"
         )
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(
             f"VeraConfig.target_modules=None and there are no default targets for model_type={model_type!r}; "
-            f"set target_modules (a list of module names, a regex, or 'all-linear'). Known model types: "
+            "set target_modules (a list of module names, a regex, or 'all-linear'). Known model types: "
             f"{sorted(DEFAULT_TARGET_MODULES)}"
         )
     return DEFAULT_TARGET_MODULES[model_type]
@@ -230,13 +232,18 @@ def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | 
 
 
 def is_adapter_layer(module: nn.Module) -> bool:
-    """An adapter layer wrapping a frozen `base_layer` (veralab.fast's VeRA layers, as PEFT's tuner layers)."""
-    return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "adapter_layer_names")
+    """An adapter layer wrapping a frozen `base_layer` (veralab.fast's VeRA layers, as PEFT's tuner
+    layers)."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(
+        module, "adapter_layer_names"
+    )
 
 
 def is_modules_to_save_wrapper(module: nn.Module) -> bool:
     """A wrapper holding an `original_module` and per-adapter `modules_to_save` copies."""
-    return isinstance(getattr(module, "original_module", None), nn.Module) and hasattr(module, "modules_to_save")
+    return isinstance(getattr(module, "original_module", None), nn.Module) and hasattr(
+        module, "modules_to_save"
+    )
 
 
 def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -295,13 +302,13 @@ def _check_every_entry_matched(
     examples = [name for name, module in named_layers(model) if geometry(module) is not None][:6]
     if isinstance(targets, str):
         raise ValueError(
-            f"target_modules={targets!r} matches no module of {type(model).__name__}: a string is a regex that "
-            f"must match a whole module name; module names look like {examples}"
+            f"target_modules={targets!r} matches no module of {type(model).__name__}: a string is a regex "
+            f"that must match a whole module name; module names look like {examples}"
         )
     raise ValueError(
         f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} match no module of "
-        f"{type(model).__name__}; module names look like {examples}. Fix the names (a list entry must equal a "
-        "module's name or its last dotted parts; a string is a full-name regex)."
+        f"{type(model).__name__}; module names look like {examples}. Fix the names (a list entry must equal "
+        "a module's name or its last dotted parts; a string is a full-name regex)."
     )
 
 

@@ -1,4 +1,5 @@
-"""Loading a base model for the main job: a local transformers directory, optionally quantized by bitsandbytes.
+"""Loading a base model for the main job: a local transformers directory, optionally quantized by
+bitsandbytes.
 
 No model hub is involved: a model is a directory holding `config.json`, the weights and the tokenizer
 files, as written by `save_pretrained`.
@@ -31,14 +32,18 @@ def quantization_config(quantization: str | None):
     if quantization is None:
         return None
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r} is invalid: expected one of {list(QUANTIZATIONS)} or None")
+        raise ValueError(
+            f"quantization={quantization!r} is invalid: expected one of {list(QUANTIZATIONS)} or None"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"--load-in-{quantization} needs bitsandbytes: pip install 'veralab[bnb]'")
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4"
+    )
 
 
 def load_base_model(

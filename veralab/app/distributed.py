@@ -61,7 +61,8 @@ class Cluster:
         return self.world_size > 1
 
     def shard(self, items: list) -> list:
-        """This rank's share of a global batch: items rank, rank + world_size, ... (every item exactly once)."""
+        """This rank's share of a global batch: items rank, rank + world_size, ... (every item exactly
+        once)."""
         return items[self.rank :: self.world_size]
 
     def sum(self, values: list[float]) -> list[float]:
@@ -73,7 +74,8 @@ class Cluster:
         return tensor.tolist()
 
     def check_identical(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Raise unless every rank holds bit-identical `tensors` (compares a checksum per tensor, not the data).
+        """Raise unless every rank holds bit-identical `tensors` (compares a checksum per tensor, not the
+        data).
 
         Args:
             tensors: name -> tensor, the same names on every rank.
@@ -84,7 +86,9 @@ class Cluster:
         low, high = checksums.clone(), checksums.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        differing = [name for name, lo, hi in zip(tensors, low.tolist(), high.tolist(), strict=True) if lo != hi]
+        differing = [
+            name for name, lo, hi in zip(tensors, low.tolist(), high.tolist(), strict=True) if lo != hi
+        ]
         if differing:
             raise RuntimeError(
                 f"{differing} differ between training processes; every rank must build them identically "

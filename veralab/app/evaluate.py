@@ -19,7 +19,8 @@ from veralab.app.distributed import Cluster
 
 @dataclass
 class ExactMatch:
-    """Exact-match result: `correct` of `total`, and a few (prompt, expected, generated) samples from rank 0."""
+    """Exact-match result: `correct` of `total`, and a few (prompt, expected, generated) samples from rank
+    0."""
 
     correct: int
     total: int
@@ -66,10 +67,14 @@ def generate_answers(
     model.eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch = _left_padded([prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad_token_id)
+        batch = _left_padded(
+            [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad_token_id
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
-        answers.extend(tokenizer.decode(_until_eos(row.tolist(), tokenizer.eos_token_id)) for row in generated)
+        answers.extend(
+            tokenizer.decode(_until_eos(row.tolist(), tokenizer.eos_token_id)) for row in generated
+        )
     model.train(was_training)
     return answers
 
@@ -102,10 +107,14 @@ def exact_match(
     if not examples:
         raise ValueError("no held-out examples to evaluate; give at least one")
     if max_new_tokens is None:
-        max_new_tokens = 2 + max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
+        max_new_tokens = 2 + max(
+            len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples
+        )
     mine = cluster.shard(examples)
     answers = generate_answers(model, tokenizer, [e.prompt for e in mine], max_new_tokens, batch_size)
     correct = sum(answer.strip() == e.completion.strip() for answer, e in zip(answers, mine, strict=True))
     (correct_total,) = cluster.sum([correct])
-    kept = [(e.prompt, e.completion, answer) for e, answer in zip(mine[:samples], answers[:samples], strict=True)]
+    kept = [
+        (e.prompt, e.completion, answer) for e, answer in zip(mine[:samples], answers[:samples], strict=True)
+    ]
     return ExactMatch(correct=int(correct_total), total=len(examples), samples=kept)

@@ -40,9 +40,13 @@ def load_task(options: FinetuneOptions) -> TaskData:
     elif options.eval_data is not None:
         task = TaskData(read_jsonl(options.data), read_jsonl(options.eval_data), source=str(options.data))
     else:
-        task = split_held_out(read_jsonl(options.data), options.held_out_fraction, options.training.seed, options.data)
+        task = split_held_out(
+            read_jsonl(options.data), options.held_out_fraction, options.training.seed, options.data
+        )
     if options.max_eval_examples < 1:
-        raise ValueError(f"max_eval_examples={options.max_eval_examples} is invalid: expected a positive number")
+        raise ValueError(
+            f"max_eval_examples={options.max_eval_examples} is invalid: expected a positive number"
+        )
     return TaskData(task.train, task.held_out[: options.max_eval_examples], task.source)
 
 
@@ -159,6 +163,7 @@ def _show(
     log("load it:")
     log(f"  veralab evaluate --adapter {output}" + ("" if options.model is None else f" --model {model_dir}"))
     log(
-        "  python -c \"from transformers import AutoModelForCausalLM; from veralab.fast import VeraModel; "
-        f"model = VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{output}')\""
+        '  python -c "from transformers import AutoModelForCausalLM; from veralab.fast import VeraModel; '
+        f"model = VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), "
+        f"'{output}')\""
     )

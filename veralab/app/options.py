@@ -48,16 +48,18 @@ class TrainingOptions:
             raise ValueError(f"epochs={self.epochs} is invalid: expected a positive number of passes")
         if self.batch_size < world_size:
             raise ValueError(
-                f"batch_size={self.batch_size} is smaller than the {world_size} training processes; the batch is "
-                f"split between them, so use a batch of at least {world_size}"
+                f"batch_size={self.batch_size} is smaller than the {world_size} training processes; the "
+                f"batch is split between them, so use a batch of at least {world_size}"
             )
         if self.batch_size > num_examples:
             raise ValueError(
-                f"batch_size={self.batch_size} exceeds the {num_examples} training examples; use a smaller batch"
+                f"batch_size={self.batch_size} exceeds the {num_examples} training examples; use a smaller "
+                "batch"
             )
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} is invalid: expected a positive number, e.g. 2e-2")
-
+            raise ValueError(
+                f"learning_rate={self.learning_rate} is invalid: expected a positive number, e.g. 2e-2"
+            )
 
 
 def default_vera_config() -> VeraConfig:

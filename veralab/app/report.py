@@ -69,14 +69,17 @@ class RunSummary:
 def summary_table(summary: RunSummary) -> str:
     """The end-of-run table, one fact a row."""
     s = summary
-    stored = "with vera_A/vera_B" if s.projections_saved else "lambdas only, vera_A/vera_B are regenerated on load"
+    stored = (
+        "with vera_A/vera_B" if s.projections_saved else "lambdas only, vera_A/vera_B are regenerated on load"
+    )
     rows = [
         ("model", s.model),
         ("data", f"{s.data}: {s.train_examples} train / {s.held_out_examples} held-out examples"),
         ("adapted layers", f"{s.adapted_layers} (VeRA r={s.r})"),
         (
             "trainable parameters",
-            f"{s.trainable_parameters:,} of {s.total_parameters:,} ({100 * s.trainable_parameters / s.total_parameters:.4f}%)",
+            f"{s.trainable_parameters:,} of {s.total_parameters:,} "
+            f"({100 * s.trainable_parameters / s.total_parameters:.4f}%)",
         ),
         ("adapter on disk", f"{s.adapter_bytes:,} bytes ({stored})"),
         (

@@ -61,7 +61,9 @@ def answer_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
         logits: (batch, seq, vocab) from a causal language model.
         labels: (batch, seq), -100 where there is no loss.
     """
-    predictions = logits[:, :-1].flatten(0, 1).float()  # (batch * (seq - 1), vocab): position t predicts t + 1
+    predictions = (
+        logits[:, :-1].flatten(0, 1).float()
+    )  # (batch * (seq - 1), vocab): position t predicts t + 1
     targets = labels[:, 1:].flatten()  # (batch * (seq - 1),)
     return F.cross_entropy(predictions, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -116,7 +118,11 @@ def train(
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parameters = trainable_parameters(model)
     cluster.check_identical(
-        {name: tensor for name, tensor in model.named_buffers() if name.split(".")[-1] in ("vera_A", "vera_B")}
+        {
+            name: tensor
+            for name, tensor in model.named_buffers()
+            if name.split(".")[-1] in ("vera_A", "vera_B")
+        }
         | {name: p for name, p in model.named_parameters() if p.requires_grad}
     )
 
@@ -128,7 +134,13 @@ def train(
     trained.train()
 
     result = TrainingResult()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not (progress and cluster.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        desc="training",
+        unit="step",
+        disable=not (progress and cluster.is_main),
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     for global_batch in schedule:
         loss, tokens = _step(trained, optimizer, [tokenized[i] for i in global_batch], pad_token_id, cluster)
@@ -149,7 +161,8 @@ def _step(
     pad_token_id: int,
     cluster: Cluster,
 ) -> tuple[float, int]:
-    """One optimizer step on this rank's share of the global batch; returns (global mean loss, global tokens)."""
+    """One optimizer step on this rank's share of the global batch; returns (global mean loss, global
+    tokens)."""
     answer_tokens = sum(example.target_tokens for example in global_batch)
     batch = {k: v.to(cluster.device) for k, v in collate(cluster.shard(global_batch), pad_token_id).items()}
     labels = batch.pop("labels")

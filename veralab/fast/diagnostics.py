@@ -29,10 +29,14 @@ class SavedStorage:
     nbytes: int
 
 
-def saved_activations(model: nn.Module, forward: Callable[[], Result]) -> tuple[dict[int, SavedStorage], Result]:
-    """Run `forward()` and record the storages autograd saves for the backward, parameters and buffers excluded.
+def saved_activations(
+    model: nn.Module, forward: Callable[[], Result]
+) -> tuple[dict[int, SavedStorage], Result]:
+    """Run `forward()` and record the storages autograd saves for the backward, parameters and buffers
+    excluded.
 
-    The saved tensors stay alive with the graph of `forward`'s result, which is returned: back-propagate or drop it.
+    The saved tensors stay alive with the graph of `forward`'s result, which is returned: back-propagate or
+    drop it.
 
     Args:
         model: the model whose parameters and buffers are not counted.
@@ -69,8 +73,11 @@ def saved_activation_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -
     return sum(storage.nbytes for storage in saved.values())
 
 
-def layers_sharing_inputs(model: nn.Module, forward: Callable[[], object]) -> list[list[tuple[str, nn.Module]]]:
-    """The model's VeRA layers grouped by the input tensor each receives in one `forward()` (run without grad).
+def layers_sharing_inputs(
+    model: nn.Module, forward: Callable[[], object]
+) -> list[list[tuple[str, nn.Module]]]:
+    """The model's VeRA layers grouped by the input tensor each receives in one `forward()` (run without
+    grad).
 
     Args:
         model: a `VeraModel`.

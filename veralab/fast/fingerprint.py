@@ -20,8 +20,8 @@ from veralab.fast.projections import SharedProjections
 
 FINGERPRINT_KEY = "veralab_projections"
 GENERATOR = (
-    "torch.Generator('cpu').manual_seed(projection_prng_key); kaiming_uniform(gain=sqrt(2)) "
-    "vera_A (r, max_in) then vera_B (max_out, r); float32"
+    "torch.Generator('cpu').manual_seed(projection_prng_key); kaiming_uniform(gain=sqrt(2)) vera_A (r, "
+    "max_in) then vera_B (max_out, r); float32"
 )
 _FIELDS = ("sha256", "projection_prng_key", "vera_A_shape", "vera_B_shape")
 
@@ -47,7 +47,9 @@ def projection_fingerprint(vera_A: torch.Tensor, vera_B: torch.Tensor, prng_key:
     return {**description, "sha256": digest.hexdigest(), "torch_version": torch.__version__}
 
 
-def fingerprint_matches(fingerprint: dict[str, Any], vera_A: torch.Tensor, vera_B: torch.Tensor, prng_key: int) -> bool:
+def fingerprint_matches(
+    fingerprint: dict[str, Any], vera_A: torch.Tensor, vera_B: torch.Tensor, prng_key: int
+) -> bool:
     """Whether `vera_A`, `vera_B` drawn from `prng_key` are the projections `fingerprint` describes."""
     return projection_fingerprint(vera_A, vera_B, prng_key)["sha256"] == fingerprint["sha256"]
 
@@ -55,7 +57,8 @@ def fingerprint_matches(fingerprint: dict[str, Any], vera_A: torch.Tensor, vera_
 def regenerate_projections(
     shape_A: tuple[int, ...], shape_B: tuple[int, ...], prng_key: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair `projection_prng_key` gives on this machine, on CPU in float32, drawn as the model draws it."""
+    """The pair `projection_prng_key` gives on this machine, on CPU in float32, drawn as the model draws
+    it."""
     r, max_in = shape_A
     max_out, _ = shape_B
     pair = SharedProjections.create(r, max_in, max_out, prng_key)
@@ -109,24 +112,25 @@ def check_regenerated(
     """
     if fingerprint["projection_prng_key"] != prng_key:
         raise ProjectionMismatchError(
-            f"{config_path}: projection_prng_key={prng_key}, but the adapter was trained with projections drawn "
-            f"from projection_prng_key={fingerprint['projection_prng_key']} (recorded in {weights_path.name}); "
-            "restore the config's original key"
+            f"{config_path}: projection_prng_key={prng_key}, but the adapter was trained with projections "
+            f"drawn from projection_prng_key={fingerprint['projection_prng_key']} (recorded in "
+            f"{weights_path.name}); restore the config's original key"
         )
     saved_shapes = (tuple(fingerprint["vera_A_shape"]), tuple(fingerprint["vera_B_shape"]))
     shapes = (tuple(regenerated[0].shape), tuple(regenerated[1].shape))
     if saved_shapes != shapes:
         raise ProjectionMismatchError(
-            f"{weights_path}: the adapter was trained with projections of shapes {saved_shapes}, but this model "
-            f"needs {shapes}; it was saved from a model with other layer sizes"
+            f"{weights_path}: the adapter was trained with projections of shapes {saved_shapes}, but this "
+            f"model needs {shapes}; it was saved from a model with other layer sizes"
         )
     if not fingerprint_matches(fingerprint, *regenerated, prng_key):
         raise ProjectionMismatchError(
             f"{weights_path}: vera_A/vera_B regenerated from projection_prng_key={prng_key} on this machine "
-            f"(torch {torch.__version__}) do not match the fingerprint saved with the adapter (saved with torch "
-            f"{fingerprint.get('torch_version', 'unknown')}, sha256 {fingerprint['sha256'][:16]}...). The file "
-            "has no projections (save_projection=False) and this machine's generator draws different ones, so "
-            "loading it would silently give wrong outputs. To recover: where the adapter was saved (same torch "
-            "version and device), load it, set model.peft_config[<name>].save_projection = True and save it "
-            "again; that file carries its projections and loads anywhere."
+            f"(torch {torch.__version__}) do not match the fingerprint saved with the adapter (saved with "
+            f"torch {fingerprint.get('torch_version', 'unknown')}, sha256 {fingerprint['sha256'][:16]}...). "
+            "The file has no projections (save_projection=False) and this machine's generator draws "
+            "different ones, so loading it would silently give wrong outputs. To recover: where the adapter "
+            "was saved (same torch version and device), load it, set "
+            "model.peft_config[<name>].save_projection = True and save it again; that file carries its "
+            "projections and loads anywhere."
         )

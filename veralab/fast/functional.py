@@ -11,7 +11,8 @@ to compute an adapted layer follow:
 
 - activation space (`activation_space_vera`): `y = base(x) + h S^T`. Works over any base layer (quantized
   ones included), in any dtype, with dropout on the adapter's input.
-- weight space (`weight_space_vera`): `y = x (W + S A_s)^T + b`, one base-sized matmul whose backward gives the
+- weight space (`weight_space_vera`): `y = x (W + S A_s)^T + b`, one base-sized matmul whose backward gives
+the
   input gradient for free. ΔW is rebuilt in the backward rather than kept alive. Exact only where W's dtype
   keeps the small ΔW (float32/float64) and the adapter reads x itself (no dropout).
 
@@ -34,7 +35,8 @@ from torch.nn import functional as F
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in on this device type, or None when autocast is off (or unknown there)."""
+    """The dtype autocast runs matmuls in on this device type, or None when autocast is off (or unknown
+    there)."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -141,8 +143,8 @@ class WeightSpaceVera(torch.autograd.Function):
         needs_d, needs_b = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
         if (needs_d or needs_b) and h is None:
             raise RuntimeError(
-                "WeightSpaceVera got h=None but its lambdas need gradients; pass h = x A_s^T (computed without "
-                "grad) whenever the lambdas require grad"
+                "WeightSpaceVera got h=None but its lambdas need gradients; pass h = x A_s^T (computed "
+                "without grad) whenever the lambdas require grad"
             )
         grad_d, grad_b = lambda_grads(
             G, None if h is None else h.reshape(-1, h.shape[-1]), B_s, lambda_d, lambda_b, needs_d, needs_b
@@ -205,7 +207,11 @@ def weight_space_vera(
 
 
 def mixed_batch_vera(
-    base_output: torch.Tensor, h: torch.Tensor, B_s: torch.Tensor, lambda_d_rows: torch.Tensor, lambda_b_rows: torch.Tensor
+    base_output: torch.Tensor,
+    h: torch.Tensor,
+    B_s: torch.Tensor,
+    lambda_d_rows: torch.Tensor,
+    lambda_b_rows: torch.Tensor,
 ) -> torch.Tensor:
     """The adapted output with one adapter per row of the batch: `base + λ_b,row ⊙ ((λ_d,row ⊙ h) B_s^T)`.
 
@@ -216,8 +222,8 @@ def mixed_batch_vera(
         base_output: (batch, ..., out).
         h: x A_s^T, (batch, ..., r).
         B_s: (out, r) in h's dtype.
-        lambda_d_rows: (batch, r), each row's λ_d, gathered by the caller (zeros for rows that use no adapter),
-            in h's dtype.
+        lambda_d_rows: (batch, r), each row's λ_d, gathered by the caller (zeros for rows that use no
+            adapter), in h's dtype.
         lambda_b_rows: (batch, out), each row's λ_b, likewise.
     """
     # (batch, r) -> (batch, 1, ..., 1, r) so it broadcasts over the middle (e.g. sequence) dims.

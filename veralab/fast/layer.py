@@ -135,7 +135,9 @@ class VeraLinear(nn.Module):
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
 
-    def __init__(self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False) -> None:
+    def __init__(
+        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
@@ -166,7 +168,9 @@ class VeraLinear(nn.Module):
             lambda_b = torch.randn(self.out_features).to(device)
         self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d)
         self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b)
-        self.vera_dropout[adapter_name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.vera_dropout[adapter_name] = (
+            nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        )
         self.r[adapter_name] = r
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -207,7 +211,9 @@ class VeraLinear(nn.Module):
         """
         lambda_d = self.vera_lambda_d[adapter_name].detach().float()
         lambda_b = self.vera_lambda_b[adapter_name].detach().float()
-        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, torch.float32, lambda_d.device)
+        A_s, B_s = self._projections.sliced(
+            self.in_features, self.out_features, torch.float32, lambda_d.device
+        )
         delta = (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, r) @ (r, in)
         return delta.to(self._base_device())
 
@@ -235,8 +241,9 @@ class VeraLinear(nn.Module):
         merged = self.merged_weight(names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
-                f"merging adapter(s) {names} gives NaN/inf weights in a ({self.out_features} x {self.in_features}) "
-                "layer; the weight was left untouched. Check the adapter's lambdas for NaN/inf."
+                f"merging adapter(s) {names} gives NaN/inf weights in a ({self.out_features} x "
+                f"{self.in_features}) layer; the weight was left untouched. Check the adapter's lambdas for "
+                "NaN/inf."
             )
         self.set_base_weight(merged)
         self.merged_adapters.extend(names)
@@ -370,8 +377,8 @@ class VeraLinear(nn.Module):
         rows = self.row_adapters
         if rows.index.shape[0] != x.shape[0]:
             raise ValueError(
-                f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; "
-                "give exactly one adapter name per row"
+                f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; give "
+                "exactly one adapter name per row"
             )
         result = self.base_forward(x, *args, **kwargs)
         x_adapter = x.to(self.adapter_dtype(x))
@@ -399,7 +406,9 @@ class VeraLinear(nn.Module):
         ]
         if not self.training or not any(probabilities):
             return x
-        keep = 1.0 - torch.tensor(probabilities, dtype=x.dtype, device=x.device)[rows.index.to(x.device)]  # (batch,)
+        keep = (
+            1.0 - torch.tensor(probabilities, dtype=x.dtype, device=x.device)[rows.index.to(x.device)]
+        )  # (batch,)
         keep = keep.view(-1, *([1] * (x.dim() - 1)))
         mask = torch.bernoulli(keep.expand_as(x))
         return x * mask / keep
@@ -418,9 +427,9 @@ def warn_fan_in_fan_out_mismatch(config_value: bool, mismatched: list[str]) -> N
     """Say which layers do not have the layout `fan_in_fan_out` claims (the config itself is not changed)."""
     if mismatched:
         warnings.warn(
-            f"fan_in_fan_out={config_value} does not fit {len(mismatched)} target layer(s) (e.g. {mismatched[0]}); "
-            f"using fan_in_fan_out={not config_value} for them, as their type requires. Your VeraConfig is not "
-            "modified.",
+            f"fan_in_fan_out={config_value} does not fit {len(mismatched)} target layer(s) (e.g. "
+            f"{mismatched[0]}); using fan_in_fan_out={not config_value} for them, as their type requires. "
+            "Your VeraConfig is not modified.",
             UserWarning,
             stacklevel=4,
         )

@@ -71,7 +71,9 @@ def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
         layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_b"] = Slot(
             f"model.{path}.vera_lambda_b.{name}", (target.out_features,)
         )
-        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_d"] = Slot(f"model.{path}.vera_lambda_d.{name}", (config.r,))
+        layout[f"{PEFT_PREFIX}model.{path}.vera_lambda_d"] = Slot(
+            f"model.{path}.vera_lambda_d.{name}", (config.r,)
+        )
     for path, module in plan.modules_to_save.items():
         original = module.original_module if is_modules_to_save_wrapper(module) else module
         for key, tensor in original.state_dict().items():

@@ -57,7 +57,9 @@ class AdapterFiles:
     metadata: dict[str, str]
 
 
-def load_adapter(model: VeraModel, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+def load_adapter(
+    model: VeraModel, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+) -> None:
     """Load an adapter directory into `model`, all or nothing.
 
     A new `adapter_name` is added (inactive, like PEFT's `load_adapter`); an existing one has its weights
@@ -73,8 +75,8 @@ def load_adapter(model: VeraModel, directory: str | os.PathLike, adapter_name: s
     existing = adapter_name in model.peft_config
     if existing and adapter_name in model.merged_adapters:
         raise ValueError(
-            f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before loading new "
-            "weights into it"
+            f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
+            "loading new weights into it"
         )
     files = read_adapter_files(directory)
     files.config.inference_mode = not is_trainable
@@ -116,7 +118,9 @@ def from_pretrained(
         with _naming(files.config_path):
             vera_model = model_cls(model, files.config, adapter_name=adapter_name)
         _adopt_trained_projection_shapes(vera_model, files)
-        layout = adapter_layout(vera_model, vera_model.plan_adapter(adapter_name, files.config, existing=True))
+        layout = adapter_layout(
+            vera_model, vera_model.plan_adapter(adapter_name, files.config, existing=True)
+        )
         check_tensors(files, layout)
         check_projections(vera_model, files, replace=True)
     except Exception:
@@ -145,22 +149,29 @@ def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterLoadError(
-            f"{directory}: no such adapter directory (expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+            f"{directory}: no such adapter directory (expected a directory holding {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME})"
         )
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
-        raise AdapterLoadError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterLoadError(
+            f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not weights_path.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
             raise AdapterLoadError(
-                f"{directory / PICKLE_WEIGHTS_NAME}: a pickled adapter; veralab loads safetensors only (unpickling "
-                "can run arbitrary code). Re-save it with PEFT's save_pretrained(..., safe_serialization=True)."
+                f"{directory / PICKLE_WEIGHTS_NAME}: a pickled adapter; veralab loads safetensors only "
+                "(unpickling can run arbitrary code). Re-save it with PEFT's save_pretrained(..., "
+                "safe_serialization=True)."
             )
-        raise AdapterLoadError(f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterLoadError(
+            f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     for path in (config_path, weights_path):
         if path.stat().st_size == 0:
             raise AdapterLoadError(
-                f"{path}: the file is empty (0 bytes); whatever wrote it did not finish, save the adapter again"
+                f"{path}: the file is empty (0 bytes); whatever wrote it did not finish, save the adapter "
+                "again"
             )
     try:
         config = VeraConfig.from_json_file(config_path)
@@ -176,7 +187,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as e:
         raise AdapterLoadError(
-            f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted, save the adapter again"
+            f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted, save the adapter "
+            "again"
         ) from e
     return tensors, metadata
 
@@ -195,24 +207,27 @@ def check_tensors(files: AdapterFiles, layout: dict[str, Slot]) -> None:
         )
     if unexpected:
         raise AdapterLoadError(
-            f"{files.weights_path}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; they match no "
-            "module this adapter's config targets in the model (was it saved from another architecture?)"
+            f"{files.weights_path}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; they "
+            "match no module this adapter's config targets in the model (was it saved from another "
+            "architecture?)"
         )
     for key, slot in layout.items():
         tensor = files.tensors[key]
         if tuple(tensor.shape) != slot.shape and slot.model_key in ("vera_A", "vera_B"):
             raise AdapterLoadError(
-                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but this model's shared projections "
-                f"are {slot.shape} (sized by its first adapter); load the adapter into a fresh base model with "
-                "VeraModel.from_pretrained"
+                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but this model's shared "
+                f"projections are {slot.shape} (sized by its first adapter); load the adapter into a fresh "
+                "base model with VeraModel.from_pretrained"
             )
         if tuple(tensor.shape) != slot.shape:
             raise AdapterLoadError(
-                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but the model needs {slot.shape}; "
-                "the adapter was saved from a model with other layer sizes (or another rank)"
+                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but the model needs "
+                f"{slot.shape}; the adapter was saved from a model with other layer sizes (or another rank)"
             )
         if not tensor.dtype.is_floating_point:
-            raise AdapterLoadError(f"{files.weights_path}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
+            raise AdapterLoadError(
+                f"{files.weights_path}: {key} has dtype {tensor.dtype}; adapter tensors are floating point"
+            )
 
 
 def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> None:
@@ -227,34 +242,40 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
     fingerprint = stored_fingerprint(files.metadata, files.weights_path)
     if config.save_projection:
         vera_A, vera_B = files.tensors[f"{PEFT_PREFIX}vera_A"], files.tensors[f"{PEFT_PREFIX}vera_B"]
-        if fingerprint is not None and not fingerprint_matches(fingerprint, vera_A, vera_B, config.projection_prng_key):
+        if fingerprint is not None and not fingerprint_matches(
+            fingerprint, vera_A, vera_B, config.projection_prng_key
+        ):
             raise AdapterLoadError(
-                f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to them; "
-                "the file is corrupted, save the adapter again"
+                f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to "
+                "them; the file is corrupted, save the adapter again"
             )
         if not replace and not (same_values(vera_A, model.vera_A) and same_values(vera_B, model.vera_B)):
             raise AdapterLoadError(
-                f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this model's "
-                f"adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it into a fresh base "
-                "model with VeraModel.from_pretrained instead."
+                f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this "
+                f"model's adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it "
+                "into a fresh base model with VeraModel.from_pretrained instead."
             )
         return
     regenerated = regenerate_projections(model.vera_A.shape, model.vera_B.shape, config.projection_prng_key)
     if fingerprint is None:
         warnings.warn(
-            f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT with "
-            "save_projection=False): the projections are regenerated from projection_prng_key and cannot be "
-            "verified; outputs are wrong if this machine's generator differs from the one it was trained with.",
+            f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT "
+            "with save_projection=False): the projections are regenerated from projection_prng_key and "
+            "cannot be verified; outputs are wrong if this machine's generator differs from the one it was "
+            "trained with.",
             UserWarning,
             stacklevel=4,
         )
     else:
-        check_regenerated(fingerprint, regenerated, config.projection_prng_key, files.config_path, files.weights_path)
+        check_regenerated(
+            fingerprint, regenerated, config.projection_prng_key, files.config_path, files.weights_path
+        )
     if not (same_values(regenerated[0], model.vera_A) and same_values(regenerated[1], model.vera_B)):
         raise AdapterLoadError(
             f"{files.weights_path}: the adapter relies on the projections "
-            f"projection_prng_key={config.projection_prng_key} regenerates, but this model's shared vera_A/vera_B "
-            "differ from them; load it into a fresh base model with VeraModel.from_pretrained instead."
+            f"projection_prng_key={config.projection_prng_key} regenerates, but this model's shared "
+            "vera_A/vera_B differ from them; load it into a fresh base model with VeraModel.from_pretrained "
+            "instead."
         )
 
 
@@ -269,9 +290,10 @@ def _adopt_trained_projection_shapes(model: VeraModel, files: AdapterFiles) -> N
     saved = files.tensors.get(f"{PEFT_PREFIX}vera_A"), files.tensors.get(f"{PEFT_PREFIX}vera_B")
     if files.config.save_projection and saved[0] is not None and saved[1] is not None:
         shapes = tuple(saved[0].shape), tuple(saved[1].shape)
-    elif not files.config.save_projection and (
-        fingerprint := stored_fingerprint(files.metadata, files.weights_path)
-    ) is not None:
+    elif (
+        not files.config.save_projection
+        and (fingerprint := stored_fingerprint(files.metadata, files.weights_path)) is not None
+    ):
         shapes = tuple(fingerprint["vera_A_shape"]), tuple(fingerprint["vera_B_shape"])
     else:
         return
@@ -292,10 +314,12 @@ def _adopt_trained_projection_shapes(model: VeraModel, files: AdapterFiles) -> N
 
 def _check_same_layout(files: AdapterFiles, layout: dict[str, Slot], existing: dict[str, Slot]) -> None:
     if layout != existing:
-        differing = sorted(set(layout) ^ set(existing)) or sorted(k for k in layout if layout[k] != existing[k])
+        differing = sorted(set(layout) ^ set(existing)) or sorted(
+            k for k in layout if layout[k] != existing[k]
+        )
         raise AdapterLoadError(
-            f"{files.config_path}: this adapter's config lays out other tensors than the model's adapter of the "
-            f"same name (e.g. {differing[:3]}); load it under a new adapter_name"
+            f"{files.config_path}: this adapter's config lays out other tensors than the model's adapter of "
+            f"the same name (e.g. {differing[:3]}); load it under a new adapter_name"
         )
 
 

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 LORA_BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}
 
 
-def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
+def save_as_lora(
+    model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+) -> None:
     """Write adapter `adapter_name` as a PEFT LoRA adapter with the same outputs (see the module docstring).
 
     Biases and modules_to_save are carried over under the same keys.
@@ -38,14 +40,22 @@ def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_na
     config = model.peft_config[adapter_name]
     vera_keys = (".vera_lambda_b", ".vera_lambda_d", f"{PEFT_PREFIX}vera_A", f"{PEFT_PREFIX}vera_B")
     # Biases and modules_to_save carry over under the same keys; the VeRA tensors become lora_A/lora_B.
-    tensors = {key: t for key, t in adapter_tensors(model, adapter_name).items() if not key.endswith(vera_keys)}
+    tensors = {
+        key: t for key, t in adapter_tensors(model, adapter_name).items() if not key.endswith(vera_keys)
+    }
     layers = [(path, layer) for path, layer in model.vera_layers() if adapter_name in layer.r]
     for path, layer in layers:
         lambda_d = layer.vera_lambda_d[adapter_name].detach().to("cpu", torch.float32)
         lambda_b = layer.vera_lambda_b[adapter_name].detach().to("cpu", torch.float32)
-        A_s, B_s = model.projections.sliced(layer.in_features, layer.out_features, torch.float32, torch.device("cpu"))
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (lambda_d[:, None] * A_s).contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (lambda_b[:, None] * B_s).contiguous()  # (out, r)
+        A_s, B_s = model.projections.sliced(
+            layer.in_features, layer.out_features, torch.float32, torch.device("cpu")
+        )
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (
+            lambda_d[:, None] * A_s
+        ).contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (
+            lambda_b[:, None] * B_s
+        ).contiguous()  # (out, r)
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -74,5 +84,7 @@ def save_as_lora(model: VeraModel, save_directory: str | os.PathLike, adapter_na
 def _lora_target_modules(model: VeraModel, adapted: list[str]) -> list[str]:
     """The adapted layers' short names when those select exactly the adapted layers, else their full names."""
     short = sorted({path.rsplit(".", 1)[-1] for path in adapted})
-    selected = [name for name, _ in named_modules(model.model) if any(name_matches_entry(name, s) for s in short)]
+    selected = [
+        name for name, _ in named_modules(model.model) if any(name_matches_entry(name, s) for s in short)
+    ]
     return short if sorted(selected) == sorted(adapted) else sorted(adapted)

@@ -78,7 +78,11 @@ class VeraModel(nn.Module):
     prefix = "vera_lambda_"
 
     def __init__(
-        self, model: nn.Module, config: VeraConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+        self,
+        model: nn.Module,
+        config: VeraConfig,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -198,14 +202,17 @@ class VeraModel(nn.Module):
     def _check_new_adapter_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(
-                f"adapter_name={adapter_name!r} is invalid: use a non-empty string without '.' (it becomes part of "
-                "state-dict keys)"
+                f"adapter_name={adapter_name!r} is invalid: use a non-empty string without '.' (it becomes "
+                "part of state-dict keys)"
             )
         if adapter_name == BASE_ROW:
-            raise ValueError(f"adapter_name={BASE_ROW!r} is reserved: it marks mixed-batch rows that use no adapter")
+            raise ValueError(
+                f"adapter_name={BASE_ROW!r} is reserved: it marks mixed-batch rows that use no adapter"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(
-                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it "
+                "first"
             )
 
     def _check_against_projections(self, config: VeraConfig, targets: list[Target]) -> None:
@@ -215,35 +222,39 @@ class VeraModel(nn.Module):
         first = next(iter(self.peft_config.values()))
         if config.projection_prng_key != first.projection_prng_key:
             raise ValueError(
-                f"VeraConfig.projection_prng_key={config.projection_prng_key} differs from the model's shared "
-                f"projections (projection_prng_key={first.projection_prng_key}): every adapter of a model shares "
-                f"one vera_A/vera_B pair; use projection_prng_key={first.projection_prng_key}"
+                f"VeraConfig.projection_prng_key={config.projection_prng_key} differs from the model's "
+                f"shared projections (projection_prng_key={first.projection_prng_key}): every adapter of a "
+                f"model shares one vera_A/vera_B pair; use projection_prng_key={first.projection_prng_key}"
             )
         if config.save_projection != first.save_projection:
             raise ValueError(
-                f"VeraConfig.save_projection={config.save_projection} differs from the model's other adapters "
-                f"(save_projection={first.save_projection}); all adapters must agree since they share the projections"
+                f"VeraConfig.save_projection={config.save_projection} differs from the model's other "
+                f"adapters (save_projection={first.save_projection}); all adapters must agree since they "
+                "share the projections"
             )
         if config.r != self.projections.r:
             raise ValueError(
                 f"VeraConfig.r={config.r} differs from the rank of the model's shared projections "
-                f"(r={self.projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for one "
-                f"rank; use r={self.projections.r}, or adapt a fresh copy of the base model for another rank"
+                f"(r={self.projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for "
+                f"one rank; use r={self.projections.r}, or adapt a fresh copy of the base model for another "
+                "rank"
             )
         for target in targets:
             if not self.projections.fits(target.in_features, target.out_features):
                 raise ValueError(
-                    f"target {target.name!r} is ({target.out_features} x {target.in_features}) but the shared "
-                    f"projections were sized for layers up to ({self.projections.max_out} x "
-                    f"{self.projections.max_in}) by the first adapter; add the largest-layer adapter first, or "
-                    "target layers within that size"
+                    f"target {target.name!r} is ({target.out_features} x {target.in_features}) but the "
+                    f"shared projections were sized for layers up to ({self.projections.max_out} x "
+                    f"{self.projections.max_in}) by the first adapter; add the largest-layer adapter first, "
+                    "or target layers within that size"
                 )
 
     def _inject(self, target: Target, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool) -> None:
         layer = self.model.get_submodule(target.name)
         if not isinstance(layer, VeraLinear):
             layer_cls = vera_layer_class(target.module)
-            layer = layer_cls(target.module, self.projections, fan_in_fan_out=is_fan_in_fan_out(target.module))
+            layer = layer_cls(
+                target.module, self.projections, fan_in_fan_out=is_fan_in_fan_out(target.module)
+            )
             layer.train(target.module.training)
             self._replace_module(target.name, layer)
         layer.update_layer(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -287,9 +298,15 @@ class VeraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
-            raise ValueError(f"unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}")
+            raise ValueError(
+                f"unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}"
+            )
         if self.merged_adapters and set(self.merged_adapters) != set(names):
-            warnings.warn("the model has merged adapters; unmerging before switching adapters", UserWarning, stacklevel=2)
+            warnings.warn(
+                "the model has merged adapters; unmerging before switching adapters",
+                UserWarning,
+                stacklevel=2,
+            )
             self.unmerge_adapter()
         self._active_adapters = names
         for _, layer in self.vera_layers():
@@ -321,7 +338,11 @@ class VeraModel(nn.Module):
         modes = {self.peft_config[n].bias for n in self._active_adapters if n not in frozen}
         if "all" in modes:
             for name, param in self.model.named_parameters():
-                if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                if (
+                    name.endswith("bias")
+                    and ".modules_to_save." not in name
+                    and ".original_module." not in name
+                ):
                     param.requires_grad_(True)
         elif "vera_only" in modes:
             for _, layer in self.vera_layers():
@@ -334,7 +355,9 @@ class VeraModel(nn.Module):
         """Run the base model inside the block; merged adapters are unmerged for it and merged back after."""
         merged = self.merged_adapters
         if merged:
-            warnings.warn("disable_adapter() on a merged model: unmerging for the block", UserWarning, stacklevel=3)
+            warnings.warn(
+                "disable_adapter() on a merged model: unmerging for the block", UserWarning, stacklevel=3
+            )
             self.unmerge_adapter()
         self._set_disabled(True)
         try:
@@ -357,8 +380,8 @@ class VeraModel(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError(
-                f"{adapter_name!r} is the model's last adapter; use unload() (or merge_and_unload()) to get the "
-                "base model back instead of deleting it"
+                f"{adapter_name!r} is the model's last adapter; use unload() (or merge_and_unload()) to get "
+                "the base model back instead of deleting it"
             )
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() first")
@@ -369,7 +392,9 @@ class VeraModel(nn.Module):
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in self._active_adapters:
-            remaining = [n for n in self._active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
+            remaining = [n for n in self._active_adapters if n != adapter_name] or [
+                next(iter(self.peft_config))
+            ]
             warnings.warn(
                 f"deleted the active adapter {adapter_name!r}; active adapter is now {remaining}",
                 UserWarning,
@@ -401,7 +426,9 @@ class VeraModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         already = [n for n in names if n in self.merged_adapters]
         if already:
-            warnings.warn(f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=2
+            )
         names = [n for n in names if n not in already]
         if not names:
             return
@@ -411,8 +438,8 @@ class VeraModel(nn.Module):
                 present = [n for n in names if n in layer.r]
                 if present and not torch.isfinite(layer.merged_weight(present)).all():
                     raise ValueError(
-                        f"merging adapter(s) {present} into {layer_name} gives NaN/inf weights; nothing was merged. "
-                        "The adapter's lambdas are probably broken (check them for NaN/inf)."
+                        f"merging adapter(s) {present} into {layer_name} gives NaN/inf weights; nothing was "
+                        "merged. The adapter's lambdas are probably broken (check them for NaN/inf)."
                     )
         for _, layer in layers:
             layer.merge([n for n in names if n in layer.r])
@@ -455,7 +482,8 @@ class VeraModel(nn.Module):
     # ------------------------------------------------------------------ parameters
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters); 4-bit packed weights count two values per byte, as in PEFT."""
+        """(trainable parameters, all parameters); 4-bit packed weights count two values per byte, as in
+        PEFT."""
         trainable = total = 0
         for param in self.parameters():
             count = param.numel()
@@ -468,7 +496,10 @@ class VeraModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+            f"{100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------ running the model
 
@@ -506,7 +537,8 @@ class VeraModel(nn.Module):
             raise ValueError("adapter_names cannot be used inside disable_adapter()")
         return rows
 
-    # ------------------------------------------------------------------ saving and loading (veralab.fast.saving, loading)
+    # ------------------------------------------------------------------ saving and loading
+    # (veralab.fast.saving, loading)
 
     def save_pretrained(
         self,
@@ -528,8 +560,8 @@ class VeraModel(nn.Module):
         """
         if not safe_serialization:
             raise ValueError(
-                "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors only "
-                "(PEFT reads them too). Drop the argument."
+                "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors "
+                "only (PEFT reads them too). Drop the argument."
             )
         if is_main_process:
             saving.save_pretrained(self, save_directory, selected_adapters)
@@ -551,10 +583,15 @@ class VeraModel(nn.Module):
             adapter_name: the name to give the adapter.
             is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
         """
-        return loading.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
+        return loading.from_pretrained(
+            cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable
+        )
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of that
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of
+        that
         name has its weights replaced in place. All or nothing: on error the model is unchanged.
 
         Args:

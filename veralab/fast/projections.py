@@ -108,7 +108,8 @@ class SharedProjections:
         return self._cached("B", out_features, dtype, device, lambda: self.vera_B[:out_features, :])
 
     def hidden(self, x: torch.Tensor, A_s: torch.Tensor) -> torch.Tensor:
-        """`h = x A_s^T` (..., r) without grad, computed once for every layer that reads this same `x` through `A_s`.
+        """`h = x A_s^T` (..., r) without grad, computed once for every layer that reads this same `x` through
+        `A_s`.
 
         Layers reading one input through the same slice (q, k and v; gate and up) get the same h, so it is
         computed once and kept once for the backward. h never carries a graph (the VeRA Functions produce x's

@@ -36,8 +36,8 @@ class RowAdapters:
         unknown = sorted({n for n in adapter_names if n not in known and n != BASE_ROW})
         if unknown:
             raise ValueError(
-                f"adapter_names has unknown adapter(s) {unknown}; this model has {known} "
-                f"(use {BASE_ROW!r} for rows that should use the base model)"
+                f"adapter_names has unknown adapter(s) {unknown}; this model has {known} (use {BASE_ROW!r} "
+                "for rows that should use the base model)"
             )
         names = list(dict.fromkeys(adapter_names))
         return cls(names=names, index=torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long))

@@ -61,8 +61,8 @@ def save_pretrained(
         except OSError as e:
             raise OSError(
                 e.errno,
-                f"could not save adapter {name!r} to {directory}: {e.strerror or e}; any adapter already there "
-                "is unchanged (check the directory is writable and the disk has space)",
+                f"could not save adapter {name!r} to {directory}: {e.strerror or e}; any adapter already "
+                "there is unchanged (check the directory is writable and the disk has space)",
             ) from e
 
 
@@ -106,10 +106,10 @@ def _fingerprint_for_file(model: VeraModel, adapter_name: str) -> dict[str, Any]
         vera_A, vera_B = regenerate_projections(vera_A.shape, vera_B.shape, config.projection_prng_key)
         if not same_values(vera_A, model.vera_A) or not same_values(vera_B, model.vera_B):
             raise ValueError(
-                f"adapter {adapter_name!r} has save_projection=False, but the model's vera_A/vera_B are not what "
-                f"projection_prng_key={config.projection_prng_key} regenerates, so a file without them would "
-                f"load with other projections. Set model.peft_config[{adapter_name!r}].save_projection = True to "
-                "save them."
+                f"adapter {adapter_name!r} has save_projection=False, but the model's vera_A/vera_B are not "
+                f"what projection_prng_key={config.projection_prng_key} regenerates, so a file without them "
+                f"would load with other projections. Set model.peft_config[{adapter_name!r}].save_projection "
+                "= True to save them."
             )
     return projection_fingerprint(vera_A, vera_B, config.projection_prng_key)
 

@@ -1,4 +1,5 @@
-"""VeRA over bitsandbytes' quantized linear layers: `Linear8bitLt` (LLM.int8()) and `Linear4bit` (QLoRA nf4/fp4).
+"""VeRA over bitsandbytes' quantized linear layers: `Linear8bitLt` (LLM.int8()) and `Linear4bit` (QLoRA
+nf4/fp4).
 
 The base stays quantized and frozen; only the lambdas train, so VeRA's few parameters sit on top of a model
 that takes a quarter (or an eighth) of its full-precision memory. Each class overrides only the weight seam
@@ -49,8 +50,9 @@ class QuantizedVeraLinear(VeraLinear):
     ) -> None:
         if fan_in_fan_out:
             raise ValueError(
-                f"fan_in_fan_out=True does not apply to {type(base_layer).__name__}: bitsandbytes layers store "
-                "their weight as (out, in) (transformers converts GPT-2's Conv1D when quantizing); pass False"
+                f"fan_in_fan_out=True does not apply to {type(base_layer).__name__}: bitsandbytes layers "
+                "store their weight as (out, in) (transformers converts GPT-2's Conv1D when quantizing); "
+                "pass False"
             )
         super().__init__(base_layer, projections)
 
@@ -59,14 +61,15 @@ class QuantizedVeraLinear(VeraLinear):
         return next(iter(self.vera_lambda_d.values())).dtype
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see `VeraLinear.merge`),
+        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see
+        `VeraLinear.merge`),
         with a warning that this rounds."""
         names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
         if names:
             warnings.warn(
-                f"merging VeRA adapter(s) {names} into a {type(self.base_layer).__name__} layer requantizes its "
-                "weight: outputs differ from the unmerged model by up to the quantization error, and unmerging "
-                "rounds again (it does not restore the original weight bit for bit).",
+                f"merging VeRA adapter(s) {names} into a {type(self.base_layer).__name__} layer requantizes "
+                "its weight: outputs differ from the unmerged model by up to the quantization error, and "
+                "unmerging rounds again (it does not restore the original weight bit for bit).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -93,7 +96,8 @@ class Linear8bitLt(QuantizedVeraLinear):
         return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
 
     def set_base_weight(self, weight: torch.Tensor) -> None:
-        """Requantize row-wise to int8 from fp16, exactly as `Int8Params` quantizes a weight (fp16-weight layers:
+        """Requantize row-wise to int8 from fp16, exactly as `Int8Params` quantizes a weight (fp16-weight
+        layers:
         write the dense weight)."""
         base = self.base_layer
         if base.state.has_fp16_weights:
@@ -150,9 +154,11 @@ def keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
     """Keep a 4-bit weight in bitsandbytes' standard layout, the one training and dequantizing need.
 
     On CPUs with AVX-512 bf16, bitsandbytes repacks a `Linear4bit` weight in place into a CPU-only layout the
-    first time the layer runs in eval mode on an input that does not require grad (e.g. under `torch.no_grad`).
+    first time the layer runs in eval mode on an input that does not require grad (e.g. under
+    `torch.no_grad`).
     Afterwards no gradient flows back through the layer (silently: earlier layers' lambdas get wrong
-    gradients), a layer with a bias fails in training, dequantizing (merging) returns garbage, and layers whose
+    gradients), a layer with a bias fails in training, dequantizing (merging) returns garbage, and layers
+    whose
     out_features is not a multiple of 32 fail outright. This turns the repacking off
     (`support_avx512bf16_for_cpu = False`, which stays off after `unload` / `merge_and_unload`) and undoes it
     where it already happened. The repacked layout keeps the block scales in bf16, so a weight
