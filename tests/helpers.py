@@ -114,6 +114,14 @@ def output_tensor(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same weights, another float32 evaluation order (LoRA's (x A'^T) B'^T, weight space against activation
+    space): a few roundings per output, so 64 units in the last place at the output's scale."""
+    eps = torch.finfo(torch.float32).eps
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=64 * eps, atol=64 * eps * scale)
+
+
 def randomize_lambdas(model: torch.nn.Module, seed: int = 0) -> None:
     """Non-zero lambdas everywhere (at init lambda_b = 0 hides bugs)."""
     generator = torch.Generator().manual_seed(seed)

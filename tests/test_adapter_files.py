@@ -9,7 +9,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_opt, token_batch
+from helpers import VOCAB, assert_fp32_close, tiny_gpt2, tiny_llama, tiny_opt, token_batch
 from safetensors import safe_open
 from torch import nn
 from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
@@ -25,13 +25,6 @@ from veralab.fast.trainer import VeraTrainer
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 EPS = torch.finfo(torch.float32).eps
-
-
-def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same weights, another float32 evaluation order (LoRA's (x A'^T) B'^T): a few roundings per output."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=64 * EPS, atol=64 * EPS * scale)
-
 
 # --------------------------------------------------------------------------------------------- tiny models
 

@@ -302,6 +302,108 @@ def test_disable_adapter_gives_base_output():
     assert not torch.allclose(logits(model, ids), expected)
 
 
+def trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_nested_disable_adapter_on_a_merged_model_merges_back_when_the_outer_block_ends():
+    base = tiny_llama()
+    ids = token_batch()
+    expected = logits(base, ids)
+    model = adapted(copy.deepcopy(base))
+    merged_output = logits(model, ids)
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging for the block"), model.disable_adapter():
+        with model.disable_adapter():
+            torch.testing.assert_close(logits(model, ids), expected, atol=1e-6, rtol=0)
+        assert not model.merged_adapters  # the inner block found nothing merged, and merges nothing back
+        torch.testing.assert_close(logits(model, ids), expected, atol=1e-6, rtol=0)
+    assert model.merged_adapters == ["default"]
+    torch.testing.assert_close(logits(model, ids), merged_output, atol=1e-5, rtol=1e-4)
+
+
+def test_what_changes_inside_disable_adapter_takes_effect_when_it_ends():
+    model = two_adapters()
+    ids = token_batch()
+    with model.disable_adapter():
+        expected = logits(model, ids)
+        model.set_adapter("second")  # trains once the adapters are enabled again, not inside the block
+        model.set_requires_grad("default")
+        model.add_adapter("third", VeraConfig(r=8, target_modules=["o_proj"], init_weights=False))
+        assert trainable(model) == []
+        torch.testing.assert_close(logits(model, ids), expected)  # the new adapter's layers are off too
+    names = trainable(model)
+    assert all(n.endswith((".second", ".default")) for n in names)
+    assert any(n.endswith(".second") for n in names) and any(n.endswith(".default") for n in names)
+    model.set_adapter("third")
+    assert not torch.allclose(logits(model, ids), expected)
+
+
+def test_adapter_names_are_refused_while_the_adapters_are_disabled():
+    model = two_adapters()
+    model.disable_adapter_layers()
+    with pytest.raises(ValueError, match="inside disable_adapter"):
+        logits(model, token_batch(batch=2), adapter_names=["default", "second"])
+    model.enable_adapter_layers()
+    logits(model, token_batch(batch=2), adapter_names=["default", "second"])
+
+
+def test_disable_adapter_layers_unmerges_a_merged_model():
+    base = tiny_llama()
+    ids = token_batch()
+    model = adapted(copy.deepcopy(base))
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging"):
+        model.disable_adapter_layers()
+    assert not model.merged_adapters
+    torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bias", ["all", "vera_only"])
+def test_biases_a_mode_trains_are_frozen_inside_disable_adapter_and_train_again_after(bias):
+    model = get_model(tiny_bert(), VeraConfig(r=4, target_modules=["query"], bias=bias))
+    before = trainable(model)
+    assert any(n.endswith("bias") for n in before)
+    with pytest.warns(UserWarning, match="trains biases"), model.disable_adapter():
+        assert trainable(model) == []
+    assert trainable(model) == before
+
+
+def test_set_adapter_inference_mode_keeps_the_activated_adapters_frozen():
+    model = two_adapters()
+    model.set_adapter("second", inference_mode=True)
+    assert trainable(model) == []
+    model.set_adapter("second")
+    assert trainable(model) and all(n.endswith(".second") for n in trainable(model))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_lambda_dtype_follows_the_base_layer(autocast):
+    half = get_model(
+        tiny_llama().to(torch.bfloat16), VeraConfig(r=4, target_modules=QV), autocast_adapter_dtype=autocast
+    )
+    lambdas = {p.dtype for n, p in half.named_parameters() if "vera_lambda_" in n}
+    assert lambdas == {torch.float32 if autocast else torch.bfloat16}
+    double = get_model(
+        tiny_llama().double(), VeraConfig(r=4, target_modules=QV), autocast_adapter_dtype=autocast
+    )
+    assert {p.dtype for n, p in double.named_parameters() if "vera_lambda_" in n} == {torch.float64}
+
+
+def test_loading_into_an_existing_half_precision_adapter_upcasts_it_unless_asked_not_to(tmp_path):
+    model = get_model(
+        tiny_llama().to(torch.bfloat16), VeraConfig(r=4, target_modules=QV), autocast_adapter_dtype=False
+    )
+    model.save_pretrained(tmp_path)
+    params = dict(model.named_parameters())
+    model.load_adapter(tmp_path, "default", is_trainable=True, autocast_adapter_dtype=False)
+    assert all(p is params[n] for n, p in model.named_parameters())  # in place: an optimizer keeps working
+    model.load_adapter(tmp_path, "default", is_trainable=True)
+    lambdas = {n: p for n, p in model.named_parameters() if "vera_lambda_" in n}
+    assert {p.dtype for p in lambdas.values()} == {torch.float32}
+    assert all(p.requires_grad for p in lambdas.values())
+
+
 # ------------------------------------------------------------------ merging
 
 

@@ -156,16 +156,30 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------ adapters
 
-    def update_layer(self, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Create the lambdas of `adapter_name` (λ_b = 0, λ_d = d_initial unless init_weights=False)."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: VeraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Create the lambdas of `adapter_name` (λ_b = 0, λ_d = d_initial unless init_weights=False).
+
+        Args:
+            adapter_name: the adapter's name.
+            config: its config.
+            low_cpu_mem_usage: create the lambdas on the meta device (to be filled by loading).
+            autocast_adapter_dtype: the lambdas' dtype, see `lambda_dtype`.
+        """
         r = config.r
         device = torch.device("meta") if low_cpu_mem_usage else self._base_device()
+        dtype = lambda_dtype(self.base_compute_dtype(), autocast_adapter_dtype)
         if config.init_weights:
-            lambda_d = torch.full((r,), float(config.d_initial), device=device)
-            lambda_b = torch.zeros(self.out_features, device=device)
+            lambda_d = torch.full((r,), float(config.d_initial), device=device, dtype=dtype)
+            lambda_b = torch.zeros(self.out_features, device=device, dtype=dtype)
         else:
-            lambda_d = torch.randn(r).to(device)
-            lambda_b = torch.randn(self.out_features).to(device)
+            lambda_d = torch.randn(r).to(device=device, dtype=dtype)
+            lambda_b = torch.randn(self.out_features).to(device=device, dtype=dtype)
         self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d)
         self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b)
         self.vera_dropout[adapter_name] = (
@@ -186,6 +200,23 @@ class VeraLinear(nn.Module):
             trainable = name in self.active_adapters
             self.vera_lambda_d[name].requires_grad_(trainable)
             self.vera_lambda_b[name].requires_grad_(trainable)
+
+    def upcast_lambdas(self, adapter_name: str) -> None:
+        """Give `adapter_name` float32 lambdas where they are in a half-precision dtype (`lambda_dtype`).
+
+        The parameters are replaced (requires_grad kept), as PEFT does when `autocast_adapter_dtype=True`.
+        """
+        for table in (self.vera_lambda_d, self.vera_lambda_b):
+            param = table[adapter_name]
+            if param.dtype in UPCAST_DTYPES:
+                table[adapter_name] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+
+    def base_compute_dtype(self) -> torch.dtype | None:
+        """The floating dtype the base layer computes in (a quantized layer's compute dtype), or None."""
+        for dtype in (getattr(self.base_layer, "compute_dtype", None), self.base_layer.weight.dtype):
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                return dtype
+        return None
 
     def _base_device(self) -> torch.device:
         return self.base_layer.weight.device
@@ -416,6 +447,33 @@ class VeraLinear(nn.Module):
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
+
+# The dtypes `autocast_adapter_dtype=True` turns into float32: half precision and the float8 formats (those
+# this torch has).
+UPCAST_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16}
+    | {
+        getattr(torch, name)
+        for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+        if hasattr(torch, name)
+    }
+)
+
+
+def lambda_dtype(base_dtype: torch.dtype | None, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a layer's lambdas, as PEFT chooses it: the base layer's floating dtype (float32 over a
+    base that has none, e.g. an 8-bit one), upcast to float32 when `autocast_adapter_dtype` and it is a half
+    precision or float8 dtype (training such small vectors in half precision loses their updates).
+
+    Args:
+        base_dtype: `VeraLinear.base_compute_dtype()` of the layer.
+        autocast_adapter_dtype: upcast half-precision dtypes to float32.
+    """
+    dtype = base_dtype if base_dtype is not None else torch.float32
+    if autocast_adapter_dtype and dtype in UPCAST_DTYPES:
+        return torch.float32
+    return dtype
 
 
 def is_fan_in_fan_out(base_layer: nn.Module) -> bool:

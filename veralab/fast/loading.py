@@ -10,6 +10,7 @@ fingerprint, `veralab.fast.fingerprint`). Only safetensors is read, never pickle
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -58,19 +59,27 @@ class AdapterFiles:
 
 
 def load_adapter(
-    model: VeraModel, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+    model: VeraModel,
+    directory: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> None:
     """Load an adapter directory into `model`, all or nothing.
 
-    A new `adapter_name` is added (inactive, like PEFT's `load_adapter`); an existing one has its weights
-    replaced in place (so an optimizer holding them keeps working, as when a Trainer resumes). Everything is
-    validated before the model is touched: on error the model is exactly as before.
+    A new `adapter_name` is added (inactive, like PEFT's `load_adapter`; trainable right away with
+    `is_trainable=True`, frozen otherwise); an existing one has its weights replaced in place (so an optimizer
+    holding them keeps working, as when a Trainer resumes). Everything is validated before the model is
+    touched: on error the model is exactly as before.
 
     Args:
         model: the VeraModel.
         directory: the adapter directory (holding adapter_config.json and adapter_model.safetensors).
         adapter_name: the name to load it under.
-        is_trainable: False freezes the adapter and puts the model in eval mode, as PEFT does.
+        is_trainable: False freezes a new adapter and puts the model in eval mode, as PEFT does.
+        autocast_adapter_dtype: keep the lambdas in float32 over half-precision layers (a new adapter's are
+            created so; an existing adapter's half-precision lambdas are replaced by float32 ones, as in
+            PEFT).
     """
     existing = adapter_name in model.peft_config
     if existing and adapter_name in model.merged_adapters:
@@ -88,8 +97,12 @@ def load_adapter(
     check_tensors(files, layout)
     check_projections(model, files, replace=False)
     if not existing:
-        model.add_adapter(adapter_name, files.config)
+        model.add_adapter(adapter_name, files.config, autocast_adapter_dtype=autocast_adapter_dtype)
     _copy_into(model, files, layout)
+    if existing and autocast_adapter_dtype:
+        model.upcast_adapter(adapter_name)
+    if not existing and is_trainable:
+        model.set_requires_grad(adapter_name)
     if not is_trainable:
         model.eval()
 
@@ -100,6 +113,8 @@ def from_pretrained(
     directory: str | os.PathLike,
     adapter_name: str = DEFAULT_ADAPTER,
     is_trainable: bool = False,
+    config: VeraConfig | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> VeraModel:
     """Adapt `model` with the adapter saved in `directory`; on any error `model` is left as it was.
 
@@ -109,14 +124,24 @@ def from_pretrained(
         directory: the adapter directory.
         adapter_name: the name to give the adapter.
         is_trainable: False freezes the adapter and puts the model in eval mode, as PEFT does.
+        config: the adapter's config, used instead of the directory's adapter_config.json (which then need
+            not exist); it is copied, never modified.
+        autocast_adapter_dtype: keep the lambdas in float32 over half-precision layers.
     """
-    files = read_adapter_files(directory)
+    if config is not None and not isinstance(config, VeraConfig):
+        raise ValueError(
+            f"The input config must be a PeftConfig, got {config.__class__}; pass a veralab.VeraConfig "
+            "(VeraConfig.from_dict(peft_config.to_dict()) converts PEFT's)"
+        )
+    files = read_adapter_files(directory, config=config)
     files.config.inference_mode = not is_trainable
     requires_grad = {param: param.requires_grad for param in model.parameters()}
     vera_model = None
     try:
         with _naming(files.config_path):
-            vera_model = model_cls(model, files.config, adapter_name=adapter_name)
+            vera_model = model_cls(
+                model, files.config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            )
         _adopt_trained_projection_shapes(vera_model, files)
         layout = adapter_layout(
             vera_model, vera_model.plan_adapter(adapter_name, files.config, existing=True)
@@ -136,16 +161,29 @@ def from_pretrained(
 
 
 def load_checkpoint_adapters(model: VeraModel, directory: str | os.PathLike) -> None:
-    """Restore every adapter of `model` in place from a `save_pretrained` directory (trainability kept)."""
+    """Restore every adapter of `model` in place from a `save_pretrained` directory (trainability and dtypes
+    kept)."""
     for name, config in model.peft_config.items():
-        load_adapter(model, adapter_directory(directory, name), name, is_trainable=not config.inference_mode)
+        load_adapter(
+            model,
+            adapter_directory(directory, name),
+            name,
+            is_trainable=not config.inference_mode,
+            autocast_adapter_dtype=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------- reading files
 
 
-def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
-    """Read and check an adapter directory on its own: files present, config valid, safetensors intact."""
+def read_adapter_files(directory: str | os.PathLike, config: VeraConfig | None = None) -> AdapterFiles:
+    """Read and check an adapter directory on its own: files present, config valid, safetensors intact.
+
+    Args:
+        directory: the adapter directory.
+        config: the adapter's config, given instead of the directory's adapter_config.json (copied; the file
+            is then neither needed nor read, and errors name the weights file).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterLoadError(
@@ -153,7 +191,9 @@ def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
             f"{WEIGHTS_NAME})"
         )
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file():
+    if config is not None:
+        config_path = weights_path
+    elif not config_path.is_file():
         raise AdapterLoadError(
             f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
@@ -167,16 +207,20 @@ def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
         raise AdapterLoadError(
             f"{weights_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
-    for path in (config_path, weights_path):
+    for path in dict.fromkeys((config_path, weights_path)):
         if path.stat().st_size == 0:
             raise AdapterLoadError(
                 f"{path}: the file is empty (0 bytes); whatever wrote it did not finish, save the adapter "
                 "again"
             )
-    try:
-        config = VeraConfig.from_json_file(config_path)
-    except ValueError as e:
-        raise AdapterLoadError(str(e)) from e
+    if config is not None:
+        config = copy.deepcopy(config)
+        config.validate()
+    else:
+        try:
+            config = VeraConfig.from_json_file(config_path)
+        except ValueError as e:
+            raise AdapterLoadError(str(e)) from e
     return AdapterFiles(config_path, weights_path, config, *_read_safetensors(weights_path))
 
 

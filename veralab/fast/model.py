@@ -50,7 +50,11 @@ class AdapterPlan:
 
 
 def get_model(
-    model: nn.Module, config: VeraConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+    model: nn.Module,
+    config: VeraConfig,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> VeraModel:
     """Adapt `model` with VeRA: the drop-in for `peft.get_peft_model(model, vera_config)`.
 
@@ -59,8 +63,17 @@ def get_model(
         config: the adapter's `VeraConfig`; it is copied, never modified.
         adapter_name: the first adapter's name.
         low_cpu_mem_usage: create the lambdas on the meta device (to be filled by loading an adapter).
+        autocast_adapter_dtype: True (default) keeps the lambdas in float32 over float16/bfloat16 (and float8)
+            layers; False gives them the layer's dtype. Over float32 or float64 layers they take the layer's
+            dtype either way, over 8-bit layers float32, over 4-bit layers their compute dtype (as in PEFT).
     """
-    return VeraModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return VeraModel(
+        model,
+        config,
+        adapter_name=adapter_name,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
 
 
 class VeraModel(nn.Module):
@@ -73,6 +86,7 @@ class VeraModel(nn.Module):
         config: the first adapter's config.
         adapter_name: the first adapter's name.
         low_cpu_mem_usage: create the lambdas on the meta device.
+        autocast_adapter_dtype: keep the lambdas in float32 over half-precision layers (see `get_model`).
     """
 
     prefix = "vera_lambda_"
@@ -83,6 +97,7 @@ class VeraModel(nn.Module):
         config: VeraConfig,
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -90,13 +105,22 @@ class VeraModel(nn.Module):
         # The shared vera_A / vera_B every VeRA layer reads (None until the first adapter sizes them).
         self.projections: SharedProjections | None = None
         self._active_adapters: list[str] = []
+        # Inside a disable_adapter() block (PEFT's flag: disable_adapter_layers() alone does not set it).
         self._adapters_disabled = False
+        # While the adapter layers are disabled: the adapter parameters that were trainable, frozen for the
+        # time being and made trainable again by enable_adapter_layers(). None while they are enabled.
+        self._frozen_while_disabled: set[nn.Parameter] | None = None
         self.model.requires_grad_(False)
         prepare_model(self.model)
         # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
         # expose the wrapped model's (our forward adds only `adapter_names`).
         self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.add_adapter(
+            adapter_name,
+            config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ passthrough to the wrapped model
@@ -151,13 +175,27 @@ class VeraModel(nn.Module):
 
     # ------------------------------------------------------------------ adding adapters
 
-    def add_adapter(self, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add an adapter (inactive unless it is the first; use `set_adapter`).
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: VeraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add an adapter (inactive unless it is the first; use `set_adapter`). Its parameters start frozen;
+        every other parameter keeps its requires_grad, as in PEFT.
 
         Everything is checked before anything changes (`plan_adapter`): a bad name, a config that disagrees
         with the shared projections, or targets that match nothing leave the model exactly as it was.
+
+        Args:
+            adapter_name: the new adapter's name.
+            config: its config (copied, never modified).
+            low_cpu_mem_usage: create its lambdas on the meta device (to be filled by loading).
+            autocast_adapter_dtype: keep its lambdas in float32 over half-precision layers (see `get_model`).
         """
         plan = self.plan_adapter(adapter_name, config)
+        requires_grad = {param: param.requires_grad for param in self.parameters()}
         config = plan.config
         if self.projections is None:
             self._create_projections(config, plan.targets)
@@ -166,11 +204,15 @@ class VeraModel(nn.Module):
             [t.name for t in plan.targets if is_fan_in_fan_out(t.module) != config.fan_in_fan_out],
         )
         for target in plan.targets:
-            self._inject(target, adapter_name, config, low_cpu_mem_usage)
+            self._inject(target, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         for name, module in plan.modules_to_save.items():
             self._wrap_module_to_save(name, module, adapter_name)
         self.peft_config[adapter_name] = config
-        self._mark_trainable()
+        self._set_layers_disabled(
+            self._frozen_while_disabled is not None
+        )  # new layers join the others' state
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
 
     def plan_adapter(self, adapter_name: str, config: VeraConfig, existing: bool = False) -> AdapterPlan:
         """What adding adapter `adapter_name` with `config` selects, after checking that it can be added.
@@ -211,8 +253,8 @@ class VeraModel(nn.Module):
             )
         if adapter_name in self.peft_config:
             raise ValueError(
-                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it "
-                "first"
+                f"Adapter with name '{adapter_name}' already exists; pick another name or delete_adapter() "
+                "it first"
             )
 
     def _check_against_projections(self, config: VeraConfig, targets: list[Target]) -> None:
@@ -222,33 +264,51 @@ class VeraModel(nn.Module):
         first = next(iter(self.peft_config.values()))
         if config.projection_prng_key != first.projection_prng_key:
             raise ValueError(
+                "Vera PRNG initialisation key must be the same for all adapters: "
                 f"VeraConfig.projection_prng_key={config.projection_prng_key} differs from the model's "
                 f"shared projections (projection_prng_key={first.projection_prng_key}): every adapter of a "
                 f"model shares one vera_A/vera_B pair; use projection_prng_key={first.projection_prng_key}"
             )
         if config.save_projection != first.save_projection:
             raise ValueError(
+                "VeRA projection weights must be saved for all adapters or none: "
                 f"VeraConfig.save_projection={config.save_projection} differs from the model's other "
                 f"adapters (save_projection={first.save_projection}); all adapters must agree since they "
                 "share the projections"
             )
         if config.r != self.projections.r:
+            # PEFT raises for a larger rank only (a smaller one would train on a slice of the pair).
+            larger = f"vera_A has a size of {self.projections.r} but {config.r} or greater is required: "
             raise ValueError(
-                f"VeraConfig.r={config.r} differs from the rank of the model's shared projections "
+                (larger if config.r > self.projections.r else "")
+                + f"VeraConfig.r={config.r} differs from the rank of the model's shared projections "
                 f"(r={self.projections.r}): every adapter of a model shares one vera_A/vera_B pair drawn for "
                 f"one rank; use r={self.projections.r}, or adapt a fresh copy of the base model for another "
                 "rank"
             )
         for target in targets:
             if not self.projections.fits(target.in_features, target.out_features):
+                which, size, needed = (
+                    ("vera_A", self.projections.max_in, target.in_features)
+                    if target.in_features > self.projections.max_in
+                    else ("vera_B", self.projections.max_out, target.out_features)
+                )
                 raise ValueError(
+                    f"{which} has a size of {size} but {needed} or greater is required: "
                     f"target {target.name!r} is ({target.out_features} x {target.in_features}) but the "
                     f"shared projections were sized for layers up to ({self.projections.max_out} x "
                     f"{self.projections.max_in}) by the first adapter; add the largest-layer adapter first, "
                     "or target layers within that size"
                 )
 
-    def _inject(self, target: Target, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool) -> None:
+    def _inject(
+        self,
+        target: Target,
+        adapter_name: str,
+        config: VeraConfig,
+        low_cpu_mem_usage: bool,
+        autocast_adapter_dtype: bool,
+    ) -> None:
         layer = self.model.get_submodule(target.name)
         if not isinstance(layer, VeraLinear):
             layer_cls = vera_layer_class(target.module)
@@ -257,7 +317,12 @@ class VeraModel(nn.Module):
             )
             layer.train(target.module.training)
             self._replace_module(target.name, layer)
-        layer.update_layer(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        layer.update_layer(
+            adapter_name,
+            config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
         layer.set_adapter(self._active_adapters)
 
     def _wrap_module_to_save(self, name: str, module: nn.Module, adapter_name: str) -> None:
@@ -293,14 +358,27 @@ class VeraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield module
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter (or several, whose terms add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (or several, whose terms add up); only active adapters train.
+
+        Args:
+            adapter_name: the adapter, or a list of adapters, to activate.
+            inference_mode: keep the activated adapters frozen. Adapters loaded with `is_trainable=False`
+                stay frozen either way (use `set_requires_grad` to train them).
+
+        Raises:
+            ValueError: an unknown adapter, or several adapters that each train their own copy of the same
+                modules_to_save module (a forward can use only one copy).
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
+            shown = adapter_name if isinstance(adapter_name, str) else unknown or names
             raise ValueError(
-                f"unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}"
+                f"Adapter {shown} not found: unknown adapter(s) {unknown or names}; this model has "
+                f"{list(self.peft_config)}, pass one of them (or a non-empty list of them)"
             )
+        self._check_one_copy_per_module(names)
         if self.merged_adapters and set(self.merged_adapters) != set(names):
             warnings.warn(
                 "the model has merged adapters; unmerging before switching adapters",
@@ -313,62 +391,191 @@ class VeraModel(nn.Module):
             layer.set_adapter(names)
         for wrapper in self._wrappers():
             wrapper.set_adapter(names)
-        self._mark_trainable()
+        self._mark_trainable(inference_mode=inference_mode)
 
-    def _mark_trainable(self) -> None:
-        """Only the active adapters' lambdas, their modules_to_save copies and the biases their mode asks for.
+    def _check_one_copy_per_module(self, names: list[str]) -> None:
+        for path, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                owners = [n for n in names if n in module.modules_to_save]
+                if len(owners) > 1:
+                    raise ValueError(
+                        f"Only one adapter can be set at a time for {path} (modules_to_save), got "
+                        f"{len(owners)}: adapters {owners} each train their own copy of {path} and a forward "
+                        "can use only one. Activate one of them, or run them on different rows with "
+                        "adapter_names=[...]."
+                    )
 
-        Adapters whose config has `inference_mode=True` (loaded with `is_trainable=False`) stay frozen.
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the given adapters' lambdas and modules_to_save copies trainable (or frozen), whether or not
+        they are active; nothing else changes. `set_adapter` decides again for the adapters it touches.
+
+        Inside `disable_adapter()` (or after `disable_adapter_layers()`) the parameters stay frozen and get
+        this setting when the adapters are enabled again.
+
+        Args:
+            adapter_names: an adapter name or a list of them.
+            requires_grad: True to train them, False to freeze them.
         """
-        for name, param in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
-                param.requires_grad_(False)
-        frozen = [n for n in self._active_adapters if self.peft_config[n].inference_mode]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"set_requires_grad: unknown adapter(s) {unknown}; this model has {list(self.peft_config)}"
+            )
+        params = self._adapter_parameters(names)
+        if self._frozen_while_disabled is not None:
+            if requires_grad:
+                self._frozen_while_disabled.update(params)
+            else:
+                self._frozen_while_disabled.difference_update(params)
+            return
+        for param in params:
+            param.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, adapter_names: list[str] | None = None) -> list[nn.Parameter]:
+        """The lambdas and modules_to_save copies of `adapter_names` (default: every adapter)."""
+        names = list(self.peft_config) if adapter_names is None else adapter_names
+        params: list[nn.Parameter] = []
+        for _, layer in self.vera_layers():
+            for name in names:
+                if name in layer.r:
+                    params += [layer.vera_lambda_d[name], layer.vera_lambda_b[name]]
+        for wrapper in self._wrappers():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    params += list(wrapper.modules_to_save[name].parameters())
+        return params
+
+    def _trained_biases(self, modes: set[str]) -> list[nn.Parameter]:
+        """The biases the bias modes `modes` train: every bias but the modules_to_save ones for "all", the
+        adapted layers' for "vera_only"."""
+        if "all" in modes:
+            return [
+                param
+                for name, param in self.model.named_parameters()
+                if name.endswith("bias")
+                and ".modules_to_save." not in name
+                and ".original_module." not in name
+            ]
+        if "vera_only" in modes:
+            biases = [getattr(layer.base_layer, "bias", None) for _, layer in self.vera_layers()]
+            return [bias for bias in biases if bias is not None]
+        return []
+
+    def _mark_trainable(self, inference_mode: bool = False) -> None:
+        """Only the active adapters' lambdas, their modules_to_save copies and the biases their mode asks for;
+        parameters no adapter trains keep their requires_grad.
+
+        Adapters whose config has `inference_mode=True` (loaded with `is_trainable=False`) stay frozen, and so
+        do all active adapters when `inference_mode`. While the adapters are disabled, the parameters this
+        makes trainable stay frozen until they are enabled again.
+        """
+        for bias in self._trained_biases({config.bias for config in self.peft_config.values()}):
+            bias.requires_grad_(False)
+        frozen = [n for n in self._active_adapters if inference_mode or self.peft_config[n].inference_mode]
         for _, layer in self.vera_layers():
             layer.set_adapter(self._active_adapters)
-            for name in frozen:
-                if name in layer.r:
-                    layer.vera_lambda_d[name].requires_grad_(False)
-                    layer.vera_lambda_b[name].requires_grad_(False)
         for wrapper in self._wrappers():
             wrapper.set_adapter(self._active_adapters)
-            for name in frozen:
-                if name in wrapper.modules_to_save:
-                    wrapper.modules_to_save[name].requires_grad_(False)
+        for param in self._adapter_parameters(frozen):
+            param.requires_grad_(False)
         modes = {self.peft_config[n].bias for n in self._active_adapters if n not in frozen}
-        if "all" in modes:
-            for name, param in self.model.named_parameters():
-                if (
-                    name.endswith("bias")
-                    and ".modules_to_save." not in name
-                    and ".original_module." not in name
-                ):
-                    param.requires_grad_(True)
-        elif "vera_only" in modes:
-            for _, layer in self.vera_layers():
-                bias = getattr(layer.base_layer, "bias", None)
-                if bias is not None:
-                    bias.requires_grad_(True)
+        for bias in self._trained_biases(modes):
+            bias.requires_grad_(True)
+        if self._frozen_while_disabled is not None:
+            self._frozen_while_disabled = self._freeze_trainable()
+
+    def _freeze_trainable(self) -> set[nn.Parameter]:
+        """Freeze every trainable adapter parameter (lambdas, copies, trained biases); return them."""
+        modes = {config.bias for config in self.peft_config.values()}
+        trainable = {
+            p for p in [*self._adapter_parameters(), *self._trained_biases(modes)] if p.requires_grad
+        }
+        for param in trainable:
+            param.requires_grad_(False)
+        return trainable
+
+    # ------------------------------------------------------------------ disabling adapters
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside a `disable_adapter()` block, True otherwise (as in PEFT, where
+        `disable_adapter_layers()` alone does not change it)."""
+        return not self._adapters_disabled or not self._active_adapters
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off in place, until `enable_adapter_layers()`: the model computes its base
+        output.
+
+        Merged adapters are unmerged first (with a warning). The adapter parameters that were trainable are
+        frozen meanwhile and made trainable again by `enable_adapter_layers()`. Biases an adapter trains
+        (`bias="all"` / `"vera_only"`) are part of the base layers: the model keeps using their trained
+        values.
+        """
+        for name in self._active_adapters:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                warnings.warn(
+                    f"adapter {name!r} trains biases (bias={bias!r}), which belong to the base layers: with "
+                    "the adapters disabled the model still uses the trained biases, so its output is not the "
+                    "untouched base model's",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if self._frozen_while_disabled is not None:
+            return
+        merged = self.merged_adapters
+        if merged:
+            warnings.warn(
+                f"disable_adapter_layers() on a merged model: unmerging {merged} (merge_adapter() merges "
+                "them again)",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
+        self._frozen_while_disabled = self._freeze_trainable()
+        self._set_layers_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapters back on after `disable_adapter_layers()`; the parameters it froze train again."""
+        if self._frozen_while_disabled is None:
+            return
+        frozen, self._frozen_while_disabled = self._frozen_while_disabled, None
+        alive = set(self._adapter_parameters())
+        alive.update(self._trained_biases({config.bias for config in self.peft_config.values()}))
+        for param in frozen & alive:
+            param.requires_grad_(True)
+        self._set_layers_disabled(False)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside the block; merged adapters are unmerged for it and merged back after."""
-        merged = self.merged_adapters
+        """Run the base model inside the block; on leaving it, the model is as the block found it.
+
+        Merged adapters are unmerged for the block and merged back after; the adapter parameters are frozen
+        for the block and get back the requires_grad they had. Blocks nest: leaving an inner block leaves the
+        adapters disabled for the outer one.
+        """
+        was_disabled = self._adapters_disabled
+        enabled = self._frozen_while_disabled is None
+        merged = self.merged_adapters if enabled else []
         if merged:
             warnings.warn(
                 "disable_adapter() on a merged model: unmerging for the block", UserWarning, stacklevel=3
             )
             self.unmerge_adapter()
-        self._set_disabled(True)
+        if enabled:
+            self.disable_adapter_layers()
+        self._adapters_disabled = True
         try:
             yield
         finally:
-            self._set_disabled(False)
-            if merged:
-                self.merge_adapter(merged)
+            self._adapters_disabled = was_disabled
+            if enabled:
+                self.enable_adapter_layers()
+                if merged:
+                    self.merge_adapter(merged)
 
-    def _set_disabled(self, disabled: bool) -> None:
-        self._adapters_disabled = disabled
+    def _set_layers_disabled(self, disabled: bool) -> None:
         for _, layer in self.vera_layers():
             layer.disable_adapters = disabled
         for wrapper in self._wrappers():
@@ -377,14 +584,20 @@ class VeraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's lambdas (and modules_to_save copies). The last adapter cannot be deleted."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
+            raise ValueError(
+                f"Adapter {adapter_name} does not exist: unknown adapter {adapter_name!r}; this model has "
+                f"{list(self.peft_config)}"
+            )
         if len(self.peft_config) == 1:
             raise ValueError(
                 f"{adapter_name!r} is the model's last adapter; use unload() (or merge_and_unload()) to get "
                 "the base model back instead of deleting it"
             )
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() first")
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged; call unmerge_adapter() "
+                "first"
+            )
         for _, layer in self.vera_layers():
             if adapter_name in layer.r:
                 layer.delete_adapter(adapter_name)
@@ -533,8 +746,11 @@ class VeraModel(nn.Module):
         rows = RowAdapters.for_batch(adapter_names, self.peft_config)
         if self.merged_adapters:
             raise ValueError("a mixed-adapter batch needs unmerged weights; call unmerge_adapter() first")
-        if self._adapters_disabled:
-            raise ValueError("adapter_names cannot be used inside disable_adapter()")
+        if self._frozen_while_disabled is not None:
+            raise ValueError(
+                "adapter_names cannot be used inside disable_adapter() (or after disable_adapter_layers()): "
+                "the adapters are disabled; name the rows that should use no adapter '__base__' instead"
+            )
         return rows
 
     # ------------------------------------------------------------------ saving and loading
@@ -558,6 +774,11 @@ class VeraModel(nn.Module):
             is_main_process: only the main process writes (distributed training).
             safe_serialization: must be True: veralab writes safetensors only, never pickle.
         """
+        if os.path.isfile(save_directory):
+            raise ValueError(
+                f"Provided path ({save_directory}) should be a directory, not a file; pass the directory the "
+                "adapter files should go into"
+            )
         if not safe_serialization:
             raise ValueError(
                 "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors "
@@ -573,6 +794,8 @@ class VeraModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: VeraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> VeraModel:
         """Adapt `model` with a saved VeRA adapter (veralab's or PEFT's); the drop-in for
         `peft.PeftModel.from_pretrained`. On any error `model` is left as it was.
@@ -582,24 +805,64 @@ class VeraModel(nn.Module):
             model_id: the adapter directory.
             adapter_name: the name to give the adapter.
             is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
+            config: a `VeraConfig` to use instead of the directory's adapter_config.json (copied, never
+                modified; PEFT sets its `inference_mode`).
+            autocast_adapter_dtype: keep the lambdas in float32 over half-precision layers (see `get_model`).
         """
         return loading.from_pretrained(
-            cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable
+            cls,
+            model,
+            model_id,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
         )
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of
-        that
-        name has its weights replaced in place. All or nothing: on error the model is unchanged.
+        """Load a saved adapter under `adapter_name`; an existing adapter of that name has its weights
+        replaced in place. All or nothing: on error the model is unchanged.
+
+        A new adapter is not activated (use `set_adapter`); as in PEFT, with `is_trainable=True` it is
+        trainable right away (next to the active adapter), with False it is frozen and the model is put in
+        eval mode.
 
         Args:
             model_id: the adapter directory.
             adapter_name: the name to load it under.
-            is_trainable: False (default) freezes the adapter and puts the model in eval mode, as PEFT does.
+            is_trainable: whether the new adapter trains (see above).
+            autocast_adapter_dtype: keep the lambdas in float32 over half-precision layers (see `get_model`).
         """
-        loading.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+        loading.load_adapter(
+            self,
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+
+    def upcast_adapter(self, adapter_name: str) -> None:
+        """Give adapter `adapter_name` float32 lambdas where they are float16/bfloat16 (or float8): what
+        `autocast_adapter_dtype=True` does to an existing adapter. The parameters are replaced, their
+        requires_grad kept."""
+        for _, layer in self.vera_layers():
+            if adapter_name not in layer.r:
+                continue
+            before = [layer.vera_lambda_d[adapter_name], layer.vera_lambda_b[adapter_name]]
+            layer.upcast_lambdas(adapter_name)
+            after = [layer.vera_lambda_d[adapter_name], layer.vera_lambda_b[adapter_name]]
+            if self._frozen_while_disabled is not None:
+                for old, new in zip(before, after, strict=True):
+                    if old in self._frozen_while_disabled and new is not old:
+                        self._frozen_while_disabled.discard(old)
+                        self._frozen_while_disabled.add(new)
 
     def save_as_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Export an adapter as a standard PEFT LoRA adapter with exactly the same outputs
