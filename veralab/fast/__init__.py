@@ -6,6 +6,7 @@
     model = get_model(base_model, VeraConfig(r=256, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained("adapter/")
     model = VeraModel.from_pretrained(base_model, "adapter/")
+    weights = get_peft_model_state_dict(model)  # PEFT's keys, for checkpointing without files
 
 These names are the public API. The modules under veralab.fast are documented too (the cost model in
 `veralab.fast.dispatch`, the autograd Functions in `veralab.fast.functional`, the measurements in
@@ -16,6 +17,7 @@ from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.layer import VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.rows import BASE_ROW
+from veralab.fast.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = [
     "BASE_ROW",
@@ -26,6 +28,8 @@ __all__ = [
     "VeraTrainer",
     "VeraTrainerMixin",
     "get_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
 ]
 
 

@@ -25,7 +25,8 @@ from veralab.fast.fingerprint import (
     regenerate_projections,
     same_values,
 )
-from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME, adapter_directory, adapter_layout, model_tensors
+from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME, adapter_directory
+from veralab.fast.state_dict import get_peft_model_state_dict
 from veralab.targets import resolve_target_modules
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def save_pretrained(
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
         raise ValueError(
-            f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}"
+            "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+            f"{list(model.peft_config)} - got {names}: unknown adapter(s) {unknown}"
         )
     for name in names:
         metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
@@ -67,12 +69,10 @@ def save_pretrained(
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`)."""
-    sources = model_tensors(model)
-    plan = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
+    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`), copied."""
     return {
-        key: sources[slot.model_key].detach().to("cpu").contiguous().clone()
-        for key, slot in adapter_layout(model, plan).items()
+        key: tensor.to("cpu").contiguous().clone()
+        for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
     }
 
 
