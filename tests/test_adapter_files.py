@@ -165,7 +165,9 @@ def test_saved_layout_uses_peft_names_subdirectories_and_a_fingerprint(tmp_path)
     arch = ARCHS["llama"]
     model = make_vera(arch, save_projection=True)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "other", "third"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, "README.md", "other", "third"]
+    )
     tensors, metadata = read_file(tmp_path / WEIGHTS_NAME)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
     assert torch.equal(
@@ -195,7 +197,7 @@ def test_selected_adapters_and_pickle_requests_are_checked(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
     model.save_pretrained(tmp_path, selected_adapters=["other"])
-    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "other"]  # the card, as PEFT writes
 
 
 # --------------------------------------------------------------------------------------------- round trips
@@ -835,6 +837,7 @@ def test_trainer_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path)
     assert {p.name for p in (tmp_path / "final").iterdir()} == {
         CONFIG_NAME,
         WEIGHTS_NAME,
+        "README.md",
         "other",
         "training_args.bin",
     }

@@ -33,7 +33,13 @@ from veralab.config import VeraConfig
 from veralab.fast import VeraModel
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "loss_curve.png", "summary.json"}
+OUTPUT_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    "loss_curve.png",
+    "summary.json",
+}
 # A learning rate far above the usual one makes three steps move the lambdas enough to change greedy answers.
 LEARNING_RATE = 0.5
 STEPS = 3

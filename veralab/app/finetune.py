@@ -7,6 +7,7 @@ The same function runs under `torchrun`: every process trains its share of each 
 rank 0 writes the output directory:
 
     <output>/adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's format
+    <output>/README.md                                        its model card
     <output>/loss_curve.png                                   the training loss per step
     <output>/summary.json                                     every number of the summary table
 """

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from veralab.config import VeraConfig
-from veralab.fast import loading, lora_export, saving
+from veralab.fast import loading, lora_export, model_card, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
 from veralab.fast.layer import VeraLinear, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
@@ -763,10 +763,13 @@ class VeraModel(nn.Module):
         is_main_process: bool = True,
         safe_serialization: bool = True,
     ) -> None:
-        """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter.
+        """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter,
+        and a model card `README.md` in `save_directory`.
 
         The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT;
-        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact.
+        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact. The
+        model card is veralab's (`veralab.fast.model_card`); a README.md the user wrote is never rewritten,
+        only given the front-matter keys it lacks.
 
         Args:
             save_directory: where to save.
@@ -786,6 +789,7 @@ class VeraModel(nn.Module):
             )
         if is_main_process:
             saving.save_pretrained(self, save_directory, selected_adapters)
+            model_card.write_model_card(self, save_directory)
 
     @classmethod
     def from_pretrained(
