@@ -13,8 +13,10 @@ These names are the public API. The modules under veralab.fast are documented to
 `veralab.fast.diagnostics`, ...); import their other names from the module that defines them.
 """
 
+from veralab.fast.conv import VeraConv
+from veralab.fast.embedding import VeraEmbedding
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
-from veralab.fast.layer import VeraLinear
+from veralab.fast.layer import VeraLayer, VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.rows import BASE_ROW
 from veralab.fast.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -23,6 +25,9 @@ __all__ = [
     "BASE_ROW",
     "AdapterLoadError",
     "ProjectionMismatchError",
+    "VeraConv",
+    "VeraEmbedding",
+    "VeraLayer",
     "VeraLinear",
     "VeraModel",
     "VeraTrainer",
