@@ -4,8 +4,10 @@ Each test runs one scenario (a few lines of user code) through `PEFT` and throug
 in what a user's imports differ in, and compares what the user can see: outputs, `requires_grad` of every
 parameter, dtypes, files written, exception types and message prefixes. The matrix: an MLP (an
 `nn.Sequential` of named `nn.Linear`s), Llama, GPT-2 (`Conv1D`) and BERT built from configs, with and without
-`modules_to_save`, with one and two adapters. Where veralab deliberately differs (docs/coming-from-peft.md),
-the test pins veralab's side.
+`modules_to_save`, with one and two adapters. PEFT's VeRA adapts `nn.Linear` and `Conv1D` only: a model of
+`nn.Embedding`, `nn.Conv1d` and `nn.Conv2d` layers runs each scenario on veralab alone, against what PEFT does
+for the layers it adapts (each test's own assertions). Where veralab deliberately differs
+(docs/coming-from-peft.md), the test pins veralab's side.
 """
 
 from __future__ import annotations
@@ -90,10 +92,27 @@ def tiny_mlp(seed: int = 0) -> nn.Sequential:
     )
 
 
+class TokenGrid(nn.Module):
+    """Token ids through an embedding, a 1-d convolution along the sequence, a 2-d convolution over the
+    sequence folded into a 4 x 4 grid, and a linear head: every layer type veralab adapts beyond PEFT's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = nn.Embedding(40, 12)
+        self.mix = nn.Conv1d(12, 12, 3, padding=1)
+        self.grid = nn.Conv2d(12, 10, 2)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        sequence = self.mix(self.tokens(ids).transpose(1, 2))  # (N, 12, 16)
+        return self.head(self.grid(sequence.unflatten(2, (4, 4))).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class Family:
     """A tiny base model, the targets of the two adapters (the second within the first one's layer sizes), the
-    module the adapters may train in full, and an input."""
+    module the adapters may train in full, an input, and whether PEFT's VeRA can adapt the targets."""
 
     build: Callable[[], nn.Module]
     targets: list[str]
@@ -102,6 +121,7 @@ class Family:
     inputs: Callable[[], torch.Tensor]
     fan_in_fan_out: bool = False
     name_or_path: str | None = None
+    peft: bool = True
 
 
 FAMILIES = {
@@ -112,6 +132,14 @@ FAMILIES = {
     "gpt2": Family(tiny_gpt2, ["c_attn", "c_fc"], ["c_attn"], "ln_f", token_batch, fan_in_fan_out=True),
     "bert": Family(
         tiny_bert, ["query", "value"], ["value"], "classifier", token_batch, name_or_path="org/bert"
+    ),
+    "embedding-conv": Family(
+        TokenGrid,
+        ["tokens", "mix", "grid"],
+        ["mix"],
+        "head",
+        lambda: torch.randint(0, 40, (3, 16), generator=GEN()),
+        peft=False,
     ),
 }
 
@@ -234,10 +262,14 @@ def assert_same(ours: Seen, theirs: Seen) -> None:
             assert got == expected, step
 
 
-def run_both(scenario: Callable[[Library, Seen], None]) -> tuple[Seen, Seen]:
-    """The scenario on veralab and on PEFT; asserts they saw the same; returns (veralab's, PEFT's)."""
-    ours, theirs = Seen(), Seen()
+def run_both(scenario: Callable[[Library, Seen], None], peft_too: bool = True) -> tuple[Seen, Seen | None]:
+    """The scenario on veralab and (unless not `peft_too`) on PEFT; asserts they saw the same; returns
+    (veralab's, PEFT's or None)."""
+    ours = Seen()
     scenario(VERALAB, ours)
+    if not peft_too:
+        return ours, None
+    theirs = Seen()
     scenario(PEFT, theirs)
     assert_same(ours, theirs)
     return ours, theirs
@@ -272,12 +304,19 @@ def test_nested_disable_adapter_restores_the_state_each_block_found(case):
         seen["after.output"], seen["after.requires_grad"] = output(case, model), requires_grad(lib, model)
         seen["after.enabled"] = model.has_active_enabled_adapter
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     base_output = output(case, case.base())
     assert not torch.allclose(ours.steps["output"], base_output)  # the adapters do change the output
     for step in ("outer", "inner", "outer again"):
         assert_fp32_close(ours.steps[f"{step}.output"], base_output)
     assert not any(ours.steps["outer again.requires_grad"].values())
+    assert [ours.steps[f"{step}.enabled"] for step in ("inner", "outer again", "after")] == [
+        False,
+        False,
+        True,
+    ]
+    assert torch.equal(ours.steps["after.output"], ours.steps["output"])
+    assert ours.steps["after.requires_grad"] == ours.steps["requires_grad"]
 
 
 @matrix
@@ -291,7 +330,7 @@ def test_adapter_parameters_are_frozen_inside_disable_adapter_and_get_their_flag
             seen["inside"] = sorted(n for n, flag in requires_grad(lib, model).items() if flag)
         seen["after"] = sorted(n for n, flag in requires_grad(lib, model).items() if flag)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     assert ours.steps["trainable"] and ours.steps["inside"] == []
     assert ours.steps["after"] == ours.steps["trainable"]
     # PEFT makes the active adapter trainable on leaving the block, whatever it was before (see
@@ -309,6 +348,7 @@ def test_adapter_parameters_are_frozen_inside_disable_adapter_and_get_their_flag
 def test_disable_and_enable_adapter_layers(case):
     def scenario(lib, seen):
         model = case.adapted(lib)
+        seen["output"], seen["requires_grad"] = output(case, model), requires_grad(lib, model)
         model.disable_adapter_layers()
         seen["disabled.output"], seen["disabled.requires_grad"] = (
             output(case, model),
@@ -319,8 +359,11 @@ def test_disable_and_enable_adapter_layers(case):
         model.enable_adapter_layers()
         seen["enabled.output"], seen["enabled.requires_grad"] = output(case, model), requires_grad(lib, model)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     assert_fp32_close(ours.steps["disabled.output"], output(case, case.base()))
+    assert not any(ours.steps["disabled.requires_grad"].values()) and ours.steps["disabled.enabled"]
+    assert torch.equal(ours.steps["enabled.output"], ours.steps["output"])
+    assert ours.steps["enabled.requires_grad"] == ours.steps["requires_grad"]
 
 
 @matrix
@@ -337,8 +380,8 @@ def test_has_active_enabled_adapter(case):
         model.enable_adapter_layers()
         seen["after enable_adapter_layers"] = model.has_active_enabled_adapter
 
-    ours, _ = run_both(scenario)
-    assert ours.steps["plain"] is True and ours.steps["in disable_adapter"] is False
+    ours, _ = run_both(scenario, case.spec.peft)
+    assert list(ours.steps.values()) == [True, False, True, False, True]  # what PEFT answers
 
 
 # ----------------------------------------------------------------------------------------- choosing adapters
@@ -359,7 +402,7 @@ def test_two_active_adapters_with_copies_of_one_module_to_save_are_refused(case)
         seen["active"] = list(model.active_adapters)
         seen["requires_grad"] = requires_grad(lib, model)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     if case.modules_to_save:
         assert ours.steps["error"] == (ValueError, True) and ours.steps["unchanged"]
 
@@ -375,8 +418,15 @@ def test_set_requires_grad(case):
         model.add_adapter("extra", case.config(lib, "other"))  # the others keep their requires_grad
         seen["after add_adapter"] = requires_grad(lib, model)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     assert not any(flag for name, flag in ours.steps["default frozen"].items() if name.endswith(".default"))
+    adapter_params = [
+        n for n in ours.steps["all trainable"] if n.endswith(tuple(f".{a}" for a in case.adapters))
+    ]
+    assert adapter_params and all(ours.steps["all trainable"][n] for n in adapter_params)
+    after = ours.steps["after add_adapter"]
+    assert not any(flag for name, flag in after.items() if ".extra" in name)
+    assert {n: f for n, f in after.items() if ".extra" not in n} == ours.steps["all trainable"]
     # set_adapter decides again: only the adapter it activates trains. (PEFT 0.21 freezes the inactive
     # adapters' lambdas but only the previously active adapter's modules_to_save copy, so a copy made
     # trainable by set_requires_grad would keep training; docs/coming-from-peft.md.)
@@ -420,9 +470,12 @@ def test_load_adapter_is_trainable_right_after_loading(case, tmp_path):
         model.set_adapter("loaded")
         seen["output"], seen["after set_adapter"] = output(case, model), requires_grad(lib, model)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     loaded = [name for name, flag in ours.steps["requires_grad"].items() if flag]
     assert loaded and all(".loaded" in name for name in loaded)
+    assert (
+        ours.steps["active"] == ["default"] and ours.steps["after set_adapter"] == ours.steps["requires_grad"]
+    )
 
 
 @matrix
@@ -441,7 +494,8 @@ def test_from_pretrained_with_a_given_config(case, tmp_path):
         kind, message = raised(lambda: lib.from_pretrained(case.base(), directory, config={"r": 4}))
         seen["error"] = (kind, message.startswith("The input config must be a PeftConfig, got"))
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
+    assert ours.steps["error"] == (ValueError, True)
     for name in case.adapters:
         reference = case.adapted(VERALAB)
         reference.set_adapter(name)
@@ -468,7 +522,7 @@ def test_autocast_adapter_dtype(case, tmp_path):
             )
             seen["loaded"] = dtypes(lib, loaded)
 
-        ours, _ = run_both(scenario)
+        ours, _ = run_both(scenario, case.spec.peft)
         lambdas = {d for n, d in ours.steps["loaded"].items() if "vera_lambda_" in n}
         assert lambdas == {torch.float32 if autocast and dtype == torch.bfloat16 else dtype}
 
@@ -510,7 +564,7 @@ def test_save_pretrained_writes_a_model_card(case, tmp_path):
         card = front_matter(user / "README.md")
         seen["user card"] = (card["library_name"], card["license"], card.get("base_model") or None)
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     assert ours.steps["library_name"] == "peft" and ours.steps["base_model"] == case.spec.name_or_path
     # veralab leaves the user's text alone (PEFT replaces its tags and appends to it): every line is still
     # there, in order, after the keys the card lacked.
@@ -555,8 +609,9 @@ def test_state_dict_functions(case):
         seen["wrong shape"] = (kind, message.startswith("Error(s) in loading state_dict for"))
         seen["unknown adapter"] = raised(lambda: lib.get_state_dict(model, adapter_name="nope"))[0]
 
-    ours, _ = run_both(scenario)
+    ours, _ = run_both(scenario, case.spec.peft)
     assert all(ours.steps[f"{name}.same as the source"] for name in case.adapters)
+    assert ours.steps["wrong shape"] == (RuntimeError, True) and ours.steps["unknown adapter"] is KeyError
 
 
 # ----------------------------------------------------------------------------------------- errors
