@@ -55,8 +55,9 @@ def get_peft_model_state_dict(
             shards) instead of from the model.
         adapter_name: the adapter to take.
         unwrap_compiled: `model` is a torch.compile'd VeraModel: use the model it wraps.
-        save_embedding_layers: "auto" or False; VeRA adapts linear layers only, so an adapter never holds
-            embedding weights (True is refused).
+        save_embedding_layers: "auto" or False: an adapter holds its own tensors only, never the base
+            model's embedding weights (even where it adapts an embedding, its lambdas are the adapter), so
+            True, PEFT's request to add them, is refused.
 
     Raises:
         KeyError: `adapter_name` is not an adapter of the model.
@@ -67,9 +68,9 @@ def get_peft_model_state_dict(
     plan = _plan(model, adapter_name)
     if save_embedding_layers is True:
         raise ValueError(
-            "save_embedding_layers=True: a VeRA adapter holds no embedding weights (VeRA adapts linear "
-            "layers only), and veralab does not add the base model's; save resized embeddings with the "
-            "base model instead, and pass 'auto' or False"
+            "save_embedding_layers=True: a VeRA adapter holds no embedding weights (an adapted embedding "
+            "trains its lambdas, which are saved either way), and veralab does not add the base model's; "
+            "save resized embeddings with the base model instead, and pass 'auto' or False"
         )
     layout = adapter_layout(model, plan)
     sources = model_tensors(model) if state_dict is None else state_dict
