@@ -185,17 +185,20 @@ def read_adapter_files(directory: str | os.PathLike, config: VeraConfig | None =
             is then neither needed nor read, and errors name the weights file).
     """
     directory = Path(directory)
+    # PEFT's words for a missing config open the message, so code matching PEFT's error keeps matching.
+    no_config = f"Can't find '{CONFIG_NAME}' at '{directory}'"
     if not directory.is_dir():
         raise AdapterLoadError(
-            f"{directory}: no such adapter directory (expected a directory holding {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME})"
+            f"{no_config if config is None else directory}: no such adapter directory (expected a directory "
+            f"holding {CONFIG_NAME} and {WEIGHTS_NAME})"
         )
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if config is not None:
         config_path = weights_path
     elif not config_path.is_file():
         raise AdapterLoadError(
-            f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"{no_config}: {config_path} is missing; an adapter directory holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}"
         )
     if not weights_path.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
