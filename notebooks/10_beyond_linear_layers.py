@@ -372,16 +372,16 @@ assert torch.linalg.matrix_rank(delta_kernel.reshape(8, 27)) <= r
 # they cannot draw a kernel outside the span of `A_s`.
 
 # %%
-fig, axes = plt.subplots(2, 6, figsize=(9, 3.4))
+fig, axes = plt.subplots(2, 6, figsize=(9, 3.8))
 for k in range(6):
     axes[0, k].imshow(kernel_A[k, 0], cmap="coolwarm")
-    axes[0, k].set_title(f"A_s kernel {k}", fontsize=8)
+    axes[0, k].set_title(f"A_s[{k}]", fontsize=9)
     axes[1, k].imshow(delta_kernel[k, 0], cmap="coolwarm")
-    axes[1, k].set_title(f"ΔW kernel {k}", fontsize=8)
+    axes[1, k].set_title(f"ΔW[{k}]", fontsize=9)
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("r = 6 random 3×3 kernels, and ΔW kernels mixed from them (channel 0)")
+fig.suptitle("r = 6 random 3×3 kernels (top), ΔW kernels mixed from them (bottom)")
 fig.tight_layout()
 plt.show()
 
@@ -602,7 +602,7 @@ assert counts["ViT-base patch projection"].layers[0].in_features == 3 * 16 * 16
 
 # %%
 labels = list(counts)
-fig, (ax_trained, ax_frozen) = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+fig, (ax_trained, ax_frozen) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
 rows = range(len(labels))
 ax_trained.barh([i + 0.2 for i in rows], [counts[k].vera_parameters for k in labels],
                 height=0.4, label="VeRA r=256", color="tab:green")  # fmt: skip
@@ -611,11 +611,10 @@ ax_trained.barh([i - 0.2 for i in rows], [counts[k].lora_parameters for k in lab
 ax_trained.set_xscale("log")
 ax_trained.set_yticks(list(rows), labels)
 ax_trained.set_xlabel("trained numbers in the layer (log scale)")
-ax_trained.legend(loc="lower right")
+ax_trained.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
 frozen = [counts[k].r * counts[k].max_in for k in labels]
-ax_frozen.barh(list(rows), frozen, color="tab:gray")
-ax_frozen.set_xscale("log")
-ax_frozen.set_xlabel("frozen vera_A (r × max_in) if adapted alone")
+ax_frozen.barh(list(rows), [n / 1e6 for n in frozen], color="tab:gray")
+ax_frozen.set_xlabel("frozen vera_A, millions of numbers (r × max_in)")
 fig.suptitle("Per layer: what VeRA and LoRA train, and how wide the shared vera_A gets")
 fig.tight_layout()
 plt.show()
