@@ -277,9 +277,10 @@ assert loss_after < loss_before
 # %% [markdown]
 # 128 numbers taught the model four tokens well enough to pick the right follower every time, though
 # not yet confidently (the loss is still high: the right token only just wins). Note what VeRA *can*
-# move: every row of the table gets `λ_b ⊙ ((λ_d ⊙ A_s[:, id]) B_sᵀ)`, the same two vectors for all
-# rows; rows differ only by their own random column `A_s[:, id]`. With `r` around the embedding width,
-# a handful of rows can be steered almost independently; thousands cannot.
+# move: every row of the table gets `λ_b ⊙ ((λ_d ⊙ A_s[:, id]) B_sᵀ)`, one linear map of the row's own
+# random column `A_s[:, id]`, and that map, `r + dim` trained numbers, is shared by all rows. That was
+# enough here, where the model only had to tell four tokens apart. It cannot give thousands of new
+# tokens embeddings of their own; to do that, train those rows in full.
 #
 # The adapter saves and loads like any other. PEFT's VeRA, though, adapts only linear layers
 # (`nn.Linear`, transformers' `Conv1D` and quantized linear layers): it refuses this directory with an
