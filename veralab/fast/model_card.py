@@ -23,6 +23,7 @@ import torch
 import transformers
 
 import veralab
+from veralab.fast.layer import VeraLinear
 from veralab.fast.layout import PEFT_PREFIX, adapter_directory
 from veralab.fast.saving import CONFIG_NAME, base_model_name, config_for_file, write_files_atomically
 from veralab.fast.state_dict import get_peft_model_state_dict
@@ -188,17 +189,35 @@ from veralab.fast import VeraModel
 model = VeraModel.from_pretrained(base_model, "path/to/this/directory")
 {load_others}```
 
-or with PEFT:
+{_peft_loading(model, on_disk)}
+### Framework versions
+
+- veralab {veralab.__version__}
+- transformers {transformers.__version__}
+- torch {torch.__version__}
+"""
+
+
+def _peft_loading(model: VeraModel, adapters: list[str]) -> str:
+    """How to load the adapters with PEFT, or why PEFT cannot: its VeRA adapts linear layers only."""
+    beyond = sorted(
+        {
+            path
+            for path, layer in model.vera_layers()
+            if not isinstance(layer, VeraLinear) and any(adapter in layer.r for adapter in adapters)
+        }
+    )
+    if beyond:
+        shown = ", ".join(f"`{path}`" for path in beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+        return f"""PEFT's VeRA adapts linear layers only and cannot load this adapter: it adapts embeddings or
+convolutions ({shown}). `model.save_as_lora(path)` exports it as a standard LoRA adapter with the same
+outputs, which PEFT loads.
+"""
+    return """or with PEFT:
 
 ```python
 from peft import PeftModel
 
 model = PeftModel.from_pretrained(base_model, "path/to/this/directory")
 ```
-
-### Framework versions
-
-- veralab {veralab.__version__}
-- transformers {transformers.__version__}
-- torch {torch.__version__}
 """
