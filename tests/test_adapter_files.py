@@ -14,8 +14,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
 
-from veralab import VeraConfig
-from veralab.fast import VeraModel, atomic, get_model, projections, saving
+from veralab import VeraConfig, atomic
+from veralab.fast import VeraModel, get_model, projections, saving
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.fingerprint import FINGERPRINT_KEY
 from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME

@@ -445,7 +445,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 def _run_merge(args: argparse.Namespace) -> None:
     from veralab.app.outputs import is_output_of, mark_merged, retired_by_merge
-    from veralab.fast.atomic import staged_update
+    from veralab.atomic import staged_update
 
     model_dir = _check_writer_output(args, "merge")
     # Weight files of an earlier merge the new one does not write (stale shards) go; anyone else's stay.

@@ -12,7 +12,7 @@ rank 0 writes the output directory:
 
 Every option is checked, and the output directory too (`veralab.app.outputs`: never inside an input, never
 over files another program wrote unless `overwrite`), before any data or model is read. The four files
-replace an earlier run's together (`veralab.fast.atomic`), and only after training succeeded: a run that
+replace an earlier run's together (`veralab.atomic`), and only after training succeeded: a run that
 fails or diverges (`NonFiniteLossError`) writes nothing.
 """
 
@@ -31,9 +31,9 @@ from veralab.app.options import FinetuneOptions
 from veralab.app.outputs import SUMMARY_NAME, check_output
 from veralab.app.report import RunSummary, plot_loss_curve, summary_table
 from veralab.app.train import train
+from veralab.atomic import staged_update
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
-from veralab.fast.atomic import staged_update
 from veralab.fast.layout import WEIGHTS_NAME
 from veralab.fast.saving import adapter_files
 

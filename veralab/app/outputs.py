@@ -15,7 +15,7 @@ Each writing command (`finetune`, `merge`, `export-lora`) checks its `--output` 
   |               | entry `veralab_exported_from`                                                          |
   | `merge`       | a `config.json` with a `veralab_merged_from` entry (base model and adapter merged)     |
 
-The files a command writes replace their predecessors atomically and together (`veralab.fast.atomic`);
+The files a command writes replace their predecessors atomically and together (`veralab.atomic`);
 other files in the directory are left alone.
 """
 

@@ -2,7 +2,7 @@
 
 A file's contents are untrusted, sizes included. Loading goes in this order:
 
-1. under a shared lock on the directory (`veralab.fast.atomic.reading`: no save is half done meanwhile, and
+1. under a shared lock on the directory (`veralab.atomic.reading`: no save is half done meanwhile, and
    an interrupted one is finished or discarded first), read adapter_config.json and the safetensors
    *header*: tensor names, dtypes, shapes and metadata, no tensor data;
 2. plan the adapter in the model (`veralab.fast.layout`) and compare every size the files state with the
@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from veralab.atomic import UnfinishedUpdateError, reading
 from veralab.config import VeraConfig
-from veralab.fast.atomic import UnfinishedUpdateError, reading
 from veralab.fast.backends import layer_geometry
 from veralab.fast.errors import AdapterLoadError
 from veralab.fast.fingerprint import (

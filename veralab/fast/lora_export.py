@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 import torch
 
-from veralab.fast.atomic import update_files
+from veralab.atomic import update_files
 from veralab.fast.layout import CONFIG_NAME, DEFAULT_ADAPTER, PEFT_PREFIX, WEIGHTS_NAME
 from veralab.fast.saving import adapter_tensors, base_model_name, check_finite, config_json
 from veralab.targets import name_matches_entry, named_modules

@@ -603,7 +603,7 @@ class VeraModel(nn.Module):
         """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter.
 
         The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT.
-        Each adapter's directory is updated atomically (`veralab.fast.atomic`): whatever happens during the
+        Each adapter's directory is updated atomically (`veralab.atomic`): whatever happens during the
         save, a kill -9 included, it holds afterwards the complete previous adapter or the complete new one,
         and other files in it are left alone.
 

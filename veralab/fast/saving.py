@@ -1,6 +1,6 @@
 """Saving adapters in PEFT's format (`veralab.fast.layout`), each adapter's files replaced atomically.
 
-An adapter's two files are staged, committed and moved into place together (`veralab.fast.atomic`), so a
+An adapter's two files are staged, committed and moved into place together (`veralab.atomic`), so a
 failed or killed save leaves the previous adapter intact, or the new one complete. Only safetensors is
 written, never pickle. Projections left out of the file (`save_projection=False`) are fingerprinted in its
 metadata (`veralab.fast.fingerprint`). Tensors holding NaN/inf are refused unless explicitly allowed.
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
+from veralab.atomic import update_files
 from veralab.config import VeraConfig
-from veralab.fast.atomic import update_files
 from veralab.fast.fingerprint import (
     FINGERPRINT_KEY,
     projection_fingerprint,
