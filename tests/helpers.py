@@ -19,6 +19,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from benchmarks.fuzz_adapter_files import EmbeddingLinearConv  # noqa: F401 (used by the tests)
+
 VOCAB = 96
 
 
@@ -169,19 +171,3 @@ def assert_same_model_state(actual: dict, expected: dict) -> None:
         for now, before in zip(actual[kind], expected[kind], strict=True):
             assert torch.equal(now[1], before[1]), now[0]
             assert now[2:] == before[2:], f"{now[0]}: requires_grad"
-
-
-class EmbeddingLinearConv(torch.nn.Module):
-    """A small model with one layer of each VeRA layer class, in this order: an nn.Embedding (`embed`), an
-    nn.Linear (`proj`) and an nn.Conv1d (`conv`) over the sequence; ids (batch, seq) -> (batch, 5, seq)."""
-
-    TARGETS = ["embed", "proj", "conv"]
-
-    def __init__(self, vocab: int = 11, width: int = 8) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, width)
-        self.proj = torch.nn.Linear(width, width)
-        self.conv = torch.nn.Conv1d(width, 5, 3, padding=1)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.proj(self.embed(ids)).transpose(1, 2))
