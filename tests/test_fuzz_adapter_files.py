@@ -51,3 +51,20 @@ def test_the_mutations_change_what_they_name(fuzzer):
         before = fuzzer.outcomes["refused"]
         assert fuzzer.run(False, True, [mutation]) is None
         assert fuzzer.outcomes["refused"] == before + 1, mutation
+
+
+# Cases the long run found: finite lambdas whose product overflows float32 loaded without a warning.
+FOUND = [
+    [
+        ("tensor-bytes", 2.220446049250313e-16, b"\xd0`\x06p4\xb5\x93{"),
+        ("tensor-bytes", 0.83, b"P\r\xb0t\xa8_\xde"),
+    ],
+    [("tensor-bytes", 2.553810381950973e-30, b"\xdb\\\xeag\xc9lh\x7f")],
+]
+
+
+@pytest.mark.parametrize("mutations", FOUND)
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("into_existing", [True, False])
+def test_cases_the_long_run_found_hold(fuzzer, mutations, save_projection, into_existing):
+    assert fuzzer.run(save_projection, into_existing, mutations) is None

@@ -140,6 +140,25 @@ def test_non_finite_lambdas_load_with_a_warning_naming_the_file_and_layer(layer,
     assert torch.isnan(getattr(loaded.model, layer).vera_lambda_d["default"]).any()
 
 
+@pytest.mark.fault(
+    "file",
+    "loading an adapter whose lambdas are finite but so large (1e30) that a layer's adapter term can "
+    "overflow, in an Embedding, a Linear or a Conv layer",
+    "loads, with a UserWarning naming the file and the layer (outputs through it may be NaN/inf)",
+)
+@pytest.mark.parametrize("layer", LAYER_CLASSES)
+def test_overflowing_lambdas_load_with_a_warning_naming_the_file_and_layer(layer, tmp_path):
+    model = adapted()
+    with torch.no_grad():
+        getattr(model.model, layer).vera_lambda_d["default"].fill_(1e30)
+        getattr(model.model, layer).vera_lambda_b["default"].fill_(1e30)
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    with pytest.warns(UserWarning, match="adapter term exceeds 1e\\+12") as caught:
+        VeraModel.from_pretrained(EmbeddingLinearConv(), tmp_path)
+    message = next(str(w.message) for w in caught if "adapter term exceeds" in str(w.message))
+    assert str(tmp_path / "adapter_model.safetensors") in message and f"['{layer}']" in message
+
+
 def test_finite_lambdas_load_without_a_warning(tmp_path):
     model = adapted()
     model.save_pretrained(tmp_path, selected_adapters=["default"])

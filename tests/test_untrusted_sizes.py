@@ -19,8 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEADROOM = 256 * 2**20
-# Far below what any of the hostile sizes would take (the smallest asks for 1.9 GB); far above the
-# few kilobytes a refused load of these files needs, allowing for the allocator's granularity.
+# Below what the hostile sizes would take (the smallest, r = 3,000,000 over these 8-wide layers, 96 MB for
+# vera_A alone; loading them all before the sizes were checked grew the peak by 244 MB); far above the few
+# kilobytes a refused load of these files needs, allowing for the allocator's granularity.
 PEAK_GROWTH_LIMIT = 32 * 2**20
 
 # Runs in the capped process: saves a small adapter (save_projection False: the projections are regenerated

@@ -16,7 +16,8 @@ A file's contents are untrusted, sizes included. Loading goes in this order:
    leaves it exactly as it was.
 
 Only safetensors is read, never pickle. Every problem with the files is an `AdapterLoadError` (a ValueError)
-naming the file and what is wrong; lambdas holding NaN/inf load with a warning naming the file and layers.
+naming the file and what is wrong; lambdas holding NaN/inf, or so large that a layer's adapter term overflows
+float32, load with a warning naming the file and layers.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ from veralab.fast.layout import (
 from veralab.fast.projections import find_max_dims
 from veralab.fast.rollback import all_or_nothing
 from veralab.targets import named_layers
+
+# A layer's adapter term beyond this for inputs of magnitude 1 is flagged on load. Trained adapters stay
+# orders of magnitude below (r=1024 over 14,336 inputs with lambdas of 100: about 1e9 at most, as the
+# projections' entries are below sqrt(6 / fan_in)); past it, the inputs and the layers that follow have
+# too little of float32's range (3.4e38) left to stay finite.
+OVERFLOW_BOUND = 1e12
 
 if TYPE_CHECKING:
     from veralab.fast.model import VeraModel
@@ -503,7 +510,8 @@ def _copy_into(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -
 
 
 def _warn_non_finite(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -> None:
-    """Warn, naming the file and the layers, when loaded tensors hold NaN/inf (or overflowed their dtype)."""
+    """Warn, naming the file and the layers, when loaded tensors hold NaN/inf (or overflowed their dtype), or
+    when finite lambdas are so large that a layer's adapter term overflows float32 (`_overflowing`)."""
     targets = model_tensors(model)
     broken = [key for key, slot in layout.items() if not torch.isfinite(targets[slot.model_key]).all()]
     if broken:
@@ -515,3 +523,42 @@ def _warn_non_finite(model: VeraModel, files: AdapterFiles, layout: dict[str, Sl
             UserWarning,
             stacklevel=4,
         )
+    overflowing = _overflowing(model, targets, layout)
+    if overflowing:
+        warnings.warn(
+            f"{files.weights_path}: the lambdas of {overflowing[:8]}{' ...' if len(overflowing) > 8 else ''} "
+            f"are so large that their adapter term exceeds {OVERFLOW_BOUND:.0e} for inputs of magnitude 1; "
+            "outputs through them may be NaN/inf. The adapter was probably saved from a training that "
+            "diverged.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _overflowing(model: VeraModel, targets: dict[str, torch.Tensor], layout: dict[str, Slot]) -> list[str]:
+    """The layers whose finite lambdas bound |ΔW x| (inputs of magnitude <= 1) beyond `OVERFLOW_BOUND`.
+
+    The bound, in float64: r * max_in * max|λ_d| * max|λ_b| * max|vera_A| * max|vera_B|.
+    """
+    lambdas: dict[str, dict[str, torch.Tensor]] = {}
+    for slot in layout.values():
+        layer, _, rest = slot.model_key.rpartition(".vera_lambda_")
+        if layer:
+            lambdas.setdefault(layer, {})[rest.partition(".")[0]] = targets[slot.model_key].detach()
+    scale = (
+        model.vera_A.shape[1]
+        * model.vera_A.detach().abs().max().double()
+        * model.vera_B.detach().abs().max().double()
+    )
+    limit = OVERFLOW_BOUND
+    found = []
+    for layer, pair in sorted(lambdas.items()):
+        d, b = pair.get("d"), pair.get("b")
+        if d is None or b is None or d.numel() == 0 or b.numel() == 0:
+            continue
+        if not (torch.isfinite(d).all() and torch.isfinite(b).all()):
+            continue  # reported as NaN/inf already
+        bound = d.numel() * d.abs().max().double() * b.abs().max().double() * scale
+        if bound > limit:
+            found.append(layer.removeprefix("model."))
+    return found
