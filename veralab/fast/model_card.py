@@ -23,9 +23,10 @@ import torch
 import transformers
 
 import veralab
+from veralab.atomic import update_files
 from veralab.fast.layer import VeraLinear
 from veralab.fast.layout import PEFT_PREFIX, adapter_directory
-from veralab.fast.saving import CONFIG_NAME, base_model_name, config_for_file, write_files_atomically
+from veralab.fast.saving import CONFIG_NAME, base_model_name, config_for_file
 from veralab.fast.state_dict import get_peft_model_state_dict
 
 if TYPE_CHECKING:
@@ -63,10 +64,10 @@ def write_model_card(model: VeraModel, save_directory: str | os.PathLike) -> Non
         if MARKER not in text:
             completed = add_missing_front_matter(text, front_matter)
             if completed is not None and completed != text:
-                write_files_atomically(save_directory, {CARD_NAME: completed.encode("utf-8")})
+                update_files(save_directory, {CARD_NAME: completed.encode("utf-8")})
             return
     card = render_front_matter(front_matter, "\n") + MARKER + "\n\n" + card_body(model, save_directory)
-    write_files_atomically(save_directory, {CARD_NAME: card.encode("utf-8")})
+    update_files(save_directory, {CARD_NAME: card.encode("utf-8")})
 
 
 def card_front_matter(model: VeraModel) -> dict[str, str | list[str]]:
