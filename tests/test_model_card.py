@@ -1,5 +1,5 @@
 """The model card save_pretrained writes (veralab.fast.model_card): veralab's own card is rewritten on every
-save; a README.md the user wrote only gains the front-matter keys it lacks, its text untouched."""
+save; a README.md the user wrote is never changed."""
 
 import warnings
 
@@ -9,58 +9,17 @@ from helpers import tiny_llama
 
 from veralab import VeraConfig
 from veralab.fast import get_model
-from veralab.fast.model_card import MARKER, add_missing_front_matter
-
-KEYS = {"library_name": "peft", "base_model": "org/model", "tags": ["vera", "veralab"]}
+from veralab.fast.model_card import MARKER, render_front_matter
 
 
 def front(text: str) -> dict:
-    return yaml.safe_load(text.replace("\r\n", "\n").split("---\n")[1])
-
-
-def test_a_readme_without_front_matter_gets_one_on_top():
-    text = "# Notes\n\nMine.\n"
-    completed = add_missing_front_matter(text, KEYS)
-    assert completed.endswith(text) and front(completed) == KEYS
-
-
-@pytest.mark.parametrize(
-    "matter",
-    [
-        "license: mit\nlibrary_name: transformers\ntags:\n- mine\n",
-        "# a comment\n'library_name': transformers\n\"tags\": [mine]\nlicense: mit\n",
-    ],
-    ids=["plain keys", "quoted keys and a flow list"],
-)
-def test_keys_the_user_set_are_kept_and_only_missing_ones_added(matter):
-    text = f"---\n{matter}---\n# Mine\n"
-    completed = add_missing_front_matter(text, KEYS)
-    assert completed.startswith(f"---\n{matter}") and completed.endswith("---\n# Mine\n")
-    data = front(completed)
-    assert data["library_name"] == "transformers" and data["tags"] == ["mine"] and data["license"] == "mit"
-    assert data["base_model"] == "org/model"
-    assert add_missing_front_matter(completed, KEYS) == completed  # nothing left to add
-
-
-def test_windows_line_endings_are_kept():
-    text = "---\r\nlicense: mit\r\n---\r\nText\r\n"
-    completed = add_missing_front_matter(text, KEYS)
-    assert "\n" not in completed.replace("\r\n", "") and front(completed)["library_name"] == "peft"
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["---\n{license: mit}\n---\nText\n", "---\nlicense: mit\nno closing line\n"],
-    ids=["flow", "unclosed"],
-)
-def test_front_matter_that_cannot_be_extended_line_by_line_is_left_alone(text):
-    assert add_missing_front_matter(text, KEYS) is None
+    return yaml.safe_load(text.split("---\n")[1])
 
 
 def test_names_that_need_quoting_are_quoted():
     name = 'C:\\models\\tiny: "v2" #1'
-    completed = add_missing_front_matter("Text\n", {**KEYS, "base_model": name})
-    assert front(completed)["base_model"] == name
+    keys = {"library_name": "peft", "base_model": name, "tags": ["vera", "base_model:adapter:org/x"]}
+    assert front(render_front_matter(keys, "\n")) == keys
 
 
 def adapted():
@@ -94,12 +53,17 @@ def test_not_the_main_process_writes_no_card(tmp_path):
 
 @pytest.mark.fault(
     "file",
-    "a README.md in the save directory that is not UTF-8 text",
-    "left as it is, with a UserWarning; the adapter is saved",
+    "a README.md in the save directory without veralab's marker (the user's: text, binary, or veralab's card "
+    "with the marker line deleted)",
+    "left byte for byte as it is; the adapter is saved",
 )
-def test_a_readme_that_is_not_text_is_left_alone(tmp_path):
-    (tmp_path / "README.md").write_bytes(b"\xff\xfe binary")
-    with pytest.warns(UserWarning, match="could not be read as UTF-8"):
-        adapted().save_pretrained(tmp_path)
-    assert (tmp_path / "README.md").read_bytes() == b"\xff\xfe binary"
+@pytest.mark.parametrize(
+    "readme",
+    [b"---\nlicense: mit\n---\n# Mine\n", b"\xff\xfe binary", b"edited card, marker line deleted\n"],
+    ids=["text", "binary", "edited"],
+)
+def test_a_readme_the_user_wrote_is_left_alone(tmp_path, readme):
+    (tmp_path / "README.md").write_bytes(readme)
+    adapted().save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_bytes() == readme
     assert (tmp_path / "adapter_model.safetensors").is_file()

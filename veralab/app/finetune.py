@@ -7,7 +7,7 @@ The same function runs under `torchrun`: every process trains its share of each 
 rank 0 writes the output directory:
 
     <output>/adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's format
-    <output>/README.md                                        its model card
+    <output>/README.md                                        its model card (a README.md you wrote is kept)
     <output>/loss_curve.png                                   the training loss per step
     <output>/summary.json                                     every number of the summary table
 
@@ -36,6 +36,7 @@ from veralab.atomic import staged_update
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
 from veralab.fast.layout import WEIGHTS_NAME
+from veralab.fast.model_card import card_files
 from veralab.fast.saving import adapter_files
 
 LOSS_CURVE_NAME = "loss_curve.png"
@@ -114,7 +115,11 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
         cluster.check_identical({name: p for name, p in model.named_parameters() if p.requires_grad})
 
         output = Path(options.output)
-        files = adapter_files(model, "default") if cluster.is_main else {}
+        files = (
+            {**adapter_files(model, "default"), **card_files(model, output, ["default"])}
+            if cluster.is_main
+            else {}
+        )
         trainable, total = model.get_nb_trainable_parameters()
         summary = RunSummary(
             model=str(model_dir),

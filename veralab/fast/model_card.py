@@ -4,10 +4,10 @@ Hubs and tools recognise an adapter directory by the card's front matter: `libra
 (when the base model's name is known), tags. veralab's card adds a short text: what the adapter is, its
 adapters and targets, and how to load it with veralab and with PEFT.
 
-veralab's card starts with a marker comment (`MARKER`) and is rewritten on every save. A README.md without
-the marker is the user's: its text is never changed, only the front-matter keys it lacks (`library_name`,
-`base_model`, `tags`) are added, inside its front matter or, when it has none, in a new one at the top.
-(PEFT replaces a README's `tags` and `base_model` and appends to its text.)
+veralab's card holds a marker comment (`MARKER`) and is rewritten on every save. A README.md without the
+marker is the user's and is never changed, not even its front matter (PEFT replaces a README's `tags` and
+`base_model` and appends its text to it): add `library_name: peft` to its front matter for hubs to recognise
+the directory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,36 +37,35 @@ MARKER = (
     "your edits -->"
 )
 _PLAIN_SCALAR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
-# A key at column 0 of a block mapping: plain, or quoted.
-_TOP_LEVEL_KEY = re.compile(r"""(?:"([^"]*)"|'([^']*)'|([^\s#:'"?\-][^:]*?))\s*:(?:\s|$)""")
 
 
 def write_model_card(model: VeraModel, save_directory: str | os.PathLike) -> None:
-    """Write veralab's card into `save_directory`, or give the user's README.md the keys it lacks.
+    """Write veralab's card for the adapters saved in `save_directory`, unless it holds the user's README.md.
 
     Args:
         model: the VeraModel whose adapters were just saved into `save_directory`.
         save_directory: the directory `save_pretrained` wrote.
     """
-    path = Path(save_directory) / CARD_NAME
-    front_matter = card_front_matter(model)
-    if path.exists():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            warnings.warn(
-                f"{path} exists but could not be read as UTF-8 text ({e}); it is left as it is",
-                UserWarning,
-                stacklevel=3,
-            )
-            return
-        if MARKER not in text:
-            completed = add_missing_front_matter(text, front_matter)
-            if completed is not None and completed != text:
-                update_files(save_directory, {CARD_NAME: completed.encode("utf-8")})
-            return
-    card = render_front_matter(front_matter, "\n") + MARKER + "\n\n" + card_body(model, save_directory)
-    update_files(save_directory, {CARD_NAME: card.encode("utf-8")})
+    on_disk = [n for n in model.peft_config if (adapter_directory(save_directory, n) / CONFIG_NAME).is_file()]
+    files = card_files(model, save_directory, on_disk)
+    if files:
+        update_files(save_directory, files)
+
+
+def card_files(model: VeraModel, directory: str | os.PathLike, adapters: list[str]) -> dict[str, bytes]:
+    """{`README.md`: veralab's card describing `adapters`}, or {} when `directory` holds a README.md the
+    user wrote (one without `MARKER`, whatever its contents).
+
+    Args:
+        model: the VeraModel.
+        directory: the directory the card goes into (adapter "default" in it, others in subdirectories).
+        adapters: the adapters saved there.
+    """
+    path = Path(directory) / CARD_NAME
+    if os.path.lexists(path) and not (path.is_file() and MARKER.encode() in path.read_bytes()):
+        return {}
+    card = render_front_matter(card_front_matter(model), "\n") + MARKER + "\n\n" + card_body(model, adapters)
+    return {CARD_NAME: card.encode("utf-8")}
 
 
 def card_front_matter(model: VeraModel) -> dict[str, str | list[str]]:
@@ -91,37 +89,6 @@ def card_front_matter(model: VeraModel) -> dict[str, str | list[str]]:
 def render_front_matter(front_matter: dict[str, str | list[str]], newline: str) -> str:
     """`---` ... `---` YAML front matter (block style), ending with a newline."""
     return "---" + newline + "".join(_yaml_lines(front_matter, newline)) + "---" + newline
-
-
-def add_missing_front_matter(text: str, front_matter: dict[str, str | list[str]]) -> str | None:
-    """`text` with the keys of `front_matter` it lacks added; nothing it holds is changed or removed.
-
-    Keys go at the end of its front matter, or into a new front matter at the top when it has none. Returns
-    None when its front matter is not a plain block mapping this can extend safely (it is then left alone).
-
-    Args:
-        text: the README's text.
-        front_matter: the keys and values to add where missing.
-    """
-    newline = "\r\n" if "\r\n" in text else "\n"
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0].rstrip("\r\n") != "---":
-        return render_front_matter(front_matter, newline) + text
-    closing = next((i for i in range(1, len(lines)) if lines[i].rstrip("\r\n") in ("---", "...")), None)
-    if closing is None:
-        return None
-    body = [line.rstrip("\r\n") for line in lines[1:closing]]
-    content = [line for line in body if line.strip() and not line.lstrip().startswith("#")]
-    if content and content[0].lstrip().startswith(("{", "[")):
-        return None  # flow style: not extended line by line
-    present = {
-        next(g for g in m.groups() if g is not None) for line in body if (m := _TOP_LEVEL_KEY.match(line))
-    }
-    missing = {key: value for key, value in front_matter.items() if key not in present}
-    if not missing:
-        return text
-    added = "".join(_yaml_lines(missing, newline))
-    return "".join(lines[:closing]) + added + "".join(lines[closing:])
 
 
 def _yaml_lines(front_matter: dict[str, str | list[str]], newline: str) -> list[str]:
@@ -148,10 +115,9 @@ def _base_model_name(model: VeraModel) -> str | None:
     return None
 
 
-def card_body(model: VeraModel, save_directory: str | os.PathLike) -> str:
-    """The card's Markdown text after the front matter."""
+def card_body(model: VeraModel, on_disk: list[str]) -> str:
+    """The card's Markdown text after the front matter, describing the adapters `on_disk`."""
     name = _base_model_name(model)
-    on_disk = [n for n in model.peft_config if (adapter_directory(save_directory, n) / CONFIG_NAME).is_file()]
     rows = []
     for adapter in on_disk:
         config = config_for_file(model, model.peft_config[adapter])
