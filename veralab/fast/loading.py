@@ -27,14 +27,13 @@ from veralab.fast.fingerprint import (
     check_regenerated,
     fingerprint_matches,
     regenerate_projections,
-    same_values,
     stored_fingerprint,
 )
 from veralab.fast.layout import (
     CONFIG_NAME,
     DEFAULT_ADAPTER,
-    PEFT_PREFIX,
     PICKLE_WEIGHTS_NAME,
+    PROJECTION_FILE_KEYS,
     WEIGHTS_NAME,
     Slot,
     adapter_directory,
@@ -81,14 +80,23 @@ def load_adapter(
     files = read_adapter_files(directory)
     files.config.inference_mode = not is_trainable
     with _naming(files.config_path):
-        layout = adapter_layout(model, model.plan_adapter(adapter_name, files.config, existing=existing))
+        plan = model.plan_adapter(
+            adapter_name, files.config, existing=existing, projection_shapes=trained_projection_shapes(files)
+        )
+        layout = adapter_layout(model, plan, files.config.save_projection)
         if existing:
             current = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
-            _check_same_layout(files, layout, adapter_layout(model, current))
+            _check_same_layout(files, layout, adapter_layout(model, current, files.config.save_projection))
     check_tensors(files, layout)
-    check_projections(model, files, replace=False)
-    if not existing:
-        model.add_adapter(adapter_name, files.config)
+    projections = file_projections(files, plan.projection_shapes)
+    if existing:
+        if not model.projections_of(adapter_name).holds(projections):
+            raise AdapterLoadError(
+                f"{files.weights_path}: the adapter's vera_A/vera_B differ from the ones adapter "
+                f"{adapter_name!r} reads; load it under a new adapter_name instead"
+            )
+    else:
+        model.add_adapter(adapter_name, files.config, projections=projections)
     _copy_into(model, files, layout)
     if not is_trainable:
         model.eval()
@@ -117,12 +125,14 @@ def from_pretrained(
     try:
         with _naming(files.config_path):
             vera_model = model_cls(model, files.config, adapter_name=adapter_name)
-        _adopt_trained_projection_shapes(vera_model, files)
-        layout = adapter_layout(
-            vera_model, vera_model.plan_adapter(adapter_name, files.config, existing=True)
-        )
+            plan = vera_model.plan_adapter(
+                adapter_name, files.config, existing=True, projection_shapes=trained_projection_shapes(files)
+            )
+        layout = adapter_layout(vera_model, plan, files.config.save_projection)
         check_tensors(files, layout)
-        check_projections(vera_model, files, replace=True)
+        projections = file_projections(files, plan.projection_shapes)
+        if not vera_model.projections_of(adapter_name).holds(projections):
+            vera_model.set_projections(*projections, adapter_name=adapter_name)
     except Exception:
         if vera_model is not None:
             vera_model.unload()
@@ -213,12 +223,6 @@ def check_tensors(files: AdapterFiles, layout: dict[str, Slot]) -> None:
         )
     for key, slot in layout.items():
         tensor = files.tensors[key]
-        if tuple(tensor.shape) != slot.shape and slot.model_key in ("vera_A", "vera_B"):
-            raise AdapterLoadError(
-                f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but this model's shared "
-                f"projections are {slot.shape} (sized by its first adapter); load the adapter into a fresh "
-                "base model with VeraModel.from_pretrained"
-            )
         if tuple(tensor.shape) != slot.shape:
             raise AdapterLoadError(
                 f"{files.weights_path}: {key} has shape {tuple(tensor.shape)} but the model needs "
@@ -230,18 +234,33 @@ def check_tensors(files: AdapterFiles, layout: dict[str, Slot]) -> None:
             )
 
 
-def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> None:
-    """The adapter's projections (saved, or regenerated and fingerprinted) are the ones the model will use.
+def trained_projection_shapes(files: AdapterFiles) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The shapes of the vera_A / vera_B the adapter was trained with, as its files record them (saved
+    tensors, or the fingerprint beside lambdas only); None when they do not say (a PEFT file without them:
+    the pair its key draws over its targets, as PEFT draws it)."""
+    if files.config.save_projection:
+        saved = [files.tensors.get(key) for key in PROJECTION_FILE_KEYS]
+        return None if None in saved else tuple(tuple(t.shape) for t in saved)
+    fingerprint = stored_fingerprint(files.metadata, files.weights_path)
+    if fingerprint is None:
+        return None
+    return tuple(fingerprint["vera_A_shape"]), tuple(fingerprint["vera_B_shape"])
+
+
+def file_projections(
+    files: AdapterFiles, shapes: tuple[tuple[int, int], tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's vera_A / vera_B: the saved ones (checked against their fingerprint), or the ones its
+    key regenerates at `shapes` (checked against the fingerprint when the file has one).
 
     Args:
-        model: the VeraModel.
         files: the adapter read from disk, already checked against the model's layout.
-        replace: the model's projections were made for this adapter alone and take the saved ones.
+        shapes: the projection shapes its plan settled (`AdapterPlan.projection_shapes`).
     """
     config = files.config
     fingerprint = stored_fingerprint(files.metadata, files.weights_path)
     if config.save_projection:
-        vera_A, vera_B = files.tensors[f"{PEFT_PREFIX}vera_A"], files.tensors[f"{PEFT_PREFIX}vera_B"]
+        vera_A, vera_B = (files.tensors[key] for key in PROJECTION_FILE_KEYS)
         if fingerprint is not None and not fingerprint_matches(
             fingerprint, vera_A, vera_B, config.projection_prng_key
         ):
@@ -249,20 +268,16 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
                 f"{files.weights_path}: the saved vera_A/vera_B do not match the fingerprint stored next to "
                 "them; the file is corrupted, save the adapter again"
             )
-        if not replace and not (same_values(vera_A, model.vera_A) and same_values(vera_B, model.vera_B)):
-            raise AdapterLoadError(
-                f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this "
-                f"model's adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it "
-                "into a fresh base model with VeraModel.from_pretrained instead."
-            )
-        return
-    regenerated = regenerate_projections(model.vera_A.shape, model.vera_B.shape, config.projection_prng_key)
+        return vera_A, vera_B
+    regenerated = regenerate_projections(*shapes, config.projection_prng_key)
     if fingerprint is None:
         warnings.warn(
             f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT "
-            "with save_projection=False): the projections are regenerated from projection_prng_key and "
-            "cannot be verified; outputs are wrong if this machine's generator differs from the one it was "
-            "trained with.",
+            "with save_projection=False): the projections are regenerated from projection_prng_key over the "
+            "adapter's own targets and cannot be verified. Outputs are wrong if this machine's generator "
+            "differs from the one it was trained with, or if it was trained as a later adapter of a PEFT "
+            "model (PEFT gives later adapters the first one's pair); re-saving it from PEFT with "
+            "save_projection=True removes the doubt.",
             UserWarning,
             stacklevel=4,
         )
@@ -270,46 +285,7 @@ def check_projections(model: VeraModel, files: AdapterFiles, replace: bool) -> N
         check_regenerated(
             fingerprint, regenerated, config.projection_prng_key, files.config_path, files.weights_path
         )
-    if not (same_values(regenerated[0], model.vera_A) and same_values(regenerated[1], model.vera_B)):
-        raise AdapterLoadError(
-            f"{files.weights_path}: the adapter relies on the projections "
-            f"projection_prng_key={config.projection_prng_key} regenerates, but this model's shared "
-            "vera_A/vera_B differ from them; load it into a fresh base model with VeraModel.from_pretrained "
-            "instead."
-        )
-
-
-def _adopt_trained_projection_shapes(model: VeraModel, files: AdapterFiles) -> None:
-    """Size a freshly built model's projections like the ones the adapter was trained with.
-
-    An adapter added second to a model shares the first one's (larger) pair; saved alone, its targets would
-    size a smaller pair, and a smaller regenerated A is not a slice of the larger one (A is drawn row by row).
-    The saved projections, or the fingerprint, record the trained shapes: regenerate at those. Shapes that
-    cannot serve the targets are left for the checks to report.
-    """
-    saved = files.tensors.get(f"{PEFT_PREFIX}vera_A"), files.tensors.get(f"{PEFT_PREFIX}vera_B")
-    if files.config.save_projection and saved[0] is not None and saved[1] is not None:
-        shapes = tuple(saved[0].shape), tuple(saved[1].shape)
-    elif (
-        not files.config.save_projection
-        and (fingerprint := stored_fingerprint(files.metadata, files.weights_path)) is not None
-    ):
-        shapes = tuple(fingerprint["vera_A_shape"]), tuple(fingerprint["vera_B_shape"])
-    else:
-        return
-    shape_A, shape_B = shapes
-    current_A, current_B = tuple(model.vera_A.shape), tuple(model.vera_B.shape)
-    fits = (
-        len(shape_A) == 2
-        and len(shape_B) == 2
-        and shape_A[0] == current_A[0] == shape_B[1]
-        and shape_A[1] >= current_A[1]
-        and shape_B[0] >= current_B[0]
-    )
-    if not fits or (shape_A, shape_B) == (current_A, current_B):
-        return
-    vera_A, vera_B = regenerate_projections(shape_A, shape_B, files.config.projection_prng_key)
-    model.set_projections(vera_A.to(model.vera_A.device), vera_B.to(model.vera_B.device))
+    return regenerated
 
 
 def _check_same_layout(files: AdapterFiles, layout: dict[str, Slot], existing: dict[str, Slot]) -> None:
@@ -339,4 +315,5 @@ def _copy_into(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -
     """Write the validated tensors into the model (cast to each target's dtype and device)."""
     targets = model_tensors(model)
     for key, slot in layout.items():
-        targets[slot.model_key].copy_(files.tensors[key])
+        if key not in PROJECTION_FILE_KEYS:  # the adapter reads them already (`file_projections`)
+            targets[slot.model_key].copy_(files.tensors[key])
