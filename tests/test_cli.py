@@ -21,7 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 from tiny_pretrained import fake_smollm2_wheel, save_tiny_causal_lm, tiny_llama, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, ViTConfig
 
 import veralab.app.finetune
 from veralab.app.cli import build_parser, main
@@ -247,6 +247,39 @@ def test_count_matches_the_formulas(model_dir, capsys, targets, vera, lora, sour
     assert re.search(rf"\nVeRA r=16 +{vera:,} trainable", out)
     assert re.search(rf"\nLoRA r=4 +{lora:,} trainable", out)
     assert f"{lora / vera:.1f}x" in out
+
+
+def test_count_knows_convolutions_and_embeddings(tmp_path, capsys):
+    """A ViT's patch embedding counts as the matrix (hidden, 3 · patch²), an embedding as (dim, vocab): VeRA
+    r + out per layer, LoRA r (in + out), as PEFT's LoRA has them; a tied embedding is refused, not
+    counted."""
+    vit, untied, tied = tmp_path / "vit", tmp_path / "untied", tmp_path / "tied"
+    ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8,
+    ).save_pretrained(vit)  # fmt: skip
+    for directory, tie in ((untied, False), (tied, True)):
+        LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            tie_word_embeddings=tie, architectures=["LlamaForCausalLM"],
+        ).save_pretrained(directory)  # fmt: skip
+    ranks = ["--rank", "16", "--lora-rank", "4"]
+
+    code, out, _ = run_cli(["count", "--model", str(vit), "--targets", "projection,q_proj", *ranks], capsys)
+    assert code == 0
+    # the patch projection (32 x 3·8·8) and q_proj (32 x 32) in 2 layers
+    assert re.search(rf"\nVeRA r=16 +{3 * (16 + 32):,} trainable", out)
+    assert re.search(rf"\nLoRA r=4 +{4 * (192 + 32) + 2 * 4 * (32 + 32):,} trainable", out)
+    assert "vera_A (16 x 192)" in out
+
+    code, out, _ = run_cli(["count", "--model", str(untied), "--targets", "embed_tokens", *ranks], capsys)
+    assert code == 0
+    assert re.search(rf"\nVeRA r=16 +{16 + 32:,} trainable", out)
+    assert re.search(rf"\nLoRA r=4 +{4 * (100 + 32):,} trainable", out)
+
+    code, _, err = run_cli(["count", "--model", str(tied), "--targets", "embed_tokens", *ranks], capsys)
+    assert code == 2
+    assert "also the weight of ['lm_head']" in err and "Untie" in err
 
 
 # ---------------------------------------------------------------------------------------------------
