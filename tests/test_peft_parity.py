@@ -644,30 +644,6 @@ ERRORS = {
         ValueError,
         "Adapter with name 'other' already exists",
     ),
-    "add another projection_prng_key": (
-        lambda lib, m, d: m.add_adapter(
-            "x", lib.VeraConfig(r=4, target_modules=["v_proj"], projection_prng_key=1)
-        ),
-        ValueError,
-        "Vera PRNG initialisation key must be the same for all adapters",
-    ),
-    "add another save_projection": (
-        lambda lib, m, d: m.add_adapter(
-            "x", lib.VeraConfig(r=4, target_modules=["v_proj"], save_projection=False)
-        ),
-        ValueError,
-        "VeRA projection weights must be saved for all adapters or none",
-    ),
-    "add a larger rank": (
-        lambda lib, m, d: m.add_adapter("x", lib.VeraConfig(r=8, target_modules=["v_proj"])),
-        ValueError,
-        "vera_A has a size of 4 but 8 or greater is required",
-    ),
-    "add a larger layer": (  # v_proj is 32 -> 16, q_proj 32 -> 32
-        lambda lib, m, d: m.add_adapter("x", lib.VeraConfig(r=4, target_modules=["q_proj"])),
-        ValueError,
-        "vera_B has a size of 16 but 32 or greater is required",
-    ),
     "save unknown selected_adapters": (
         lambda lib, m, d: m.save_pretrained(d, selected_adapters=["nope"]),
         ValueError,
@@ -695,6 +671,47 @@ ERRORS = {
         "'nope",
     ),
 }
+
+
+# PEFT refuses these beside a first adapter; veralab gives the adapter the pair its own config draws, the one
+# it would read alone (a projection group of its own, docs/coming-from-peft.md). {case: (the adapter's config,
+# PEFT's exception, the start of its message)}
+OTHER_PAIRS = {
+    "another projection_prng_key": (
+        {"r": 4, "target_modules": ["v_proj"], "projection_prng_key": 1},
+        ValueError,
+        "Vera PRNG initialisation key must be the same for all adapters",
+    ),
+    "another save_projection": (
+        {"r": 4, "target_modules": ["v_proj"], "save_projection": False},
+        ValueError,
+        "VeRA projection weights must be saved for all adapters or none",
+    ),
+    "a larger rank": (
+        {"r": 8, "target_modules": ["v_proj"]},
+        ValueError,
+        "vera_A has a size of 4 but 8 or greater is required",
+    ),
+    "a larger layer": (  # v_proj is 32 -> 16, q_proj 32 -> 32
+        {"r": 4, "target_modules": ["q_proj"]},
+        ValueError,
+        "vera_B has a size of 16 but 32 or greater is required",
+    ),
+}
+
+
+@pytest.mark.parametrize("config, exception, prefix", OTHER_PAIRS.values(), ids=OTHER_PAIRS.keys())
+def test_adapters_peft_refuses_beside_the_first_read_the_pair_they_would_read_alone(
+    config, exception, prefix
+):
+    peft_model = two_llama_adapters(PEFT)
+    kind, message = raised(lambda: peft_model.add_adapter("x", PEFT.VeraConfig(**config)))
+    assert issubclass(kind, exception) and message.startswith(prefix), message
+    model = two_llama_adapters(VERALAB)
+    model.add_adapter("x", VERALAB.VeraConfig(**config))
+    alone = VERALAB.get_model(Case("llama", False, ()).base(), VERALAB.VeraConfig(**config))
+    pair = alone.projections_of("default")
+    assert model.projections_of("x").holds((pair.vera_A, pair.vera_B))
 
 
 @pytest.mark.parametrize("code, exception, prefix", ERRORS.values(), ids=ERRORS.keys())

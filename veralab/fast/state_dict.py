@@ -23,15 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from veralab.fast.layout import PEFT_PREFIX, Slot, adapter_layout, model_tensors
+from veralab.fast.layout import PEFT_PREFIX, PROJECTION_FILE_KEYS, Slot, adapter_layout, model_tensors
 
 if TYPE_CHECKING:
     from veralab.fast.model import VeraModel
 
 # What PEFT's (and torch's) load_state_dict returns: the keys left unloaded and the keys nothing took.
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-
-_PROJECTIONS = ("vera_A", "vera_B")
 
 
 def get_peft_model_state_dict(
@@ -95,8 +93,8 @@ def set_peft_model_state_dict(
     `adapter_name`, all or nothing.
 
     Every key the adapter's layout needs must be there and nothing else, with the right shapes and floating
-    dtypes (cast to each parameter's dtype on writing); saved projections must equal the model's shared pair,
-    unless `adapter_name` is the model's only adapter, whose pair they then replace. Nothing is written unless
+    dtypes (cast to each parameter's dtype on writing); saved projections must equal the pair the adapter
+    reads, unless no other adapter reads that pair, which they then replace. Nothing is written unless
     everything fits. Lambdas still on the meta device (`low_cpu_mem_usage=True` at creation) are materialized
     on their layer's device.
 
@@ -192,19 +190,21 @@ def _check_keys(
 def _check_projections(
     model: VeraModel, adapter_name: str, tensors: dict[str, torch.Tensor], layout: dict[str, Slot]
 ) -> None:
-    """Saved projections must be the shared pair, unless the adapter is the model's only one."""
-    keys = [key for key, slot in layout.items() if slot.model_key in _PROJECTIONS]
-    if not keys or len(model.peft_config) == 1:
+    """Saved projections must be the pair the adapter reads, unless it is the only adapter reading it."""
+    if not all(key in layout for key in PROJECTION_FILE_KEYS):
         return
-    shared = model_tensors(model)
-    for key in keys:
-        own = shared[layout[key].model_key]
-        if not torch.equal(tensors[key].to(device=own.device, dtype=own.dtype), own):
-            raise ValueError(
-                f"set_peft_model_state_dict: {key} differs from the projections the model's adapters "
-                f"{list(model.peft_config)} share; one VeraModel holds one vera_A/vera_B pair. Nothing was "
-                f"written. Set the adapter into a model of its own (adapter {adapter_name!r} alone)."
-            )
+    pair = model.projections_of(adapter_name)
+    readers = next(names for group, names in model.projection_groups() if group is pair)
+    if readers == [adapter_name]:
+        return  # its own pair: the dict's replaces it
+    if not pair.holds(tuple(tensors[key] for key in PROJECTION_FILE_KEYS)):
+        others = [name for name in readers if name != adapter_name]
+        raise ValueError(
+            f"set_peft_model_state_dict: the dict's vera_A/vera_B differ from the pair adapter "
+            f"{adapter_name!r} shares with adapters {others}; replacing it would change them too. Nothing "
+            "was written. Set the dict into an adapter of its own (add one with add_adapter, or load the "
+            "files under a new adapter_name)."
+        )
 
 
 @torch.no_grad()
