@@ -588,7 +588,10 @@ def test_state_dict_functions(case):
         for name, state in states.items():
             seen[f"{name}.keys"] = sorted(state)
             for key, tensor in state.items():
-                seen[f"{name}.{key}"] = tensor
+                # A later adapter whose targets need a smaller pair reads its own in veralab (the one it
+                # would read alone, docs/coming-from-peft.md) and PEFT's reads the first adapter's.
+                if name == "default" or key not in ("base_model.vera_A", "base_model.vera_B"):
+                    seen[f"{name}.{key}"] = tensor
         fresh = lib.get_model(case.base(), case.config(lib))
         for name in case.adapters[1:]:
             fresh.add_adapter(name, case.config(lib, name))

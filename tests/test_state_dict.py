@@ -143,16 +143,16 @@ def test_a_state_dict_that_does_not_fit_writes_nothing(edit, error, message):
 
 @pytest.mark.fault(
     "model",
-    "set_peft_model_state_dict with projections other than the ones the model's adapters share",
-    "ValueError; nothing written (a model's only adapter takes them)",
+    "set_peft_model_state_dict with projections other than the pair the adapter shares with others",
+    "ValueError; nothing written (an adapter reading a pair alone takes them)",
 )
-def test_saved_projections_must_be_the_shared_pair_unless_the_adapter_is_alone():
+def test_saved_projections_must_be_the_adapters_pair_unless_no_other_adapter_reads_it():
     source = adapted(seed=1, projection_prng_key=5)
     state = get_peft_model_state_dict(source)
     target = adapted(seed=2)
     target.add_adapter("other", VeraConfig(r=4, target_modules=QV))
     before = snapshot(target)
-    with pytest.raises(ValueError, match="differs from the projections"):
+    with pytest.raises(ValueError, match="differ from the pair adapter 'other' shares with adapters"):
         set_peft_model_state_dict(target, state, adapter_name="other")
     assert_unchanged(target, before)
     alone = adapted(seed=2)
