@@ -4,11 +4,15 @@
 (r) and `vera_lambda_b[name]` (out) in `nn.ParameterDict`s, as PEFT does, so state-dict keys match PEFT's.
 The shared projections are referenced through one `SharedProjections` object per model.
 
-Everything that touches the base weight goes through two methods, `get_base_weight` and
-`set_base_weight`; the bitsandbytes layers (`veralab.fast.backends.bnb`) override only those two (and the
-base forward's quirks), so merge, unmerge and safe merge are written once. Their base is no plain dense
-matmul (`base_is_plain_dense`), so the plan of every forward (`veralab.fast.dispatch`) keeps them in
-activation space over `base_forward`.
+Everything that touches the base weight goes through the weight seam (`get_base_weight`,
+`set_base_weight`, `requantization_bound`, `supports_merge`, `base_forward`, `base_device`); the layers over
+quantized bases (`veralab.fast.backends`, one module per quantization library) override only the seam, so
+merge, unmerge and safe merge are written once. Their base is no plain dense matmul (`base_is_plain_dense`),
+so the plan of every forward (`veralab.fast.dispatch`) keeps them in activation space over `base_forward`.
+
+No merge is silent: a layer that cannot write a weight back refuses before anything changes
+(`MergeNotSupportedError`), and every write is read back; a base that kept its old weight where the
+adapter's delta exceeds the write's rounding raises `MergeNotWrittenError`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
 from veralab.fast.dispatch import AdapterFacts, ForwardPlan, lambdas_train, plan_forward
+from veralab.fast.errors import MergeNotSupportedError, MergeNotWrittenError
 from veralab.fast.functional import (
     activation_space_vera,
     mixed_batch_vera,
@@ -134,6 +139,8 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    # Whether a merged weight can be written back into the base layer (forward-only bases say False).
+    supports_merge = True
 
     def __init__(
         self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
@@ -188,7 +195,7 @@ class VeraLinear(nn.Module):
             self.vera_lambda_b[name].requires_grad_(trainable)
 
     def _base_device(self) -> torch.device:
-        return self.base_layer.weight.device
+        return self.base_device()
 
     # ------------------------------------------------------------------ the base weight seam
 
@@ -200,6 +207,21 @@ class VeraLinear(nn.Module):
     def set_base_weight(self, weight: torch.Tensor) -> None:
         """Write a dense (out, in) weight back into the base layer."""
         self.get_base_weight().copy_(weight)
+
+    def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on |stored - weight| after `set_base_weight(weight)`: the error a write adds.
+
+        Called after the write, so a quantized layer may read the quantization parameters it now holds. A
+        dense weight only rounds `weight` (float32) to its dtype: `u |weight|`, u its unit roundoff.
+
+        Args:
+            weight: the dense (out, in) float32 weight that was written.
+        """
+        return unit_roundoff(self.get_base_weight().dtype) * weight.abs()
+
+    def base_device(self) -> torch.device:
+        """The device the base layer's weight lives on."""
+        return self.base_layer.weight.device
 
     # ------------------------------------------------------------------ merge
 
@@ -238,6 +260,8 @@ class VeraLinear(nn.Module):
         names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
         if not names:
             return
+        self.check_mergeable()
+        before = self.get_base_weight().float().clone()
         merged = self.merged_weight(names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
@@ -246,14 +270,40 @@ class VeraLinear(nn.Module):
                 "NaN/inf."
             )
         self.set_base_weight(merged)
+        self._check_written(before, merged, f"merging adapter(s) {names}")
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW (in float32, one rounding)."""
         if not self.merged_adapters:
             return
-        self.set_base_weight(self.merged_weight(list(reversed(self.merged_adapters)), sign=-1.0))
+        self.check_mergeable()
+        before = self.get_base_weight().float().clone()
+        unmerged = self.merged_weight(list(reversed(self.merged_adapters)), sign=-1.0)
+        self.set_base_weight(unmerged)
+        self._check_written(before, unmerged, f"unmerging adapter(s) {self.merged_adapters}")
         self.merged_adapters = []
+
+    def check_mergeable(self) -> None:
+        """Raise `MergeNotSupportedError` unless a merged weight can be written back into the base layer."""
+        if not self.supports_merge:
+            raise MergeNotSupportedError(
+                f"cannot merge into a {type(self.base_layer).__name__} layer: its quantized weight cannot be "
+                "written back, so nothing was merged. Keep the adapter unmerged (it runs exactly on top of "
+                "the quantized base), or load the unquantized base model and merge into that."
+            )
+
+    def _check_written(self, before: torch.Tensor, target: torch.Tensor, action: str) -> None:
+        """No silent merge: where the change asked for exceeds what the write may round away, the stored
+        weight must have changed (a base that ignores writes would otherwise drop the adapter unnoticed)."""
+        after = self.get_base_weight().float()
+        requested = (target.float() - before).abs() > self.requantization_bound(target.float())
+        if (requested & (after == before)).any():
+            raise MergeNotWrittenError(
+                f"{action}: the {type(self.base_layer).__name__} base layer kept its old weight where the "
+                "adapter changes it by more than the write can round away, so the adapter would have been "
+                "lost silently. This layer type does not accept written weights; keep the adapter unmerged."
+            )
 
     @property
     def merged(self) -> bool:
@@ -311,7 +361,7 @@ class VeraLinear(nn.Module):
             in_features=self.in_features,
             out_features=self.out_features,
             r=self._projections.r,
-            base_weight=self.base_layer.weight,
+            base_weight=self.base_layer.weight if self.base_is_plain_dense() else None,
             base_is_plain_dense=self.base_is_plain_dense(),
             training=self.training,
             extra_arguments=extra_arguments,
@@ -416,6 +466,11 @@ class VeraLinear(nn.Module):
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u: rounding a real number to `dtype` errs by at most u times its size (0 for integer dtypes)."""
+    return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
 
 
 def is_fan_in_fan_out(base_layer: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -144,7 +145,10 @@ class VeraModel(nn.Module):
 
     @staticmethod
     def _target_device(targets: list[Target]) -> torch.device | None:
-        weight = getattr(targets[0].module, "weight", None)
+        module = targets[0].module
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):  # quantized layers may keep their weight under other names
+            weight = next(itertools.chain(module.parameters(), module.buffers()), None)
         if weight is None or weight.device.type == "meta":
             return None
         return weight.device

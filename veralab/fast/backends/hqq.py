@@ -1,0 +1,90 @@
+"""VeRA over HQQ's quantized linear layer, `hqq.core.quantize.HQQLinear` (Half-Quadratic Quantization; on a
+CPU with its PyTorch backend). transformers 5 refuses `HqqConfig` on a CPU, so quantize with hqq's own API
+(`AutoHQQHFModel.quantize_model`, or `HQQLinear(linear, BaseQuantizeConfig(...))` per layer).
+
+`HQQLinear` is no `nn.Linear` subclass and has no `weight`: its geometry is its `in_features` /
+`out_features`, its weight `dequantize()`, and a merged weight is requantized in place with the layer's own
+`quant_config` (`HQQLinear.quantize`).
+
+HQQ rounds each group of the weight to `W_q = clamp(round(W / s + z), 0, 2^b - 1)` and dequantizes to
+`(W_q - z) s`, with s from the group's min and max and the zero point z tuned by its half-quadratic
+optimizer. Whatever z the optimizer picks, a value within the grid's span is at most s / 2 from its point and
+a value outside it is clamped to the nearer end (`requantization_bound`, read from the stored s and z).
+"""
+
+from __future__ import annotations
+
+import torch
+from hqq.core.quantize import HQQLinear
+from torch import nn
+
+from veralab.fast.backends.quantized import QuantizedVeraLinear, affine_grid_bound
+from veralab.targets import LayerGeometry
+
+NAME = "hqq"
+LIBRARY = "hqq"
+EXTRA = "hqq"
+
+
+class HqqLinear(QuantizedVeraLinear):
+    """VeRA over an `HQQLinear` (see the module docstring). Arguments as `QuantizedVeraLinear`."""
+
+    library = "hqq"
+
+    @property
+    def supports_merge(self) -> bool:
+        # Quantized scales or zero points (scale_quant_params / zero_quant_params) add a second rounding this
+        # backend does not bound: such layers adapt and train, and refuse merging.
+        meta = self.base_layer.meta
+        return not (meta.get("quant_scale") or meta.get("quant_zero"))
+
+    def base_device(self) -> torch.device:
+        return self.base_layer.W_q.device
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The dequantized weight, (out, in), in the layer's compute dtype."""
+        return self.base_layer.dequantize()
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Requantize in place with the layer's own quant_config (bits, group size, axis, optimizer)."""
+        self.check_mergeable()
+        base = self.base_layer
+        config = {key: value for key, value in base.quant_config.items() if key != "offload_meta"}
+        base.quantize(weight.to(base.compute_dtype), **config)
+
+    def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Half a step, or the distance to the grid's end outside it, per group (see the module docstring)."""
+        meta = self.base_layer.meta
+        step, zero = spread(meta["scale"], meta), spread(meta["zero"], meta)
+        top = 2 ** meta["nbits"] - 1
+        offset = zero * step
+        return affine_grid_bound(
+            weight, step, -offset, top * step - offset, meta["compute_dtype"], offset=offset
+        )
+
+
+def spread(values: torch.Tensor, meta: dict) -> torch.Tensor:
+    """A per-group quantity of an HQQ layer, as one value per weight element, shaped like the weight."""
+    shape = meta["shape"]
+    group = meta["group_size"]
+    numel = shape[0] * shape[1]
+    if group is None:  # channel-wise: one value per row (axis 1) or per column (axis 0)
+        grouped = shape
+    else:
+        grouped = (numel // group, group) if meta["axis"] == 1 else (group, numel // group)
+    return torch.broadcast_to(values.float(), grouped).reshape(shape)
+
+
+def layer_class(module: nn.Module) -> type[HqqLinear] | None:
+    """`HqqLinear` for an `HQQLinear`; None for any other module."""
+    return HqqLinear if isinstance(module, HQQLinear) else None
+
+
+def layer_geometry(module: nn.Module) -> LayerGeometry | None:
+    if layer_class(module) is None:
+        return None
+    return LayerGeometry(module.out_features, module.in_features, linear=True)
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Nothing to prepare: HQQ layers are ready once quantized."""
