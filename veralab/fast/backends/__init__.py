@@ -13,7 +13,9 @@ and functions of `Backend`:
 - `layer_geometry(module)`: the (out, in) shape of one of its layers as a `LayerGeometry` (needed for layers
   that are no `nn.Linear` subclass, such as HQQ's), None for other modules;
 - `prepare_model(model)`: put the whole model (adapted layers or not) in the state VeRA needs, once, when it
-  is adapted.
+  is adapted;
+- `layer_kinds()`: the kinds of layer it adapts (`veralab.fast.backends.kinds.LayerKind`), each with a way to
+  make one from a float `nn.Linear`, so that checks over every kind (`layer_kinds()` here) include its own.
 
 Its layer classes subclass `QuantizedVeraLinear` (`veralab.fast.backends.quantized`) and implement the
 per-layer half, `QuantizedLayer`: read the dequantized weight, run the quantized base forward, write a merged
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from veralab.fast.backends.kinds import PLAIN_LAYER_KINDS, LayerKind
 from veralab.fast.layer import VeraLinear
 from veralab.targets import LayerGeometry
 from veralab.targets import layer_geometry as plain_layer_geometry
@@ -80,6 +83,8 @@ class Backend(Protocol):
 
     def prepare_model(self, model: nn.Module) -> None: ...
 
+    def layer_kinds(self) -> list[LayerKind]: ...
+
 
 # (library the layers come from, the veralab module that adapts them). Quantized layers are matched before
 # the plain ones: most subclass nn.Linear.
@@ -90,8 +95,17 @@ BACKENDS: tuple[tuple[str, str], ...] = (
     ("hqq", "veralab.fast.backends.hqq"),
     ("gptqmodel", "veralab.fast.backends.gptq"),
 )
+# The pip extra that installs each library (`pip install 'veralab[EXTRA]'`); each backend says it too (EXTRA).
+EXTRAS: dict[str, str] = {
+    "bitsandbytes": "bnb",
+    "torchao": "torchao",
+    "optimum.quanto": "quanto",
+    "hqq": "hqq",
+    "gptqmodel": "gptq",
+}
 
-# The layer types VeRA adapts without a backend: a dense weight it can read and write in place.
+# The layer types VeRA adapts without a backend: a dense weight it can read and write in place. Each has a
+# registered kind in `veralab.fast.backends.kinds.PLAIN_LAYER_KINDS` (a test checks it).
 PLAIN_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 
@@ -115,6 +129,27 @@ def is_installed(library: str) -> bool:
         return importlib.util.find_spec(library) is not None
     except ModuleNotFoundError:  # a missing parent package
         return False
+
+
+def layer_kinds() -> list[LayerKind]:
+    """Every kind of base layer veralab adapts: the plain ones, then each backend's (importing its library),
+    a backend whose library is missing as one kind saying which extra installs it."""
+    kinds = list(PLAIN_LAYER_KINDS)
+    for library, module in BACKENDS:
+        if is_installed(library):
+            kinds.extend(importlib.import_module(module).layer_kinds())
+        else:
+            name = module.rpartition(".")[2]
+            reason = f"{library} is not installed: pip install 'veralab[{EXTRAS[library]}]'"
+            kinds.append(LayerKind(name, nn.Module, _not_installed(reason), unavailable=reason))
+    return kinds
+
+
+def _not_installed(reason: str):
+    def build(linear: nn.Linear) -> nn.Module:
+        raise ModuleNotFoundError(reason)
+
+    return build
 
 
 def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:

@@ -29,6 +29,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from veralab.fast.backends.kinds import LayerKind
 from veralab.fast.backends.quantized import U32, QuantizedVeraLinear
 from veralab.fast.layer import unit_roundoff
 from veralab.fast.projections import SharedProjections
@@ -201,3 +202,43 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
 def prepare_model(model: nn.Module) -> None:
     """Every 4-bit layer of a model being adapted in the standard layout (`keep_standard_layouts`)."""
     keep_standard_layouts(model)
+
+
+def quantized_copy(linear: nn.Linear, bits: int, quant_type: str = "nf4", has_fp16_weights: bool = False):
+    """A bitsandbytes copy of `linear`, quantized as it moves to the CPU (as transformers does).
+
+    Args:
+        linear: the float layer.
+        bits: 8 (`Linear8bitLt`) or 4 (`Linear4bit`, float32 compute dtype, no double quantization).
+        quant_type: "nf4" or "fp4" for 4 bits.
+        has_fp16_weights: 8 bits: keep the weight dense and quantize it in every forward.
+    """
+    bias = linear.bias is not None
+    if bits == 8:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=has_fp16_weights
+        )
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=torch.float32,
+            quant_type=quant_type,
+        )
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")
+
+
+def layer_kinds() -> list[LayerKind]:
+    """int8 (quantized and fp16-weight), nf4 and fp4."""
+    return [
+        LayerKind("bnb-int8", bnb.nn.Linear8bitLt, lambda linear: quantized_copy(linear, 8)),
+        LayerKind(
+            "bnb-int8-dense",
+            bnb.nn.Linear8bitLt,
+            lambda linear: quantized_copy(linear, 8, has_fp16_weights=True),
+        ),
+        LayerKind("bnb-nf4", bnb.nn.Linear4bit, lambda linear: quantized_copy(linear, 4, "nf4")),
+        LayerKind("bnb-fp4", bnb.nn.Linear4bit, lambda linear: quantized_copy(linear, 4, "fp4")),
+    ]

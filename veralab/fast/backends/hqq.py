@@ -15,9 +15,10 @@ a value outside it is clamped to the nearer end (`requantization_bound`, read fr
 from __future__ import annotations
 
 import torch
-from hqq.core.quantize import HQQLinear
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from torch import nn
 
+from veralab.fast.backends.kinds import LayerKind, copy_linear
 from veralab.fast.backends.quantized import QuantizedVeraLinear, affine_grid_bound
 from veralab.targets import LayerGeometry
 
@@ -50,6 +51,7 @@ class HqqLinear(QuantizedVeraLinear):
         self.check_mergeable()
         base = self.base_layer
         config = {key: value for key, value in base.quant_config.items() if key != "offload_meta"}
+        del base.W_q  # quantize() stores a new one, and refuses to overwrite a registered parameter
         base.quantize(weight.to(base.compute_dtype), **config)
 
     def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
@@ -88,3 +90,18 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
 
 def prepare_model(model: nn.Module) -> None:
     """Nothing to prepare: HQQ layers are ready once quantized."""
+
+
+def quantized_copy(linear: nn.Linear, nbits: int = 4, group_size: int = 64) -> HQQLinear:
+    """An `HQQLinear` holding `linear`'s weights (float32 compute dtype, on the CPU), quantized by HQQ with
+    its defaults (`BaseQuantizeConfig`: zero-point optimization on, groups along the input axis)."""
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group_size)
+    return HQQLinear(copy_linear(linear), config, compute_dtype=torch.float32, device="cpu")
+
+
+def layer_kinds() -> list[LayerKind]:
+    """4 bits and 8 bits, in groups of 64."""
+    return [
+        LayerKind("hqq-4bit", HQQLinear, lambda linear: quantized_copy(linear, 4)),
+        LayerKind("hqq-8bit", HQQLinear, lambda linear: quantized_copy(linear, 8)),
+    ]

@@ -15,10 +15,11 @@ the layer's group size (per row for rows of at most 128 inputs). Either way at m
 from __future__ import annotations
 
 import torch
-from optimum.quanto import QLinear
+from optimum.quanto import QLinear, freeze, qint4, qint8, quantize
 from optimum.quanto.tensor.optimizers import SymmetricOptimizer
 from torch import nn
 
+from veralab.fast.backends.kinds import LayerKind, copy_linear
 from veralab.fast.backends.quantized import QuantizedVeraLinear, affine_grid_bound, per_block
 from veralab.targets import LayerGeometry, weight_shape
 
@@ -78,3 +79,19 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
 
 def prepare_model(model: nn.Module) -> None:
     """Nothing to prepare: quanto layers are ready once frozen (or quantize their float weight on the fly)."""
+
+
+def quantized_copy(linear: nn.Linear, weights) -> QLinear:
+    """A frozen quanto `QLinear` holding `linear`'s weights quantized to `weights` (`qint8` or `qint4`)."""
+    model = nn.Sequential(copy_linear(linear))
+    quantize(model, weights=weights)
+    freeze(model)
+    return model[0]
+
+
+def layer_kinds() -> list[LayerKind]:
+    """qint8 (per row) and qint4 (per group of up to 128)."""
+    return [
+        LayerKind("quanto-qint8", QLinear, lambda linear: quantized_copy(linear, qint8)),
+        LayerKind("quanto-qint4", QLinear, lambda linear: quantized_copy(linear, qint4)),
+    ]

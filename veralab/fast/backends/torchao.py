@@ -20,11 +20,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor
+from torchao.quantization import (
+    Int4WeightOnlyConfig,
+    Int8Tensor,
+    Int8WeightOnlyConfig,
+    IntxUnpackedToInt8Tensor,
+    IntxWeightOnlyConfig,
+    quantize_,
+)
 from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType
 from torchao.utils import TorchAOBaseTensor
 
+from veralab.fast.backends.kinds import LayerKind, copy_linear
 from veralab.fast.backends.quantized import QuantizedVeraLinear, affine_grid_bound, per_block
 from veralab.fast.layer import unit_roundoff
 from veralab.targets import LayerGeometry, weight_shape
@@ -151,3 +159,34 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
 
 def prepare_model(model: nn.Module) -> None:
     """Nothing to prepare: torchao layers are ready as transformers loads them."""
+
+
+def quantized_copy(linear: nn.Linear, config) -> nn.Linear:
+    """A copy of `linear` quantized by torchao's `quantize_` with `config` (e.g. `Int8WeightOnlyConfig()`)."""
+    layer = copy_linear(linear)
+    quantize_(layer, config)
+    return layer
+
+
+def layer_kinds() -> list[LayerKind]:
+    """int8 per row, int4 in groups of 32 on the CPU layout (`IntxWeightOnlyConfig`), and the GPU int4 layout
+    (`Int4WeightOnlyConfig`, bf16 on CUDA)."""
+    int4_unavailable = None if torch.cuda.is_available() else "Int4WeightOnlyConfig needs a CUDA GPU"
+    return [
+        LayerKind("torchao-int8", nn.Linear, lambda linear: quantized_copy(linear, Int8WeightOnlyConfig())),
+        LayerKind(
+            "torchao-intx4",
+            nn.Linear,
+            lambda linear: quantized_copy(
+                linear, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+            ),
+        ),
+        LayerKind(
+            "torchao-int4",
+            nn.Linear,
+            lambda linear: quantized_copy(
+                linear.to("cuda", torch.bfloat16), Int4WeightOnlyConfig(group_size=32)
+            ),
+            unavailable=int4_unavailable,
+        ),
+    ]
