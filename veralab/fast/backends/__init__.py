@@ -1,7 +1,8 @@
 """Which VeRA layer adapts a base layer: plain dense layers here, quantized layers by their backend.
 
 `vera_layer_class(module)` is the one place that decides. Plain `nn.Linear` and transformers' `Conv1D` get
-`VeraLinear`; a quantized layer gets the class of the backend that knows its library.
+`VeraLinear`, `nn.Embedding` `VeraEmbedding`, `nn.Conv1d/2d/3d` `VeraConv`; a quantized layer gets the
+class of the backend that knows its library.
 
 **The backend protocol.** A backend is one module of this package per quantization library (listed in
 `BACKENDS`), which imports its library at the top and nothing else happens on import. It has the attributes
@@ -21,8 +22,8 @@ Its layer classes subclass `QuantizedVeraLinear` (`veralab.fast.backends.quantiz
 per-layer half, `QuantizedLayer`: read the dequantized weight, run the quantized base forward, write a merged
 weight back by requantizing it with the layer's own scheme and say how far the stored weight may then be from
 the one written (`requantization_bound`), or refuse merging (`supports_merge = False`: forward and training
-only). Merge, unmerge, safe merge and the read-back check that no merge is silent are `VeraLinear`'s, written
-once for all.
+only). Merge, unmerge, safe merge and the read-back check that no merge is silent are `VeraLayer`'s, written
+once for every layer type.
 
 A backend is consulted only when its library is already imported: a model can hold a library's layers only
 after that library was imported, so this costs nothing (and imports nothing) for models without them, and
@@ -43,8 +44,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from veralab.fast.backends.kinds import PLAIN_LAYER_KINDS, LayerKind
-from veralab.fast.layer import VeraLinear
-from veralab.targets import LayerGeometry
+from veralab.fast.conv import VeraConv
+from veralab.fast.embedding import VeraEmbedding
+from veralab.fast.layer import VeraLayer, VeraLinear
+from veralab.targets import CONV_TYPES, LayerGeometry, unadaptable_reason
 from veralab.targets import layer_geometry as plain_layer_geometry
 
 
@@ -77,7 +80,7 @@ class Backend(Protocol):
     LIBRARY: str
     EXTRA: str
 
-    def layer_class(self, module: nn.Module) -> type[VeraLinear] | None: ...
+    def layer_class(self, module: nn.Module) -> type[VeraLayer] | None: ...
 
     def layer_geometry(self, module: nn.Module) -> LayerGeometry | None: ...
 
@@ -104,9 +107,10 @@ EXTRAS: dict[str, str] = {
     "gptqmodel": "gptq",
 }
 
-# The layer types VeRA adapts without a backend: a dense weight it can read and write in place. Each has a
-# registered kind in `veralab.fast.backends.kinds.PLAIN_LAYER_KINDS` (a test checks it).
-PLAIN_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+# The layer types VeRA adapts without a backend (a dense weight it reads and writes in place): linear ones
+# (`VeraLinear`), embeddings and convolutions. Each has a registered kind in `veralab.fast.backends.kinds.PLAIN_LAYER_KINDS` (a test checks it).
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+PLAIN_LAYER_TYPES: tuple[type[nn.Module], ...] = (*LINEAR_TYPES, nn.Embedding, *CONV_TYPES)
 
 
 def loaded_backends() -> Iterator[ModuleType]:
@@ -152,14 +156,18 @@ def _not_installed(reason: str):
     return build
 
 
-def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:
+def vera_layer_class(module: nn.Module) -> type[VeraLayer] | None:
     """The VeRA layer class that adapts `module`, or None when VeRA cannot adapt it."""
     for backend in loaded_backends():
         layer_class = backend.layer_class(module)
         if layer_class is not None:
             return layer_class
-    if isinstance(module, PLAIN_LAYER_TYPES):
+    if isinstance(module, LINEAR_TYPES):
         return VeraLinear
+    if isinstance(module, nn.Embedding) and unadaptable_reason(module) is None:
+        return VeraEmbedding
+    if isinstance(module, CONV_TYPES) and unadaptable_reason(module) is None:
+        return VeraConv
     return None
 
 
