@@ -108,7 +108,8 @@ EXTRAS: dict[str, str] = {
 }
 
 # The layer types VeRA adapts without a backend (a dense weight it reads and writes in place): linear ones
-# (`VeraLinear`), embeddings and convolutions. Each has a registered kind in `veralab.fast.backends.kinds.PLAIN_LAYER_KINDS` (a test checks it).
+# (`VeraLinear`), embeddings and convolutions. Each has a registered kind in
+# `veralab.fast.backends.kinds.PLAIN_LAYER_KINDS` (a test checks it).
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 PLAIN_LAYER_TYPES: tuple[type[nn.Module], ...] = (*LINEAR_TYPES, nn.Embedding, *CONV_TYPES)
 

@@ -53,7 +53,8 @@ def conv1d_from_linear(linear: nn.Linear) -> Conv1D:
 
 
 def embedding_from_linear(linear: nn.Linear) -> nn.Embedding:
-    """An `nn.Embedding` whose table is `linear`'s weight transposed: the same map of one-hot inputs (no bias)."""
+    """An `nn.Embedding` whose table is `linear`'s weight transposed: the same map of one-hot inputs (no
+    bias)."""
     embedding = nn.Embedding(linear.in_features, linear.out_features)
     with torch.no_grad():
         embedding.weight.copy_(linear.weight.T)
