@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 
 from veralab.config import VeraConfig
 
+# `--quantize` choices: the library (import name, the extra that installs it) that quantizes the base.
+QUANTIZATIONS: dict[str, tuple[str, str]] = {
+    "bnb-4bit": ("bitsandbytes", "bnb"),  # NF4, float32 compute
+    "bnb-8bit": ("bitsandbytes", "bnb"),  # LLM.int8()
+    "torchao-int8": ("torchao", "torchao"),  # Int8WeightOnlyConfig: int8 per row
+    "torchao-int4": ("torchao", "torchao"),  # int4 per group: Int4WeightOnlyConfig on CUDA, Intx on a CPU
+    "quanto-int8": ("optimum.quanto", "quanto"),  # QuantoConfig(weights="int8")
+    "quanto-int4": ("optimum.quanto", "quanto"),  # QuantoConfig(weights="int4")
+    "hqq-4bit": ("hqq", "hqq"),  # HQQ 4-bit in groups of 64, layer by layer after loading
+}
+# The older spellings (--load-in-4bit / --load-in-8bit).
+QUANTIZATION_ALIASES = {"4bit": "bnb-4bit", "8bit": "bnb-8bit"}
+
 
 @dataclass
 class TrainingOptions:
@@ -84,7 +97,8 @@ class FinetuneOptions:
         held_out_fraction: share of `data`'s prompts held out when `eval_data` is not given.
         max_eval_examples: evaluate on at most this many held-out examples.
         output: the output directory (created; files veralab writes there are replaced).
-        quantization: None, "4bit" or "8bit": load the base model through bitsandbytes.
+        quantization: None or a `QUANTIZATIONS` name (or "4bit" / "8bit" for bnb-4bit / bnb-8bit): load the
+            base model quantized by that library.
         vera: the adapter's configuration.
         training: steps, batch, learning rate, ...
         lora_r: the rank of the LoRA the summary compares with.

@@ -122,9 +122,10 @@ def loaded_backends() -> Iterator[ModuleType]:
 
 
 def installed_backends() -> Iterator[ModuleType]:
-    """Every backend whose library is installed, importing it (for tools that list or compare backends)."""
+    """Every backend whose library is installed and imports, importing it (for tools that list or compare
+    backends)."""
     for library, module in BACKENDS:
-        if is_installed(library):
+        if unavailable_reason(library) is None:
             yield importlib.import_module(module)
 
 
@@ -141,13 +142,26 @@ def layer_kinds() -> list[LayerKind]:
     a backend whose library is missing as one kind saying which extra installs it."""
     kinds = list(PLAIN_LAYER_KINDS)
     for library, module in BACKENDS:
-        if is_installed(library):
+        reason = unavailable_reason(library)
+        if reason is None:
             kinds.extend(importlib.import_module(module).layer_kinds())
         else:
-            name = module.rpartition(".")[2]
-            reason = f"{library} is not installed: pip install 'veralab[{EXTRAS[library]}]'"
-            kinds.append(LayerKind(name, nn.Module, _not_installed(reason), unavailable=reason))
+            kinds.append(LayerKind(module.rpartition(".")[2], nn.Module, _not_installed(reason), reason))
     return kinds
+
+
+def unavailable_reason(library: str) -> str | None:
+    """Why a backend's `library` cannot be used here (not installed, or installed but failing to import, e.g.
+    built for another torch), naming the extra that installs it; None when its backend imports."""
+    install = f"pip install 'veralab[{EXTRAS[library]}]'"
+    if not is_installed(library):
+        return f"{library} is not installed: {install}"
+    module = dict(BACKENDS)[library]
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # any failure inside a third-party import
+        return f"{library} is installed but does not import here ({type(error).__name__}: {error}); {install}"
+    return None
 
 
 def _not_installed(reason: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from veralab.fast.backends.kinds import LayerKind, copy_linear
 from veralab.fast.backends.quantized import QuantizedVeraLinear, affine_grid_bound
@@ -92,11 +93,61 @@ def prepare_model(model: nn.Module) -> None:
     """Nothing to prepare: HQQ layers are ready once quantized."""
 
 
-def quantized_copy(linear: nn.Linear, nbits: int = 4, group_size: int = 64) -> HQQLinear:
+def quantized_copy(linear: nn.Linear, nbits: int = 4, group_size: int | None = 64) -> HQQLinear:
     """An `HQQLinear` holding `linear`'s weights (float32 compute dtype, on the CPU), quantized by HQQ with
     its defaults (`BaseQuantizeConfig`: zero-point optimization on, groups along the input axis)."""
     config = BaseQuantizeConfig(nbits=nbits, group_size=group_size)
     return HQQLinear(copy_linear(linear), config, compute_dtype=torch.float32, device="cpu")
+
+
+# How many of HQQ's rows of codes (groups) its bit packing puts together, by bits per weight.
+PACKED_PER_ROW = {8: 1, 4: 2, 3: 10, 2: 4, 1: 8}
+
+
+def quantize_model(
+    model: nn.Module, nbits: int = 4, group_size: int = 64, skip: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
+    """Quantize `model` in place with HQQ, layer by layer, on the CPU: what `HqqConfig` would do where
+    transformers accepts it, for any architecture (hqq's `AutoHQQHFModel` knows Llama-like layouts only).
+
+    Every `nn.Linear`, and every GPT-2 `Conv1D` (as the linear layer it computes, as transformers converts it
+    for bitsandbytes), becomes an `HQQLinear` with float32 compute dtype, except the modules whose name ends
+    with one of `skip`.
+
+    Args:
+        model: the float model.
+        nbits: bits per weight.
+        group_size: weights per group (HQQ groups the flattened weight), halved for a layer whose size it
+            does not divide into groups HQQ can pack; one group per row where no multiple of 8 does.
+        skip: name suffixes of the layers kept in float (the output head by default, as HQQ does).
+
+    Returns:
+        The same model.
+    """
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and not name.endswith(skip):
+            replacements.append((name, module))
+    for name, module in replacements:
+        linear = module if isinstance(module, nn.Linear) else linear_of_conv1d(module)
+        # HQQ groups the flattened weight in multiples of 8, and packs PACKED_PER_ROW[nbits] groups together
+        group, numel = group_size, linear.weight.numel()
+        while group >= 8 and numel % (group * PACKED_PER_ROW[nbits]):
+            group //= 2
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, quantized_copy(linear, nbits, group if group >= 8 else None))
+    return model
+
+
+def linear_of_conv1d(conv: Conv1D) -> nn.Linear:
+    """The `nn.Linear` computing what GPT-2's `Conv1D` computes (its weight stored as (out, in))."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    return linear
 
 
 def layer_kinds() -> list[LayerKind]:
