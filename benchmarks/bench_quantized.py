@@ -62,21 +62,22 @@ def adapt(model: torch.nn.Module, implementation: str, r: int) -> torch.nn.Modul
 
 
 def measure(path: str, quantization: str, implementation: str, setup) -> dict[str, float]:
-    """Runs in the child process: load, adapt, time training steps, read the peak RSS."""
+    """Load, adapt, time training steps, read the peak RSS (in the child process, or this one)."""
     import warnings
 
     from veralab.app.base_model import load_model
 
-    warnings.simplefilter("ignore")
-    model = load_model(path, None if quantization == FLOAT else quantization)
-    weights = weight_bytes(model)
-    step = TrainingStep(adapt(model, implementation, setup.r), make_batch(setup, "cpu"))
-    times = []
-    for index in range(setup.warmup + setup.steps):
-        start = time.perf_counter()
-        step()
-        if index >= setup.warmup:
-            times.append(time.perf_counter() - start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(path, None if quantization == FLOAT else quantization)
+        weights = weight_bytes(model)
+        step = TrainingStep(adapt(model, implementation, setup.r), make_batch(setup, "cpu"))
+        times = []
+        for index in range(setup.warmup + setup.steps):
+            start = time.perf_counter()
+            step()
+            if index >= setup.warmup:
+                times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {"weights": weights, "step": statistics.median(times), "peak": float(peak)}
 
@@ -96,6 +97,11 @@ def add_options(parser) -> None:
     parser.add_argument("--child", nargs=3, help="(internal) PATH QUANTIZATION IMPLEMENTATION: measure one")
     parser.add_argument(
         "--only", help="comma-separated bases to measure (default: float32 and every backend installed)"
+    )
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="measure every row in this process (fast, for smoke runs): no peak memory",
     )
 
 
@@ -127,7 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         build_base(setup, torch.float32, "cpu").save_pretrained(directory)
         for name in available:
             for implementation in (VERALAB, PEFT_VERA):
-                results[name, implementation] = run_child(argv, directory, name, implementation)
+                if args.same_process:
+                    try:
+                        result = measure(directory, name, implementation, setup)
+                    except Exception as error:  # PEFT refusing a base, say
+                        result = {"error": f"{type(error).__name__}: {str(error)[:140]}"}
+                    results[name, implementation] = {**result, "peak": None}
+                else:
+                    results[name, implementation] = run_child(argv, directory, name, implementation)
     reference = results[FLOAT, VERALAB]["step"] if "step" in results.get((FLOAT, VERALAB), {}) else None
     rows = []
     for (name, implementation), result in results.items():
@@ -144,11 +157,12 @@ def main(argv: list[str] | None = None) -> None:
                 result["step"] * 1000,
                 result["step"] / reference if reference else "n/a",
                 result["step"] / peft["step"] if "step" in peft else "n/a",
-                result["peak"] / MB,
+                result["peak"] / MB if result["peak"] is not None else "n/a",
             ]
         )
     print_table(
-        "Training step over quantized bases, each row in its own process",
+        "Training step over quantized bases, "
+        + ("all rows in this process" if args.same_process else "each row in its own process"),
         [
             "base",
             "implementation",

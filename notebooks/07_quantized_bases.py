@@ -617,6 +617,7 @@ if int8_rows and int4_rows:  # a coarser grid loses more of the delta
 # - **The adapter is exact** over every base (first assert): only the base is approximate.
 # - **Merging costs a requantization**: a fraction of `ΔW` is rounded away, more on a coarser grid, as in
 #   section 3; on a 4-bit grid the error can exceed `ΔW` itself (a ratio above 1: the requantization also
-#   moves the grid under the weights the adapter did not change). GPTQ and AWQ layers (`pip install 'veralab[gptq]'`) come out of a calibrated quantization that
+#   moves the grid under the weights the adapter did not change). GPTQ and AWQ layers
+#   (`pip install 'veralab[gptq]'`) come out of a calibrated quantization that
 #   one layer cannot redo: there `merge_adapter()` raises `MergeNotSupportedError` before anything changes,
 #   and the adapter keeps working unmerged.
