@@ -102,3 +102,49 @@ def test_a_base_that_ignores_the_write_raises_instead_of_losing_the_adapter():
     with pytest.raises(MergeNotWrittenError, match="IgnoresWrites base layer kept its old weight"):
         model.merge_adapter()
     assert model.merged_adapters == []
+
+
+@pytest.mark.fault(
+    "model",
+    "a merge or unmerge interrupted (KeyboardInterrupt) after one layer of any kind was written",
+    "every layer's stored weight is put back bit for bit (requantized ones included); nothing is merged",
+)
+@pytest.mark.parametrize("operation", ["merge", "unmerge"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            kind, id=kind.name, marks=pytest.mark.skipif(bool(kind.unavailable), reason=str(kind.unavailable))
+        )
+        for kind in KINDS
+    ],
+)
+def test_an_interrupted_merge_puts_every_weight_back(kind, operation, monkeypatch):
+    torch.manual_seed(0)
+    bases = nn.ModuleDict({name: kind.from_linear(nn.Linear(256, 48)) for name in ("a", "b")})
+    model = get_model(bases, VeraConfig(r=8, target_modules=["a", "b"], init_weights=False))
+    layers = [layer for _, layer in model.vera_layers()]
+    if not layers[0].supports_merge:
+        pytest.skip(
+            f"{kind.name} refuses merging before anything changes (test_a_merge_writes_the_delta_or_raises)"
+        )
+    warnings.simplefilter("ignore", UserWarning)  # the requantization warning (pytest restores the filters)
+    if operation == "unmerge":
+        model.merge_adapter()
+    before = [layer.get_base_weight().float().clone() for layer in layers]
+    merged_before = [list(layer.merged_adapters) for layer in layers]
+    real = type(layers[1]).set_base_weight
+
+    def interrupted_on_the_second_layer(self, weight):
+        if self is layers[1]:
+            raise KeyboardInterrupt
+        real(self, weight)
+
+    monkeypatch.setattr(type(layers[1]), "set_base_weight", interrupted_on_the_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        model.merge_adapter() if operation == "merge" else model.unmerge_adapter()
+    for layer, weight, merged in zip(layers, before, merged_before, strict=True):
+        assert torch.equal(layer.get_base_weight().float(), weight)
+        assert layer.merged_adapters == merged
+    monkeypatch.undo()
+    model.unmerge_adapter() if operation == "unmerge" else model.merge_adapter()  # still works afterwards

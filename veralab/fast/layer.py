@@ -225,6 +225,12 @@ class VeraLayer(nn.Module):
         """The device the base layer's weight lives on."""
         return self.base_layer.weight.device
 
+    def in_place_weights(self) -> list[torch.Tensor]:
+        """The tensors `set_base_weight` overwrites in place, which a model change copies first so that a
+        failed merge can be undone (`veralab.fast.rollback`). A layer whose write stores new tensors instead
+        (a requantized weight) returns none: undoing puts its module's old attributes back."""
+        return [self.base_layer.weight]
+
     # ------------------------------------------------------------------ merge
 
     def lora_factors(self, adapter_name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -487,7 +487,8 @@ class VeraModel(nn.Module):
         for _, layer in list(self.vera_layers()):
             present = [n for n in names if n in layer.r]
             if present:
-                snapshot.keep_values(layer.base_layer.weight)
+                for tensor in layer.in_place_weights():
+                    snapshot.keep_values(tensor)
                 layer.merge(present)
 
     def unmerge_adapter(self) -> None:
@@ -501,7 +502,8 @@ class VeraModel(nn.Module):
     def _unmerge(self, snapshot: ModelSnapshot) -> None:
         for _, layer in list(self.vera_layers()):
             if layer.merged_adapters:
-                snapshot.keep_values(layer.base_layer.weight)
+                for tensor in layer.in_place_weights():
+                    snapshot.keep_values(tensor)
                 layer.unmerge()
 
     def merge_and_unload(

@@ -25,6 +25,8 @@ requantized `W + ΔW`, so a merged model matches the unmerged one only within th
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes as bnb
 import torch
 from torch import nn
@@ -75,8 +77,14 @@ class Linear8bitLt(BitsandbytesVeraLinear):
         else:
             CB, SCB, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
             base.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
-        # Forget the int8 weight cached in the matmul state (fp16-weight layers reuse it in eval mode).
+        # Forget the int8 weight cached in the matmul state (fp16-weight layers reuse it in eval mode), in a
+        # new state object: undoing a failed model change puts the old one back with the old weight.
+        base.state = copy.copy(base.state)
         base.state.reset_grads()
+
+    def in_place_weights(self) -> list[torch.Tensor]:
+        """fp16-weight layers write their dense weight in place; int8 ones store a new `Int8Params`."""
+        return [self.base_layer.weight] if self.base_layer.state.has_fp16_weights else []
 
     def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
         """int8: the fp16 cast (u16 |W|), then rounding to multiples of the row's rowmax / 127 (half a step);

@@ -54,6 +54,9 @@ class QuantizedVeraLinear(VeraLinear):
         # The lambdas are float32; the base may run in fp16/bf16, the small adapter term should not.
         return next(iter(self.vera_lambda_d.values())).dtype
 
+    def in_place_weights(self) -> list[torch.Tensor]:
+        return []  # a requantizing write stores new tensors (undone with the module's attributes)
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see
         `VeraLinear.merge`), with a warning that this rounds."""
