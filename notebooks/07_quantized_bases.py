@@ -491,3 +491,133 @@ assert min(relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][
 # %%
 state = models["nf4"].model.up.base_layer.weight.quant_state
 assert not getattr(state, "packing_format_for_cpu", False)  # still bitsandbytes' standard layout
+
+# %% [markdown]
+# ## 4. Beyond bitsandbytes: torchao, Quanto and HQQ on one model
+#
+# bitsandbytes is one library among several. `veralab.fast` adapts the quantized layers of torchao
+# (`nn.Linear` with an int8 or int4 weight tensor), optimum-quanto (`QLinear`) and HQQ (`HQQLinear`) the same
+# way, each through its backend's weight seam (`veralab.fast.backends`): the base forward is the library's
+# own, the adapter term is exact on top, and a merge requantizes `W̃ + ΔW` with the layer's own scheme. We load
+# one small Llama as `veralab finetune --quantize` does (`veralab.app.base_model.load_model`) with every
+# scheme whose library is installed here, and compare:
+#
+# - the memory of the base (its weights as stored: codes, scales, zero points);
+# - the time of a training step (forward, backward, AdamW on the lambdas; printed, not asserted: it varies);
+# - how exact the adapter is: its term against the reference on the dequantized weight;
+# - what merging costs: the time of `merge_adapter()`, how far the merged weight lands from `W̃ + ΔW` (as a
+#   fraction of `ΔW`: the part of the delta the requantization loses), and how far the merged output moves
+#   from the unmerged one, as a fraction of the adapter's own effect on the output.
+
+# %%
+import tempfile
+import time
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from veralab.app.base_model import load_model
+from veralab.app.options import QUANTIZATIONS
+from veralab.fast.backends import unavailable_reason
+from veralab.fast.diagnostics import weight_bytes
+
+torch.manual_seed(0)
+llama_config = LlamaConfig(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
+model_dir = tempfile.mkdtemp()
+LlamaForCausalLM(llama_config).save_pretrained(model_dir)
+ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+available = ["float32"] + [q for q in QUANTIZATIONS if unavailable_reason(QUANTIZATIONS[q][0]) is None]
+print("schemes measured here:", available)
+for q in QUANTIZATIONS:
+    if q not in available:
+        print(f"{q}: skipped, {unavailable_reason(QUANTIZATIONS[q][0])}")
+
+
+# %%
+def compare(scheme: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT-compatible notices, the requantization warning
+        base = load_model(model_dir, None if scheme == "float32" else scheme)
+        row = {"scheme": scheme, "weights (MB)": weight_bytes(base) / 2**20}
+        model = get_model(base, VeraConfig(r=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+        for _, layer in model.vera_layers():
+            with torch.no_grad():
+                layer.vera_lambda_b["default"].normal_(0, 0.1)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(3):  # the first step warms up
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            row["step (ms)"] = (time.perf_counter() - start) * 1000
+        layer = model.model.model.layers[0].self_attn.q_proj
+        x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(2))
+        A_s, B_s = ref.slice_projections(model.vera_A, model.vera_B, layer.in_features, layer.out_features)
+        lambdas = (layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach())
+        with torch.no_grad():
+            term = layer(x) - layer.base_layer(x)
+            zero = torch.zeros(layer.out_features, layer.in_features)
+            reference_term = ref.vera_forward(x, zero, None, A_s, B_s, *lambdas)
+            row["adapter term error"] = ((term - reference_term).norm() / reference_term.norm()).item()
+            target = layer.get_base_weight().float() + layer.delta_weight("default")
+            delta = layer.delta_weight("default")
+            unmerged, base_output = layer(x), layer.base_layer(x)
+            start = time.perf_counter()
+            model.merge_adapter()
+            row["merge (ms)"] = (time.perf_counter() - start) * 1000
+            row["delta lost in merge"] = (
+                (layer.get_base_weight().float() - target).norm() / delta.norm()
+            ).item()
+            row["merged output moved"] = (
+                (layer(x) - unmerged).norm() / (unmerged - base_output).norm()
+            ).item()
+    return row
+
+
+comparison = [compare(scheme) for scheme in available]
+columns = list(comparison[0])
+print(" | ".join(f"{c:>20}" for c in columns))
+for row in comparison:
+    print(" | ".join(f"{row[c]:>20}" if isinstance(row[c], str) else f"{row[c]:>20.4g}" for c in columns))
+
+# %%
+by_scheme = {row["scheme"]: row for row in comparison}
+for row in comparison:
+    assert row["adapter term error"] < 1e-5  # exact over every base: float32 rounding only
+    if row["scheme"] == "float32":
+        assert row["delta lost in merge"] < 1e-5
+    else:
+        assert row["weights (MB)"] < by_scheme["float32"]["weights (MB)"]  # the point of quantizing
+        assert row["delta lost in merge"] > 1e-3  # a merge into a quantized weight rounds
+int8_rows = [row for name, row in by_scheme.items() if name.endswith("8bit") or name.endswith("int8")]
+int4_rows = [row for name, row in by_scheme.items() if name.endswith("4bit") or name.endswith("int4")]
+if int8_rows and int4_rows:  # a coarser grid loses more of the delta
+    assert max(r["delta lost in merge"] for r in int8_rows) < min(r["delta lost in merge"] for r in int4_rows)
+
+# %% [markdown]
+# What the table says, scheme by scheme (step times vary with the machine; the tests pin the rest):
+#
+# - **Memory.** The table counts the whole model, whose tied embedding table stays float32 in every scheme.
+#   int8 schemes store the linear weights in a quarter of float32; bitsandbytes' nf4, Quanto's int4 and HQQ
+#   pack two 4-bit codes a byte, plus group scales (and zero points). torchao's CPU int4 layout
+#   (`IntxWeightOnlyConfig`) keeps each 4-bit code unpacked in an int8 with a scale and zero point per group
+#   of 32, so it takes *more* than its int8 scheme: it is the layout torchao's CPU kernels want, not a
+#   compact one (`Int4WeightOnlyConfig` packs, on a GPU).
+# - **Step time.** On a CPU every quantized forward dequantizes (or runs an integer kernel): the base is
+#   slower than float32, by a factor that depends on the library's CPU kernels, not on VeRA, whose term runs
+#   in float32 on two thin matrices. `python -m benchmarks.bench_quantized` measures this on a larger model,
+#   next to PEFT over the same base.
+# - **The adapter is exact** over every base (first assert): only the base is approximate.
+# - **Merging costs a requantization**: a fraction of `ΔW` is rounded away, more on a coarser grid, as in
+#   section 3; on a 4-bit grid the error can exceed `ΔW` itself (a ratio above 1: the requantization also
+#   moves the grid under the weights the adapter did not change). GPTQ and AWQ layers
+#   (`pip install 'veralab[gptq]'`) come out of a calibrated quantization that
+#   one layer cannot redo: there `merge_adapter()` raises `MergeNotSupportedError` before anything changes,
+#   and the adapter keeps working unmerged.

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from benchmarks import bench_inference, bench_memory, bench_training
+from benchmarks import bench_inference, bench_memory, bench_quantized, bench_training
 from benchmarks.common import FROZEN_BASE, PEFT_LORA, PEFT_VERA, VERALAB
 
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$|^n/a$")
@@ -107,3 +107,22 @@ def test_bench_inference_quick(capsys):
         r"different adapters / one adapter, .*: \d+\.\d+ \(target <= 1\.1: (meets|MISSES)\)", out
     )
     assert "need a CUDA GPU" in out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_quantized_quick(capsys):
+    from veralab.fast.backends import unavailable_reason
+
+    backend = "hqq-4bit" if unavailable_reason("hqq") is None else "bnb-8bit"
+    if unavailable_reason(bench_quantized.QUANTIZATIONS[backend][0]) is not None:
+        pytest.skip("needs hqq or bitsandbytes: pip install 'veralab[hqq]'")
+    out = run(bench_quantized, ["--quick", "--same-process", "--only", f"float32,{backend}"], capsys)
+    ((title, (header, rows)),) = parse_tables(out).items()
+    assert title.startswith("Training step over quantized bases")
+    assert [(row[0], row[1]) for row in rows] == [
+        (base, implementation) for base in ("float32", backend) for implementation in (VERALAB, PEFT_VERA)
+    ]
+    for row in rows:
+        assert len(row) == len(header) and all(NUMBER.match(cell) for cell in row[2:]), row
+    assert rows[0][4] == "1.000"  # veralab over float32 is the reference of its column
+    assert float(rows[2][2]) < float(rows[0][2])  # the quantized base takes less memory

@@ -520,11 +520,25 @@ def test_bad_arguments_give_one_clear_line(argv, message, model_dir, data_files,
 
 
 @pytest.mark.parametrize(
-    ("flag", "layer_class"), [("--load-in-8bit", "Linear8bitLt"), ("--load-in-4bit", "Linear4bit")]
+    ("flag", "layer_class"),
+    [
+        (["--load-in-8bit"], "Linear8bitLt"),
+        (["--load-in-4bit"], "Linear4bit"),
+        (["--quantize", "torchao-int4"], "TorchaoLinear"),
+        (["--quantize", "quanto-int8"], "QuantoLinear"),
+        (["--quantize", "hqq-4bit"], "HqqLinear"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else value,
 )
 def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, tmp_path, monkeypatch):
-    pytest.importorskip("bitsandbytes")
     import veralab.app.finetune
+    from veralab.app.base_model import ALIASES, QUANTIZATIONS
+    from veralab.fast.backends import unavailable_reason
+
+    name = ALIASES.get(flag[-1].removeprefix("--load-in-"), flag[-1])
+    reason = unavailable_reason(QUANTIZATIONS[name][0])
+    if reason is not None:
+        pytest.skip(reason)
 
     adapted, real_get_model = [], veralab.app.finetune.get_model
 
@@ -533,7 +547,7 @@ def test_finetune_on_a_quantized_base(flag, layer_class, model_dir, data_files, 
         return adapted[-1]
 
     monkeypatch.setattr(veralab.app.finetune, "get_model", get_model_spy)
-    argv = finetune_args(model_dir, data_files, tmp_path / "out") + [flag, "--steps", "1", "--quiet"]
+    argv = finetune_args(model_dir, data_files, tmp_path / "out") + [*flag, "--steps", "1", "--quiet"]
     assert main(argv) == 0
     layers = [type(layer).__name__ for _, layer in adapted[0].vera_layers()]
     assert layers == [layer_class] * 6  # q_proj, v_proj, down_proj in 2 layers, each over a quantized base
@@ -558,6 +572,21 @@ def test_quantized_base_without_bitsandbytes_is_one_clear_line(
     )
     assert code == 2 and err.count("\n") == 1
     assert "--load-in-4bit needs bitsandbytes: pip install 'veralab[bnb]'" in err
+
+
+@pytest.mark.fault(
+    "cli", "`--quantize hqq-4bit` without hqq installed", "one clear line naming the extra that installs it"
+)
+def test_quantize_without_its_library_is_one_clear_line(model_dir, data_files, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "hqq" else find_spec(name))
+    code, _, err = run_cli(
+        finetune_args(model_dir, data_files, tmp_path / "out") + ["--quantize", "hqq-4bit"], capsys
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "--quantize hqq-4bit needs hqq: pip install 'veralab[hqq]'" in err
 
 
 # ---------------------------------------------------------------------------------------------------

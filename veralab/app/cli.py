@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from veralab.app.default_model import FetchError
-from veralab.app.options import FinetuneOptions, TrainingOptions
+from veralab.app.options import QUANTIZATIONS, FinetuneOptions, TrainingOptions
 from veralab.config import VeraConfig
 
 USAGE_ERROR = 2
@@ -129,18 +129,26 @@ def _add_finetune(commands) -> None:
     )
     quantized = data.add_mutually_exclusive_group()
     quantized.add_argument(
+        "--quantize",
+        choices=list(QUANTIZATIONS),
+        dest="quantization",
+        help="load the base model quantized: bitsandbytes NF4 / LLM.int8, torchao int8 / int4, "
+        "optimum-quanto int8 / int4, or HQQ 4-bit (each needs its extra: pip install 'veralab[torchao]', "
+        "[bnb], [quanto], [hqq], or all of them: [quant])",
+    )
+    quantized.add_argument(
         "--load-in-4bit",
         action="store_const",
         const="4bit",
         dest="quantization",
-        help="load the base model in 4 bits (bitsandbytes NF4)",
+        help="the same as --quantize bnb-4bit",
     )
     quantized.add_argument(
         "--load-in-8bit",
         action="store_const",
         const="8bit",
         dest="quantization",
-        help="load the base model in 8 bits (bitsandbytes LLM.int8)",
+        help="the same as --quantize bnb-8bit",
     )
     data.add_argument(
         "--output",

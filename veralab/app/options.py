@@ -12,10 +12,22 @@ from dataclasses import dataclass, field
 
 from veralab.config import VeraConfig, is_int, is_real, require
 
-QUANTIZATIONS = ("4bit", "8bit")
 # A bound on optimizer steps: the schedule of batches is built up front, so an absurd count would exhaust
 # memory before the first step rather than fail.
 MAX_STEPS = 10**9
+
+# `--quantize` choices: the library (import name, the extra that installs it) that quantizes the base.
+QUANTIZATIONS: dict[str, tuple[str, str]] = {
+    "bnb-4bit": ("bitsandbytes", "bnb"),  # NF4, float32 compute
+    "bnb-8bit": ("bitsandbytes", "bnb"),  # LLM.int8()
+    "torchao-int8": ("torchao", "torchao"),  # Int8WeightOnlyConfig: int8 per row
+    "torchao-int4": ("torchao", "torchao"),  # int4 per group: Int4WeightOnlyConfig on CUDA, Intx on a CPU
+    "quanto-int8": ("optimum.quanto", "quanto"),  # QuantoConfig(weights="int8")
+    "quanto-int4": ("optimum.quanto", "quanto"),  # QuantoConfig(weights="int4")
+    "hqq-4bit": ("hqq", "hqq"),  # HQQ 4-bit in groups of 64, layer by layer after loading
+}
+# The older spellings (--load-in-4bit / --load-in-8bit).
+QUANTIZATION_ALIASES = {"4bit": "bnb-4bit", "8bit": "bnb-8bit"}
 
 
 @dataclass
@@ -135,7 +147,8 @@ class FinetuneOptions:
         max_eval_examples: evaluate on at most this many held-out examples.
         output: the output directory (created). It must lie outside every input, and when it exists hold
             an earlier fine-tune's output (or nothing) unless `overwrite` (see `veralab.app.outputs`).
-        quantization: None, "4bit" or "8bit": load the base model through bitsandbytes.
+        quantization: None or a `QUANTIZATIONS` name (or "4bit" / "8bit" for bnb-4bit / bnb-8bit): load the
+            base model quantized by that library.
         vera: the adapter's configuration.
         training: steps, batch, learning rate, ...
         lora_r: the rank of the LoRA the summary compares with.
@@ -172,10 +185,10 @@ class FinetuneOptions:
         )
         require(is_int(self.lora_r) and self.lora_r >= 1, "lora_r", self.lora_r, "a positive LoRA rank")
         require(
-            self.quantization in (None, *QUANTIZATIONS),
+            self.quantization in (None, *QUANTIZATIONS, *QUANTIZATION_ALIASES),
             "quantization",
             self.quantization,
-            f"one of {list(QUANTIZATIONS)} or None",
+            f"one of {list(QUANTIZATIONS)} (or {list(QUANTIZATION_ALIASES)}) or None",
         )
         self.vera.validate()
         self.training.check()

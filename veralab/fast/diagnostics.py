@@ -1,4 +1,5 @@
-"""Measuring what an adapted model keeps and shares: saved activations, and the layers that share one h.
+"""Measuring what an adapted model keeps and shares: saved activations, the layers that share one h, and
+the bytes a (quantized) base's weights take.
 
 The benchmarks, the tests and notebook 09 check the cost model (docs/design.md) with these two measurements:
 
@@ -104,3 +105,25 @@ def layers_sharing_inputs(
         for handle in handles:
             handle.remove()
     return list(groups.values())
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, looking inside tensor subclasses (torchao's, quanto's) at the tensors they store
+    (codes, scales, zero points) rather than at the dense shape they stand for."""
+    if type(tensor) is not nn.Parameter and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers as stored, quantized codes and statistics included (HQQ
+    layers keep their scales and zero points in a `meta` dict; bitsandbytes' packed 4-bit codes are their
+    parameters' bytes, their block scales left out)."""
+    tensors = [p.data if isinstance(p, nn.Parameter) else p for p in model.parameters()]
+    tensors += list(model.buffers())
+    for module in model.modules():
+        meta = getattr(module, "meta", None)
+        if isinstance(meta, dict):
+            tensors += [value for value in meta.values() if isinstance(value, torch.Tensor)]
+    return sum(stored_bytes(t) for t in tensors)

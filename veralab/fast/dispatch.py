@@ -152,7 +152,7 @@ def plan_forward(
     in_features: int,
     out_features: int,
     r: int,
-    base_weight: torch.Tensor,
+    base_weight: torch.Tensor | None,
     base_is_plain_dense: bool,
     training: bool,
     extra_arguments: bool,
@@ -173,7 +173,8 @@ def plan_forward(
         in_features: the layer's input size.
         out_features: the layer's output size.
         r: the projections' rank.
-        base_weight: the base layer's weight (its dtype and requires_grad are read).
+        base_weight: the base layer's dense weight (its dtype and requires_grad are read); None for a base
+            without one (a quantized layer), which always runs in activation space.
         base_is_plain_dense: the base layer computes exactly `x W^T + b` with a dense W (not a quantized,
             subclassed or hooked layer), so one matmul with `W + ΔW` may replace its call.
         training: the layer is in training mode (dropout active).
@@ -192,12 +193,13 @@ def plan_forward(
     needs_grad = train or (torch.is_grad_enabled() and x.requires_grad)  # a backward runs through the layer
     tokens = x.numel() // in_features if tokens is None else tokens
     costs = path_costs(tokens, in_features, out_features, r, needs_grad)
+    dense = base_weight is not None and base_is_plain_dense
     path = choose_path(
         costs,
-        weight_dtype=base_weight.dtype,
+        weight_dtype=base_weight.dtype if base_weight is not None else x.dtype,
         input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
         dropout_active=False,
-        weight_space_supported=base_is_plain_dense
+        weight_space_supported=dense
         and not extra_arguments
         and not base_weight.requires_grad
         and (weight_space_with_grad or not needs_grad),

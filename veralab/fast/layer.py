@@ -15,6 +15,12 @@ forward:
   space over `base_forward`);
 - `VeraEmbedding` (`veralab.fast.embedding`): `torch.nn.Embedding`, as a map from one-hot inputs;
 - `VeraConv` (`veralab.fast.conv`): `torch.nn.Conv1d/2d/3d` with groups=1, the kernel as a matrix.
+
+Everything that touches the base weight goes through the weight seam (`get_base_weight`, `set_base_weight`,
+`requantization_bound`, `supports_merge`, `base_forward`, `base_device`). No merge is silent: a layer that
+cannot write a weight back refuses before anything changes (`MergeNotSupportedError`), and every write is
+read back; a base that kept its old weight where the adapter's delta exceeds the write's rounding raises
+`MergeNotWrittenError`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
 from veralab.fast.dispatch import AdapterFacts, ForwardPlan, lambdas_train, plan_forward
+from veralab.fast.errors import MergeNotSupportedError, MergeNotWrittenError
 from veralab.fast.functional import (
     activation_space_vera,
     mixed_batch_vera,
@@ -151,6 +158,8 @@ class VeraLayer(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    # Whether a merged weight can be written back into the base layer (forward-only bases say False).
+    supports_merge = True
 
     def __init__(
         self, base_layer: nn.Module, projections: SharedProjections, in_features: int, out_features: int
@@ -252,13 +261,14 @@ class VeraLayer(nn.Module):
 
     def base_compute_dtype(self) -> torch.dtype | None:
         """The floating dtype the base layer computes in (a quantized layer's compute dtype), or None."""
-        for dtype in (getattr(self.base_layer, "compute_dtype", None), self.base_layer.weight.dtype):
+        weight = getattr(self.base_layer, "weight", None)  # quantized layers (HQQ, AWQ) may have none
+        for dtype in (getattr(self.base_layer, "compute_dtype", None), getattr(weight, "dtype", None)):
             if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
                 return dtype
         return None
 
     def _base_device(self) -> torch.device:
-        return self.base_layer.weight.device
+        return self.base_device()
 
     # ------------------------------------------------------------------ the base weight seam
 
@@ -269,6 +279,27 @@ class VeraLayer(nn.Module):
     def set_base_weight(self, weight: torch.Tensor) -> None:
         """Write a dense (out, in) weight back into the base layer."""
         self.get_base_weight().copy_(weight)
+
+    def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on |stored - weight| after `set_base_weight(weight)`: the error a write adds.
+
+        Called after the write, so a quantized layer may read the quantization parameters it now holds. A
+        dense weight only rounds `weight` (float32) to its dtype: `u |weight|`, u its unit roundoff.
+
+        Args:
+            weight: the dense (out, in) float32 weight that was written.
+        """
+        return unit_roundoff(self.get_base_weight().dtype) * weight.abs()
+
+    def base_device(self) -> torch.device:
+        """The device the base layer's weight lives on."""
+        return self.base_layer.weight.device
+
+    def in_place_weights(self) -> list[torch.Tensor]:
+        """The tensors `set_base_weight` overwrites in place, which a model change copies first so that a
+        failed merge can be undone (`veralab.fast.rollback`). A layer whose write stores new tensors instead
+        (a requantized weight) returns none: undoing puts its module's old attributes back."""
+        return [self.base_layer.weight]
 
     # ------------------------------------------------------------------ merge
 
@@ -313,6 +344,8 @@ class VeraLayer(nn.Module):
         names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
         if not names:
             return
+        self.check_mergeable()
+        before = self.get_base_weight().float().clone()
         merged = self.merged_weight(names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
@@ -321,18 +354,45 @@ class VeraLayer(nn.Module):
                 "NaN/inf."
             )
         self.set_base_weight(merged)
+        self._check_written(before, merged, f"merging adapter(s) {names}")
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW (in float32, one rounding)."""
         if not self.merged_adapters:
             return
-        self.set_base_weight(self.merged_weight(list(reversed(self.merged_adapters)), sign=-1.0))
+        self.check_mergeable()
+        before = self.get_base_weight().float().clone()
+        unmerged = self.merged_weight(list(reversed(self.merged_adapters)), sign=-1.0)
+        self.set_base_weight(unmerged)
+        self._check_written(before, unmerged, f"unmerging adapter(s) {self.merged_adapters}")
         self.merged_adapters = []
+
+    def check_mergeable(self) -> None:
+        """Raise `MergeNotSupportedError` unless a merged weight can be written back into the base layer."""
+        if not self.supports_merge:
+            raise MergeNotSupportedError(
+                f"cannot merge into a {type(self.base_layer).__name__} layer: its quantized weight cannot be "
+                "written back, so nothing was merged. Keep the adapter unmerged (it runs exactly on top of "
+                "the quantized base), or load the unquantized base model and merge into that."
+            )
+
+    def _check_written(self, before: torch.Tensor, target: torch.Tensor, action: str) -> None:
+        """No silent merge: where the change asked for exceeds what the write may round away, the stored
+        weight must have changed (a base that ignores writes would otherwise drop the adapter unnoticed)."""
+        after = self.get_base_weight().float()
+        requested = (target.float() - before).abs() > self.requantization_bound(target.float())
+        if (requested & (after == before)).any():
+            raise MergeNotWrittenError(
+                f"{action}: the {type(self.base_layer).__name__} base layer kept its old weight where the "
+                "adapter changes it by more than the write can round away, so the adapter would have been "
+                "lost silently. This layer type does not accept written weights; keep the adapter unmerged."
+            )
 
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
 
     @property
     def weight(self) -> torch.Tensor:
@@ -531,7 +591,7 @@ class VeraLinear(VeraLayer):
                 in_features=self.in_features,
                 out_features=self.out_features,
                 r=self._pair_r(adapters),
-                base_weight=self.base_layer.weight,
+                base_weight=self.base_layer.weight if self.base_is_plain_dense() else None,
                 base_is_plain_dense=self.base_is_plain_dense() and index == 0,
                 training=self.training,
                 extra_arguments=extra_arguments,
@@ -626,6 +686,11 @@ def lambda_dtype(base_dtype: torch.dtype | None, autocast_adapter_dtype: bool = 
     if autocast_adapter_dtype and dtype in UPCAST_DTYPES:
         return torch.float32
     return dtype
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u: rounding a real number to `dtype` errs by at most u times its size (0 for integer dtypes)."""
+    return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
 
 
 def is_fan_in_fan_out(base_layer: nn.Module) -> bool:

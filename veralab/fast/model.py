@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -248,7 +249,10 @@ class VeraModel(nn.Module):
 
     @staticmethod
     def _target_device(targets: list[Target]) -> torch.device | None:
-        weight = getattr(targets[0].module, "weight", None)
+        module = targets[0].module
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):  # quantized layers may keep their weight under other names
+            weight = next(itertools.chain(module.parameters(), module.buffers()), None)
         if weight is None or weight.device.type == "meta":
             return None
         return weight.device
@@ -754,7 +758,8 @@ class VeraModel(nn.Module):
         for _, layer in list(self.vera_layers()):
             present = [n for n in names if n in layer.r]
             if present:
-                snapshot.keep_values(layer.base_layer.weight)
+                for tensor in layer.in_place_weights():
+                    snapshot.keep_values(tensor)
                 layer.merge(present)
 
     def unmerge_adapter(self) -> None:
@@ -768,7 +773,8 @@ class VeraModel(nn.Module):
     def _unmerge(self, snapshot: ModelSnapshot) -> None:
         for _, layer in list(self.vera_layers()):
             if layer.merged_adapters:
-                snapshot.keep_values(layer.base_layer.weight)
+                for tensor in layer.in_place_weights():
+                    snapshot.keep_values(tensor)
                 layer.unmerge()
 
     def merge_and_unload(

@@ -9,74 +9,46 @@ of `VeraLinear`:
 - `set_base_weight`: requantize with the layer's own scheme (8-bit: row-wise absmax int8, as bitsandbytes
   quantizes; 4-bit: the same quant type, block size, statistics compression and storage dtype), the layer's
   compute dtype untouched;
-- `adapter_dtype`: the adapter term is computed in the lambdas' dtype (float32) and cast back, as PEFT does,
-  whatever the (fp16 / bf16) activations;
+- `requantization_bound`: how far the stored weight may be from the one written (int8: half the row's step
+  rowmax / 127 after the fp16 cast; 4-bit: half the largest gap between code values times the block's scale);
+- `adapter_dtype` (from `QuantizedVeraLinear`): the adapter term is computed in the lambdas' dtype (float32)
+  and cast back, as PEFT does, whatever the (fp16 / bf16) activations;
 - 4-bit only: `base_forward` first makes sure the weight is in bitsandbytes' standard layout (the CPU
   repacking pitfall, see `keep_standard_layout`).
 
 Merge, unmerge and safe merge are `VeraLinear`'s, written once. Merging rounds: the merged weight is the
 requantized `W + ΔW`, so a merged model matches the unmerged one only within the quantization error.
 
-`veralab.fast.backends` consults this backend (`layer_class`, `prepare_model`) once bitsandbytes is imported;
-veralab works without bitsandbytes installed.
+`veralab.fast.backends` consults this backend (its protocol: `layer_class`, `layer_geometry`,
+`prepare_model`) once bitsandbytes is imported; veralab works without bitsandbytes installed.
 """
 
 from __future__ import annotations
 
-import warnings
+import copy
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from veralab.fast.layer import VeraLinear
+from veralab.fast.backends.kinds import LayerKind
+from veralab.fast.backends.quantized import U32, QuantizedVeraLinear
+from veralab.fast.layer import unit_roundoff
 from veralab.fast.projections import SharedProjections
+from veralab.targets import LayerGeometry, weight_shape
+
+NAME = "bitsandbytes"
+LIBRARY = "bitsandbytes"
+EXTRA = "bnb"
 
 
-class QuantizedVeraLinear(VeraLinear):
-    """What both quantized layers share: the adapter term in the lambdas' dtype, and a warning on merge.
+class BitsandbytesVeraLinear(QuantizedVeraLinear):
+    """What both bitsandbytes layers share (see `QuantizedVeraLinear`). Arguments as `QuantizedVeraLinear`."""
 
-    Args:
-        base_layer: the frozen bitsandbytes layer.
-        projections: the model's shared `vera_A` / `vera_B`.
-        fan_in_fan_out: must be False: bitsandbytes layers store their weight as (out, in).
-    """
-
-    def base_is_plain_dense(self) -> bool:
-        return False  # the quantized weight is no dense matrix a matmul could take with ΔW added
-
-    def __init__(
-        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
-    ) -> None:
-        if fan_in_fan_out:
-            raise ValueError(
-                f"fan_in_fan_out=True does not apply to {type(base_layer).__name__}: bitsandbytes layers "
-                "store their weight as (out, in) (transformers converts GPT-2's Conv1D when quantizing); "
-                "pass False"
-            )
-        super().__init__(base_layer, projections)
-
-    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
-        # The lambdas are float32; the base may run in fp16/bf16, the small adapter term should not.
-        return next(iter(self.vera_lambda_d.values())).dtype
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the adapters into the quantized weight: dequantize, add ΔW, requantize (see
-        `VeraLinear.merge`),
-        with a warning that this rounds."""
-        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
-        if names:
-            warnings.warn(
-                f"merging VeRA adapter(s) {names} into a {type(self.base_layer).__name__} layer requantizes "
-                "its weight: outputs differ from the unmerged model by up to the quantization error, and "
-                "unmerging rounds again (it does not restore the original weight bit for bit).",
-                UserWarning,
-                stacklevel=2,
-            )
-        super().merge(adapter_names, safe_merge=safe_merge)
+    library = "bitsandbytes"
 
 
-class Linear8bitLt(QuantizedVeraLinear):
+class Linear8bitLt(BitsandbytesVeraLinear):
     """VeRA over `bitsandbytes.nn.Linear8bitLt`.
 
     With `has_fp16_weights=False` (what transformers' `load_in_8bit=True` builds) the weight is int8 `CB`
@@ -105,11 +77,26 @@ class Linear8bitLt(QuantizedVeraLinear):
         else:
             CB, SCB, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
             base.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
-        # Forget the int8 weight cached in the matmul state (fp16-weight layers reuse it in eval mode).
+        # Forget the int8 weight cached in the matmul state (fp16-weight layers reuse it in eval mode), in a
+        # new state object: undoing a failed model change puts the old one back with the old weight.
+        base.state = copy.copy(base.state)
         base.state.reset_grads()
 
+    def in_place_weights(self) -> list[torch.Tensor]:
+        """fp16-weight layers write their dense weight in place; int8 ones store a new `Int8Params`."""
+        return [self.base_layer.weight] if self.base_layer.state.has_fp16_weights else []
 
-class Linear4bit(QuantizedVeraLinear):
+    def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """int8: the fp16 cast (u16 |W|), then rounding to multiples of the row's rowmax / 127 (half a step);
+        fp16-weight layers store the weight dense."""
+        if self.base_layer.state.has_fp16_weights:
+            return super().requantization_bound(weight)
+        u16 = unit_roundoff(torch.float16)
+        rowmax = weight.abs().amax(-1, keepdim=True) * (1 + u16)
+        return u16 * weight.abs() + rowmax / 254 + 4 * U32 * weight.abs()
+
+
+class Linear4bit(BitsandbytesVeraLinear):
     """VeRA over `bitsandbytes.nn.Linear4bit` (nf4 or fp4, with or without double quantization).
 
     The weight is packed two 4-bit codes a byte (shape (out*in/2, 1)); `in_features` / `out_features` give
@@ -149,6 +136,25 @@ class Linear4bit(QuantizedVeraLinear):
             module=base,
         ).to(old.device)  # quantizes here, and points base.quant_state at the new statistics
 
+    def requantization_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Each block of the flattened weight is scaled by its absmax s and rounded to the nearest code value:
+        |W - s c| <= s * (largest code gap) / 2. The layer dequantizes with its stored scale s' (s' != s under
+        double quantization), adding |s - s'|; and the weight is first cast to the layer's storage dtype."""
+        quant_state = self.base_layer.weight.quant_state
+        blocksize = quant_state.blocksize
+        stored = quant_state.absmax.float()
+        if quant_state.nested:
+            stored = bnb.functional.dequantize_blockwise(quant_state.absmax, quant_state.state2).float()
+            stored = stored + quant_state.offset
+        code = quant_state.code.float().sort().values
+        half_gap = (code[1:] - code[:-1]).max() / 2
+        flat = weight.to(quant_state.dtype).float().reshape(-1)
+        padded = nn.functional.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
+        true_scale = padded.abs().amax(-1)
+        per_block = true_scale * half_gap + (true_scale - stored.to(true_scale.device)).abs()
+        per_element = per_block.repeat_interleave(blocksize)[: flat.numel()].view_as(weight)
+        return per_element * (1 + 4 * U32) + unit_roundoff(quant_state.dtype) * weight.abs()
+
 
 def keep_standard_layout(layer: bnb.nn.Linear4bit) -> None:
     """Keep a 4-bit weight in bitsandbytes' standard layout, the one training and dequantizing need.
@@ -185,7 +191,7 @@ def keep_standard_layouts(model: nn.Module) -> None:
             keep_standard_layout(module)
 
 
-def layer_class(module: nn.Module) -> type[QuantizedVeraLinear] | None:
+def layer_class(module: nn.Module) -> type[BitsandbytesVeraLinear] | None:
     """The VeRA layer for a bitsandbytes `Linear8bitLt` / `Linear4bit`; None for any other module."""
     if isinstance(module, bnb.nn.Linear8bitLt):
         return Linear8bitLt
@@ -194,6 +200,53 @@ def layer_class(module: nn.Module) -> type[QuantizedVeraLinear] | None:
     return None
 
 
+def layer_geometry(module: nn.Module) -> LayerGeometry | None:
+    """The logical (out, in) of a bitsandbytes layer (a 4-bit weight is stored packed, two codes a byte)."""
+    if layer_class(module) is None:
+        return None
+    return LayerGeometry(*weight_shape(module), linear=True)
+
+
 def prepare_model(model: nn.Module) -> None:
     """Every 4-bit layer of a model being adapted in the standard layout (`keep_standard_layouts`)."""
     keep_standard_layouts(model)
+
+
+def quantized_copy(linear: nn.Linear, bits: int, quant_type: str = "nf4", has_fp16_weights: bool = False):
+    """A bitsandbytes copy of `linear`, quantized as it moves to the CPU (as transformers does).
+
+    Args:
+        linear: the float layer.
+        bits: 8 (`Linear8bitLt`) or 4 (`Linear4bit`, float32 compute dtype, no double quantization).
+        quant_type: "nf4" or "fp4" for 4 bits.
+        has_fp16_weights: 8 bits: keep the weight dense and quantize it in every forward.
+    """
+    bias = linear.bias is not None
+    if bits == 8:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=has_fp16_weights
+        )
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=torch.float32,
+            quant_type=quant_type,
+        )
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")
+
+
+def layer_kinds() -> list[LayerKind]:
+    """int8 (quantized and fp16-weight), nf4 and fp4."""
+    return [
+        LayerKind("bnb-int8", bnb.nn.Linear8bitLt, lambda linear: quantized_copy(linear, 8)),
+        LayerKind(
+            "bnb-int8-dense",
+            bnb.nn.Linear8bitLt,
+            lambda linear: quantized_copy(linear, 8, has_fp16_weights=True),
+        ),
+        LayerKind("bnb-nf4", bnb.nn.Linear4bit, lambda linear: quantized_copy(linear, 4, "nf4")),
+        LayerKind("bnb-fp4", bnb.nn.Linear4bit, lambda linear: quantized_copy(linear, 4, "fp4")),
+    ]
