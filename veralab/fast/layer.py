@@ -393,7 +393,6 @@ class VeraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight, as stored: models read it through the adapted layer (ViT reads its
