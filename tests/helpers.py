@@ -179,3 +179,25 @@ def assert_same_model_state(actual: dict, expected: dict) -> None:
         for now, before in zip(actual[kind], expected[kind], strict=True):
             assert torch.equal(now[1], before[1]), now[0]
             assert now[2:] == before[2:], f"{now[0]}: requires_grad"
+
+
+def lm_batch(device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A causal-LM training batch: 4 rows of 12 tokens, labels = inputs."""
+    ids = token_batch(batch=4, seq=12).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def eval_loss(model: torch.nn.Module, inputs) -> float:
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).loss.item()
+
+
+def train_lambdas(model: torch.nn.Module, inputs, steps: int = 8, lr: float = 5e-2) -> None:
+    """A few AdamW steps on whatever the model trains."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

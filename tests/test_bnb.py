@@ -20,7 +20,15 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from helpers import randomize_lambdas, tiny_gpt2, tiny_llama, tiny_opt, token_batch  # noqa: E402
+from helpers import (  # noqa: E402
+    eval_loss,
+    lm_batch,
+    randomize_lambdas,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+    train_lambdas,
+)
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from veralab import VeraConfig  # noqa: E402
@@ -736,38 +744,18 @@ def load_quantized(path, bits: str, device: str = "cpu", configs=QUANTIZATION_CO
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=configs[bits](), device_map=device)
 
 
-def batch(device: str = "cpu") -> dict[str, torch.Tensor]:
-    ids = token_batch(batch=4, seq=12).to(device)
-    return {"input_ids": ids, "labels": ids}
-
-
-def eval_loss(model: nn.Module, inputs) -> float:
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs).loss.item()
-
-
-def train(model: VeraModel, inputs, steps: int = 8, lr: float = 5e-2) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", QUANTIZATION_CONFIGS)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_quantized_transformers_model_trains_merges_and_saves(
     saved_models, architecture, bits, device, tmp_path
 ):
-    inputs = batch(device)
+    inputs = lm_batch(device)
     model = get_model(load_quantized(saved_models[architecture], bits, device), USER_VERA_CONFIGS[bits])
     expected = Linear8bitLt if bits == "8bit" else Linear4bit
     assert {type(layer) for _, layer in model.vera_layers()} == {expected}
     initial = eval_loss(model, inputs)  # an eval pass first: the 4-bit repacking must not break training
-    train(model, inputs)
+    train_lambdas(model, inputs)
     trained = eval_loss(model, inputs)
     assert trained < initial
 
@@ -820,7 +808,7 @@ def test_logits_match_peft_over_the_same_quantized_base(saved_models, bits):
         load_quantized(path, bits, configs=PEFT_COMPARABLE_CONFIGS), peft.VeraConfig(r=16)
     )
     theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items()}, strict=False)
-    inputs = {"input_ids": batch()["input_ids"]}
+    inputs = {"input_ids": lm_batch()["input_ids"]}
     # train mode (no dropout in this Llama): PEFT's bnb layers would hit the CPU repacking in eval
     ours.train(), theirs.train()
     with torch.no_grad():
@@ -860,9 +848,9 @@ def assert_loaded_as_trained(
 def test_adapter_trained_over_a_quantized_base_loads_onto_the_unquantized_and_the_quantized_base(
     saved_models, bits, tmp_path
 ):
-    inputs = batch()
+    inputs = lm_batch()
     model = get_model(load_quantized(saved_models["llama"], bits), VeraConfig(r=16))
-    train(model, inputs, steps=3)
+    train_lambdas(model, inputs, steps=3)
     model.save_pretrained(tmp_path)
     loaded = VeraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_models["llama"]), tmp_path)
     assert {type(layer) for _, layer in loaded.vera_layers()} == {VeraLinear}
@@ -875,9 +863,9 @@ def test_adapter_trained_over_a_quantized_base_loads_onto_the_unquantized_and_th
 
 @pytest.mark.parametrize("bits", QUANTIZATION_CONFIGS)
 def test_adapter_trained_over_the_unquantized_base_loads_onto_a_quantized_base(saved_models, bits, tmp_path):
-    inputs = batch()
+    inputs = lm_batch()
     model = get_model(AutoModelForCausalLM.from_pretrained(saved_models["llama"]), VeraConfig(r=16))
-    train(model, inputs, steps=3)
+    train_lambdas(model, inputs, steps=3)
     model.save_pretrained(tmp_path)
     loaded = VeraModel.from_pretrained(load_quantized(saved_models["llama"], bits), tmp_path)
     assert {type(layer) for _, layer in loaded.vera_layers()} == {

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama, tiny_opt, token_batch
+from helpers import eval_loss, lm_batch, tiny_gpt2, tiny_llama, tiny_opt, train_lambdas
 from torch import nn
 
 from veralab import VeraConfig
@@ -56,26 +56,6 @@ def saved_models(tmp_path_factory):
     return paths
 
 
-def batch() -> dict[str, torch.Tensor]:
-    ids = token_batch(batch=4, seq=12)
-    return {"input_ids": ids, "labels": ids}
-
-
-def eval_loss(model: nn.Module, inputs) -> float:
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs).loss.item()
-
-
-def train(model: VeraModel, inputs, steps: int = 8, lr: float = 5e-2) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def lambdas_of(model: VeraModel) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{kind}": getattr(layer, kind)["default"].detach().clone()
@@ -87,7 +67,7 @@ def lambdas_of(model: VeraModel) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("quantization", [backend_param(name) for name in BACKEND_LAYERS])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_quantized_model_trains_saves_reloads_and_merges(saved_models, architecture, quantization, tmp_path):
-    inputs = batch()
+    inputs = lm_batch()
     path = saved_models[architecture]
     model = get_model(load_model(path, quantization), VeraConfig(r=16))
     expected = BACKEND_LAYERS[quantization]
@@ -95,7 +75,7 @@ def test_quantized_model_trains_saves_reloads_and_merges(saved_models, architect
         expected = "VeraLinear"  # Conv1D stays float under transformers' torchao / quanto quantizers
     assert {type(layer).__name__ for _, layer in model.vera_layers()} == {expected}
     initial = eval_loss(model, inputs)
-    train(model, inputs)
+    train_lambdas(model, inputs)
     trained = eval_loss(model, inputs)
     assert trained < initial
 
@@ -134,11 +114,11 @@ def test_a_llama_over_gptq_or_awq_layers_trains_saves_reloads_and_refuses_mergin
             attention.v_proj = quantized_copy(attention.v_proj, method, group_size=16)
         return base
 
-    inputs = batch()
+    inputs = lm_batch()
     model = get_model(load(), VeraConfig(r=16))
     assert {type(layer).__name__ for _, layer in model.vera_layers()} == {"GptqLinear"}
     initial = eval_loss(model, inputs)
-    train(model, inputs)
+    train_lambdas(model, inputs)
     trained = eval_loss(model, inputs)
     assert trained < initial
     model.save_pretrained(tmp_path)
