@@ -664,7 +664,9 @@ def test_torchrun_two_processes_equal_one_process_on_the_same_global_batch(
     rank_logs = {rank: {s: _rank_log(logs, rank, s) for s in ("stdout", "stderr")} for rank in (0, 1)}
     assert "VeRA fine-tune summary" in rank_logs[0]["stdout"] and "training" in rank_logs[0]["stderr"]
     assert rank_logs[1]["stdout"] == ""
-    assert "training" not in rank_logs[1]["stderr"] and "veralab" not in rank_logs[1]["stderr"]
+    # Other libraries may warn on any rank (torchao's optional kernels); veralab's own lines may not.
+    rank_1_lines = rank_logs[1]["stderr"].splitlines()
+    assert not any(line.startswith("veralab") or "training" in line for line in rank_1_lines)
 
 
 def _rank_log(logs: Path, rank: int, stream: str) -> str:
