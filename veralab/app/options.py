@@ -89,6 +89,8 @@ class FinetuneOptions:
         training: steps, batch, learning rate, ...
         lora_r: the rank of the LoRA the summary compares with.
         progress: show progress bars and messages (rank 0 only).
+        fsdp: shard the base model over the processes with FSDP2 (`veralab.fast.fsdp`) instead of keeping a
+            whole copy on each; `accelerate launch` with an FSDP config turns it on as well.
     """
 
     model: str | None = None
@@ -102,3 +104,4 @@ class FinetuneOptions:
     training: TrainingOptions = field(default_factory=TrainingOptions)
     lora_r: int = 8
     progress: bool = True
+    fsdp: bool = False

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from veralab.config import VeraConfig
+from veralab.fast.dtensors import copy_full_into, is_sharded
 from veralab.fast.errors import AdapterLoadError
 from veralab.fast.fingerprint import (
     check_regenerated,
@@ -64,7 +65,8 @@ def load_adapter(
 
     A new `adapter_name` is added (inactive, like PEFT's `load_adapter`); an existing one has its weights
     replaced in place (so an optimizer holding them keeps working, as when a Trainer resumes). Everything is
-    validated before the model is touched: on error the model is exactly as before.
+    validated before the model is touched: on error the model is exactly as before. Into a model sharded over
+    processes (FSDP2) only an existing adapter can be loaded; each process keeps its own slice of the file.
 
     Args:
         model: the VeraModel.
@@ -73,6 +75,12 @@ def load_adapter(
         is_trainable: False freezes the adapter and puts the model in eval mode, as PEFT does.
     """
     existing = adapter_name in model.peft_config
+    if not existing and is_sharded(model):
+        raise ValueError(
+            f"adapter {adapter_name!r} is new, but this model is already sharded over processes (FSDP2) and "
+            "its shards cannot grow: add it before sharding (model.add_adapter(name, config), then "
+            "veralab.fast.fsdp.shard_model) and load its weights afterwards"
+        )
     if existing and adapter_name in model.merged_adapters:
         raise ValueError(
             f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
@@ -336,7 +344,8 @@ def _naming(path: Path) -> Iterator[None]:
 
 @torch.no_grad()
 def _copy_into(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -> None:
-    """Write the validated tensors into the model (cast to each target's dtype and device)."""
+    """Write the validated tensors into the model (cast to each target's dtype and device; a sharded
+    target keeps its own slice)."""
     targets = model_tensors(model)
     for key, slot in layout.items():
-        targets[slot.model_key].copy_(files.tensors[key])
+        copy_full_into(targets[slot.model_key], files.tensors[key])

@@ -24,6 +24,7 @@ from torch import nn
 from veralab.config import VeraConfig
 from veralab.fast import loading, lora_export, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
+from veralab.fast.dtensors import check_not_sharded, is_sharded
 from veralab.fast.layer import VeraLinear, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
@@ -424,6 +425,7 @@ class VeraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        check_not_sharded(self, "merge_adapter")
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(
@@ -550,7 +552,9 @@ class VeraModel(nn.Module):
         """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter.
 
         The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT;
-        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact.
+        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact. A
+        model sharded over processes (FSDP2, `veralab.fast.fsdp`) is gathered first: every process calls
+        this, and the file is byte for byte what one process holding the same lambdas writes.
 
         Args:
             save_directory: where to save.
@@ -563,8 +567,8 @@ class VeraModel(nn.Module):
                 "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors "
                 "only (PEFT reads them too). Drop the argument."
             )
-        if is_main_process:
-            saving.save_pretrained(self, save_directory, selected_adapters)
+        if is_main_process or is_sharded(self):  # gathering a sharded adapter takes every process
+            saving.save_pretrained(self, save_directory, selected_adapters, write=is_main_process)
 
     @classmethod
     def from_pretrained(

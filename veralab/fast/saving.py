@@ -2,7 +2,8 @@
 
 Files are written to a staging directory and renamed into place, so a failed save leaves the previous adapter
 intact. Only safetensors is written, never pickle. Projections left out of the file (`save_projection=False`)
-are fingerprinted in its metadata (`veralab.fast.fingerprint`).
+are fingerprinted in its metadata (`veralab.fast.fingerprint`). A model sharded over processes (FSDP2) has
+its adapter gathered first (`veralab.fast.dtensors.full_tensor`): every process takes part, one writes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import safetensors.torch
 import torch
 
 from veralab.config import VeraConfig
+from veralab.fast.dtensors import full_tensor
 from veralab.fast.fingerprint import (
     FINGERPRINT_KEY,
     projection_fingerprint,
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
 
 
 def save_pretrained(
-    model: VeraModel, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
+    model: VeraModel,
+    save_directory: str | os.PathLike,
+    selected_adapters: list[str] | None = None,
+    write: bool = True,
 ) -> None:
     """Save adapters in PEFT's layout, each adapter's files replaced atomically.
 
@@ -41,6 +46,8 @@ def save_pretrained(
         model: the VeraModel.
         save_directory: the directory; adapter "default" goes into it, others into `save_directory/<name>`.
         selected_adapters: adapters to save (default: all of them).
+        write: write the files. On a sharded model every process calls this (gathering the adapter is a
+            collective) and only the main one writes.
     """
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
@@ -49,10 +56,13 @@ def save_pretrained(
             f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}"
         )
     for name in names:
+        tensors = adapter_tensors(model, name)
+        if not write:
+            continue
         metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
         directory = adapter_directory(save_directory, name)
         files = {
-            WEIGHTS_NAME: safetensors.torch.save(adapter_tensors(model, name), metadata=metadata),
+            WEIGHTS_NAME: sorted_metadata(safetensors.torch.save(tensors, metadata=metadata)),
             # Replaced last: the config says which weights it goes with.
             CONFIG_NAME: config_json(config_for_file(model, model.peft_config[name])),
         }
@@ -67,13 +77,30 @@ def save_pretrained(
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`)."""
+    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`); whole tensors, gathered
+    from every process when the model is sharded (then every process must call this)."""
     sources = model_tensors(model)
     plan = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
     return {
-        key: sources[slot.model_key].detach().to("cpu").contiguous().clone()
+        key: full_tensor(sources[slot.model_key].detach()).to("cpu").contiguous().clone()
         for key, slot in adapter_layout(model, plan).items()
     }
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata keys in sorted order.
+
+    safetensors writes its metadata in hash order, which differs from process to process, so the same
+    tensors and metadata saved twice could differ in bytes. Sorted, a file depends on its contents alone: a
+    sharded model's save is byte for byte the single-process one.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned, as safetensors keeps it
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def config_for_file(model: VeraModel, config: VeraConfig) -> dict:
