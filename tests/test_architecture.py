@@ -265,7 +265,8 @@ def test_veralab_fast_exports_the_public_api_only():
     import veralab.fast
 
     assert sorted(veralab.fast.__all__) == sorted([
-        "get_model", "VeraModel", "VeraLinear", "AdapterLoadError", "ProjectionMismatchError", "BASE_ROW",
+        "get_model", "VeraModel", "VeraLayer", "VeraLinear", "VeraEmbedding", "VeraConv",
+        "AdapterLoadError", "ProjectionMismatchError", "BASE_ROW",
         "VeraTrainer", "VeraTrainerMixin",
     ])  # fmt: skip
     assert all(getattr(veralab.fast, name) is not None for name in veralab.fast.__all__)

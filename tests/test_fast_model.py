@@ -91,7 +91,9 @@ def test_target_matching_nothing_names_it():
         )
 
 
-@pytest.mark.parametrize("target, kind", [("embed_tokens", "Embedding"), ("input_layernorm", "LlamaRMSNorm")])
+@pytest.mark.parametrize(
+    "target, kind", [("rotary_emb", "LlamaRotaryEmbedding"), ("input_layernorm", "LlamaRMSNorm")]
+)
 def test_unsupported_target_type_names_it(target, kind):
     with pytest.raises(ValueError, match=rf"{target}.* is a {kind}, which VeRA cannot adapt"):
         get_model(tiny_llama(), VeraConfig(r=4, target_modules=[target]))

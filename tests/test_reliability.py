@@ -58,11 +58,11 @@ MODEL_FAULTS = [
         r"\['nope'\] match no module",
     ),
     fault(
-        "target that is an Embedding",
+        "target that is a rotary position embedding (no weight)",
         "ValueError naming the module and its type",
-        lambda m: m.add_adapter("x", quiet_config(target_modules=["embed_tokens"])),
+        lambda m: m.add_adapter("x", quiet_config(target_modules=["rotary_emb"])),
         ValueError,
-        "is a Embedding, which VeRA cannot adapt",
+        "is a LlamaRotaryEmbedding, which VeRA cannot adapt",
     ),
     fault(
         "target that is a norm layer",
@@ -253,12 +253,14 @@ def test_safe_merge_with_nan_lambdas_changes_nothing():
     "module, target, kind",
     [
         pytest.param(
-            nn.Sequential(nn.Conv2d(3, 4, 3)),
+            nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)),
             "0",
             "Conv2d",
-            id="conv2d",
+            id="grouped-conv2d",
             marks=pytest.mark.fault(
-                "model", "target that is a Conv2d", "ValueError naming the module and its type"
+                "model",
+                "target that is a grouped Conv2d (groups > 1)",
+                "ValueError naming the module, its type and why groups are refused",
             ),
         ),
         pytest.param(
@@ -274,7 +276,7 @@ def test_safe_merge_with_nan_lambdas_changes_nothing():
 )
 def test_unsupported_layers_on_plain_modules(module, target, kind):
     state = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"target '{target}' is a {kind}, which VeRA cannot adapt"):
+    with pytest.raises(ValueError, match=rf"target '{target}' is a {kind}, which VeRA cannot adapt: \w+"):
         get_model(module, VeraConfig(r=2, target_modules=[target]))
     assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
     assert all(type(m).__module__.startswith("torch") for m in module.modules())  # nothing was replaced

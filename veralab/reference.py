@@ -17,7 +17,8 @@ into the random subspace. Code works on batches of row vectors x (..., in), as P
 PyTorch's (out, in) shape, so the same layer reads y = x W0^T + b + λ_b ⊙ ((λ_d ⊙ (x A_s^T)) B_s^T).
 
 The file reads top to bottom in the paper's order. Sections §1 to §5 are the concept notebooks 01 to 05, one
-for one; §6 assembles them into a layer:
+for one; §6 assembles them into a layer; §7 and §8 carry the same mechanism to the layers the paper leaves
+out, embedding tables and convolutions (notebook 10):
 
     §1 what VeRA trains: the parameter count of one layer     notebook 01_why_vera
     §2 the shared random projections                          notebook 02_shared_random_projections
@@ -25,6 +26,8 @@ for one; §6 assembles them into a layer:
     §4 lambda scaling: the forward pass                       notebook 04_lambda_scaling_forward
     §5 merging the adapter into the weight, and back          notebook 05_merge_and_unmerge
     §6 the layer: SharedProjections and VeraLinear            used by notebooks 04 and 05
+    §7 beyond linear layers: embeddings (VeraEmbedding)       notebook 10_beyond_linear_layers
+    §8 beyond linear layers: convolutions (VeraConv)          notebook 10_beyond_linear_layers
 
 Each section's mathematics is in the docstring of its first function. Everything is plain PyTorch in float32
 on purpose: this is the ground truth `veralab.fast` is tested against, so it favours clarity over speed. It
@@ -436,4 +439,302 @@ class VeraLinear(nn.Module):
             self.vera_lambda_d,
             self.vera_lambda_b,
             dropout=self.vera_dropout,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# §7 Beyond linear layers: embeddings (notebook 10)
+# ---------------------------------------------------------------------------------------------------
+
+
+def embedding_forward(
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    r"""The adapted lookup y = E[id] + λ_b ⊙ ((λ_d ⊙ A_s[:, id]) B_s^T), one step at a time.
+
+    §7 Embeddings (notebook 10). A lookup in a table E (num_embeddings, dim) is a linear map of one-hot
+    inputs: y = onehot(id) E = W onehot(id) with W = E^T, of shape (out, in) = (dim, num_embeddings). VeRA
+    adapts it as any linear layer (§4), with
+
+        A_s = vera_A[:, :num_embeddings]      (r, num)      in  = num_embeddings
+        B_s = vera_B[:dim, :]                 (dim, r)      out = embedding_dim
+
+    and since the input is one-hot, projecting it is a lookup, never a matmul:
+
+        h   = onehot(id) A_s^T = A_s[:, id]   (..., r)     column `id` of A_s, gathered
+        y   = E[id] + λ_b ⊙ ((λ_d ⊙ h) B_s^T) (..., dim)
+
+    so the adapted table E + ΔW^T (ΔW = Λ_b B_s Λ_d A_s, §5) is never built. The padding row stays fixed, as
+    nn.Embedding keeps it: h = 0 where id == padding_idx, which is the same as zeroing A_s's padding column.
+
+    Args:
+        ids: the token ids, (...,) integers.
+        table: the frozen E, (num_embeddings, embedding_dim).
+        vera_A: the shared (r, max_in) projection; max_in >= num_embeddings.
+        vera_B: the shared (max_out, r) projection; max_out >= embedding_dim.
+        lambda_d: λ_d, (r,).
+        lambda_b: λ_b, (embedding_dim,).
+        padding_idx: the row that stays fixed, or None.
+    """
+    num_embeddings, dim = table.shape  # E: (num, dim) = W^T
+    A_s, B_s = slice_projections(vera_A, vera_B, num_embeddings, dim)
+    A_s = embedding_projection(A_s, padding_idx)  # (r, num), the padding column zeroed
+    h = A_s.T[ids]  # (..., r): one column of A_s per id, gathered
+    u = (lambda_d * h) @ B_s.T  # (..., dim)
+    return table[ids] + lambda_b * u
+
+
+def check_embedding(embedding: nn.Embedding) -> None:
+    """Refuse an embedding no adapter term can follow: one with `max_norm` re-normalises the looked-up rows of
+    its table in place on every lookup."""
+    if embedding.max_norm is not None:
+        raise ValueError(
+            f"nn.Embedding({embedding.num_embeddings}, {embedding.embedding_dim}, "
+            f"max_norm={embedding.max_norm}) re-normalises looked-up rows of its table in place on every "
+            "lookup, which no adapter term can follow; VeRA adapts embeddings without max_norm (build it "
+            "with max_norm=None)"
+        )
+
+
+def embedding_projection(A_s: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """A_s (r, num_embeddings) with the padding column zeroed (a copy), or A_s itself without padding."""
+    if padding_idx is None:
+        return A_s
+    A_s = A_s.clone()
+    A_s[:, padding_idx] = 0.0  # the padding row of the table gets no adapter term
+    return A_s
+
+
+def embedding_delta_table(
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    num_embeddings: int,
+    embedding_dim: int,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """ΔW^T, (num_embeddings, embedding_dim): what merging adds to the table (zero in the padding row)."""
+    A_s, B_s = slice_projections(vera_A, vera_B, num_embeddings, embedding_dim)
+    A_s = embedding_projection(A_s, padding_idx)
+    return ((lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)).T  # ((dim, r) @ (r, num))^T
+
+
+class VeraEmbedding(nn.Module):
+    """A frozen nn.Embedding adapted with VeRA (single adapter, float32, for reading and testing).
+
+    Args:
+        base_layer: the nn.Embedding to adapt; its table is frozen (`check_embedding` refuses `max_norm`).
+        projections: the model's `SharedProjections`, sized for in = num_embeddings, out = embedding_dim.
+        d_initial: initial value of every λ_d entry.
+        init_weights: True gives λ_b = 0 (the table starts unchanged); False draws random λ_b and λ_d.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        projections: SharedProjections,
+        *,
+        d_initial: float = 0.1,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        check_embedding(base_layer)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.projections = projections
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        slice_projections(projections.vera_A, projections.vera_B, self.in_features, self.out_features)
+        self.vera_lambda_d, self.vera_lambda_b = _initial_lambdas(
+            projections.vera_A.shape[0], self.out_features, d_initial, init_weights
+        )
+        self.merged = False
+
+    def merge(self) -> None:
+        """Add ΔW^T to the table; lookups then cost exactly the base embedding."""
+        self._add_delta(+1.0)
+
+    def unmerge(self) -> None:
+        """Subtract ΔW^T again."""
+        self._add_delta(-1.0)
+
+    def _add_delta(self, sign: float) -> None:
+        if self.merged == (sign > 0):
+            raise RuntimeError(f"VeraEmbedding is {'already' if self.merged else 'not'} merged")
+        table = self.base_layer.weight
+        delta = embedding_delta_table(
+            self.projections.vera_A,
+            self.projections.vera_B,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            self.in_features,
+            self.out_features,
+            self.base_layer.padding_idx,
+        )
+        with torch.no_grad():
+            table.add_(sign * delta)
+        self.merged = sign > 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[id] + λ_b ⊙ ((λ_d ⊙ A_s[:, id]) B_s^T), or E'[id] of the merged table.
+
+        Args:
+            ids: token ids, (...,).
+        """
+        if self.merged:
+            return self.base_layer(ids)
+        return embedding_forward(
+            ids,
+            self.base_layer.weight,
+            self.projections.vera_A,
+            self.projections.vera_B,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            self.base_layer.padding_idx,
+        )
+
+
+def _initial_lambdas(r: int, out_features: int, d_initial: float, init_weights: bool) -> tuple:
+    """λ_d = d_initial and λ_b = 0 (the adapter starts as the identity), or random ones for tests."""
+    if init_weights:
+        return nn.Parameter(torch.full((r,), float(d_initial))), nn.Parameter(torch.zeros(out_features))
+    return nn.Parameter(torch.randn(r)), nn.Parameter(torch.randn(out_features))
+
+
+# ---------------------------------------------------------------------------------------------------
+# §8 Beyond linear layers: convolutions (notebook 10)
+# ---------------------------------------------------------------------------------------------------
+
+
+def conv_matrix_shape(conv: nn.modules.conv._ConvNd) -> tuple[int, int]:
+    r"""(out, in): a convolution's kernel seen as a matrix, (out_channels, in_channels · ∏ kernel_size).
+
+    §8 Convolutions (notebook 10). A convolution with groups=1 applies at every output position the same
+    linear map to the patch of input it sees: its kernel W (out, in, *k) is the matrix (out, in · ∏k) acting
+    on the flattened patch. VeRA adapts that matrix (§4):
+
+        A_s = vera_A[:, :in·∏k]  reshaped (r, in, *k)       a convolution with r output channels
+        B_s = vera_B[:out, :]    reshaped (out, r, 1, ...)  a 1 x 1 convolution
+        h   = conv(x, A_s)                    (N, r, *positions)    the layer's stride, padding, dilation
+        y   = conv(x, W) + b + λ_b ⊙ conv1x1(λ_d ⊙ h, B_s)          (N, out, *positions)
+
+    Convolution is linear in its kernel, so this equals conv(x, W + ΔW) with ΔW = Λ_b B_s Λ_d A_s (§5)
+    reshaped to (out, in, *k): merging adds that kernel. Grouped convolutions (groups > 1) apply several
+    maps, one per group, and are not a single matrix: they are refused.
+    """
+    if conv.groups != 1:
+        raise ValueError(
+            f"{type(conv).__name__} with groups={conv.groups} applies {conv.groups} separate kernels; VeRA "
+            "adapts convolutions with groups=1 only (adapt the pointwise layers of a depthwise-separable "
+            "block instead)"
+        )
+    return conv.out_channels, conv.in_channels * math.prod(conv.kernel_size)
+
+
+def conv_forward(
+    x: torch.Tensor,
+    conv: nn.modules.conv._ConvNd,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+) -> torch.Tensor:
+    """The adapted convolution conv(x, W) + b + λ_b ⊙ conv1x1(λ_d ⊙ conv(x, A_s), B_s), (N, out, *positions).
+
+    Args:
+        x: the input, (N, in, *spatial).
+        conv: the frozen Conv1d / Conv2d / Conv3d (its kernel, bias, stride, padding and dilation).
+        vera_A: the shared (r, max_in) projection; max_in >= in · ∏k.
+        vera_B: the shared (max_out, r) projection.
+        lambda_d: λ_d, (r,).
+        lambda_b: λ_b, (out,).
+    """
+    out_features, in_features = conv_matrix_shape(conv)
+    A_s, B_s = slice_projections(vera_A, vera_B, in_features, out_features)
+    kernel_A = A_s.reshape(A_s.shape[0], conv.in_channels, *conv.kernel_size)  # (r, in, *k)
+    # The layer's own convolution (stride, padding, padding mode, dilation) with another kernel.
+    h = conv._conv_forward(x, kernel_A, None)  # (N, r, *positions)
+    positions = (1,) * (h.dim() - 2)
+    h_d = lambda_d.view(1, -1, *positions) * h  # (N, r, *positions)
+    u = torch.einsum("nr...,or->no...", h_d, B_s)  # the 1 x 1 convolution: (N, out, *positions)
+    return conv(x) + lambda_b.view(1, -1, *positions) * u
+
+
+def conv_delta_kernel(conv: nn.modules.conv._ConvNd, vera_A, vera_B, lambda_d, lambda_b) -> torch.Tensor:
+    """ΔW reshaped to the kernel's shape (out, in, *k): what merging adds to the kernel."""
+    out_features, in_features = conv_matrix_shape(conv)
+    delta = delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)  # (out, in·∏k)
+    return delta.reshape(conv.weight.shape)
+
+
+class VeraConv(nn.Module):
+    """A frozen Conv1d / Conv2d / Conv3d (groups=1) adapted with VeRA (single adapter, float32).
+
+    Args:
+        base_layer: the convolution to adapt; its kernel and bias are frozen.
+        projections: the model's `SharedProjections`, sized for in = in_channels · ∏k, out = out_channels.
+        d_initial: initial value of every λ_d entry.
+        init_weights: True gives λ_b = 0 (the layer starts as the base layer); False draws random lambdas.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.modules.conv._ConvNd,
+        projections: SharedProjections,
+        *,
+        d_initial: float = 0.1,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = conv_matrix_shape(base_layer)  # refuses groups > 1
+        self.base_layer = base_layer.requires_grad_(False)
+        self.projections = projections
+        slice_projections(projections.vera_A, projections.vera_B, self.in_features, self.out_features)
+        self.vera_lambda_d, self.vera_lambda_b = _initial_lambdas(
+            projections.vera_A.shape[0], self.out_features, d_initial, init_weights
+        )
+        self.merged = False
+
+    def merge(self) -> None:
+        """Add the ΔW kernel; the layer then costs exactly the base convolution."""
+        self._add_delta(+1.0)
+
+    def unmerge(self) -> None:
+        """Subtract the ΔW kernel again."""
+        self._add_delta(-1.0)
+
+    def _add_delta(self, sign: float) -> None:
+        if self.merged == (sign > 0):
+            raise RuntimeError(f"VeraConv is {'already' if self.merged else 'not'} merged")
+        delta = conv_delta_kernel(
+            self.base_layer,
+            self.projections.vera_A,
+            self.projections.vera_B,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+        )
+        with torch.no_grad():
+            self.base_layer.weight.add_(sign * delta)
+        self.merged = sign > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv(x, W) + b + λ_b ⊙ conv1x1(λ_d ⊙ conv(x, A_s), B_s), or the merged convolution.
+
+        Args:
+            x: the input, (N, in_channels, *spatial).
+        """
+        if self.merged:
+            return self.base_layer(x)
+        return conv_forward(
+            x,
+            self.base_layer,
+            self.projections.vera_A,
+            self.projections.vera_B,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
         )

@@ -29,8 +29,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from veralab.config import VeraConfig
+from veralab.reference import check_embedding, conv_matrix_shape
 
 ALL_LINEAR = "all-linear"
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # PEFT's VeRA defaults (its LoRA mapping with phi on q_proj/v_proj only), plus ViT, which PEFT lacks.
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
@@ -110,10 +112,33 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def layer_geometry(module: nn.Module) -> LayerGeometry | None:
-    """The geometry of the layers VeRA adapts (nn.Linear and its subclasses, transformers' Conv1D); None for
-    any other module. `veralab.fast` extends it with the quantized layers it supports."""
+    """The geometry of the layers VeRA adapts; None for any other module (`unadaptable_reason` says why).
+
+    nn.Linear (and its subclasses) and transformers' Conv1D are linear; nn.Embedding is the map of one-hot
+    inputs (in = num_embeddings, out = embedding_dim, `veralab.reference` §7); nn.Conv1d/2d/3d with groups=1
+    have their kernel as the matrix (out_channels, in_channels · ∏k) (§8). `veralab.fast` extends this with
+    the quantized layers it supports.
+    """
     if isinstance(module, (nn.Linear, Conv1D)):
         return LayerGeometry(*weight_shape(module), linear=True)
+    if unadaptable_reason(module) is not None:
+        return None
+    if isinstance(module, nn.Embedding):
+        return LayerGeometry(module.embedding_dim, module.num_embeddings, linear=False)
+    if isinstance(module, CONV_TYPES):
+        return LayerGeometry(*conv_matrix_shape(module), linear=False)
+    return None
+
+
+def unadaptable_reason(module: nn.Module) -> str | None:
+    """Why VeRA cannot adapt a module of an adaptable type (None when it can, or when its type is not one)."""
+    try:
+        if isinstance(module, nn.Embedding):
+            check_embedding(module)
+        elif isinstance(module, CONV_TYPES):
+            conv_matrix_shape(module)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -158,11 +183,15 @@ def select_targets(
             continue
         if layer is None:
             raise ValueError(
-                f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: only nn.Linear, "
-                "transformers Conv1D and quantized linear layers are supported. Remove it from "
-                "target_modules (or name its linear sub-layers instead)."
+                f"target {name!r} is a {type(module).__name__}, which VeRA cannot adapt: "
+                + (
+                    unadaptable_reason(module)
+                    or "VeRA adapts nn.Linear, transformers Conv1D, quantized linear layers, nn.Embedding "
+                    "and nn.Conv1d/2d/3d. Remove it from target_modules (or name its sub-layers instead)."
+                )
             )
         selected.append(Target(name, module, layer.out_features, layer.in_features))
+    _check_no_tied_embeddings(model, selected)
     if not all_linear and config.target_modules is not None:  # defaults name several architectures' layers
         _check_every_entry_matched(model, targets, matched_entries, geometry)
     if not selected:
@@ -310,6 +339,25 @@ def _check_every_entry_matched(
         f"{type(model).__name__}; module names look like {examples}. Fix the names (a list entry must equal "
         "a module's name or its last dotted parts; a string is a full-name regex)."
     )
+
+
+def _check_no_tied_embeddings(model: nn.Module, selected: list[Target]) -> None:
+    """Refuse an embedding whose table another module shares (tied input and output embeddings): the adapter
+    term changes the lookup only, while merging would change the other module too."""
+    for target in (t for t in selected if isinstance(t.module, nn.Embedding)):
+        table = target.module.weight
+        sharing = [
+            name
+            for name, module in named_layers(model)
+            if module is not target.module and any(p is table for p in module.parameters(recurse=False))
+        ]
+        if sharing:
+            raise ValueError(
+                f"target {target.name!r} is an nn.Embedding whose table is also the weight of {sharing} "
+                "(tied input and output embeddings): its VeRA term would change the lookups only, while "
+                "merging would change both. Untie them first (e.g. tie_word_embeddings=False in the model's "
+                "config, then give the output layer its own copy of the weight), or target other layers."
+            )
 
 
 def _all_linear_exclusions(model: nn.Module, config: VeraConfig) -> tuple[str, ...]:

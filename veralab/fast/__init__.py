@@ -12,8 +12,10 @@ These names are the public API. The modules under veralab.fast are documented to
 `veralab.fast.diagnostics`, ...); import their other names from the module that defines them.
 """
 
+from veralab.fast.conv import VeraConv
+from veralab.fast.embedding import VeraEmbedding
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
-from veralab.fast.layer import VeraLinear
+from veralab.fast.layer import VeraLayer, VeraLinear
 from veralab.fast.model import VeraModel, get_model
 from veralab.fast.rows import BASE_ROW
 
@@ -21,6 +23,9 @@ __all__ = [
     "BASE_ROW",
     "AdapterLoadError",
     "ProjectionMismatchError",
+    "VeraConv",
+    "VeraEmbedding",
+    "VeraLayer",
     "VeraLinear",
     "VeraModel",
     "VeraTrainer",

@@ -156,6 +156,8 @@ def plan_forward(
     base_is_plain_dense: bool,
     training: bool,
     extra_arguments: bool,
+    tokens: int | None = None,
+    weight_space_with_grad: bool = True,
 ) -> ForwardPlan:
     """The plan of one call: weight space where exact and cheaper by `path_costs`, activation space otherwise.
 
@@ -176,6 +178,10 @@ def plan_forward(
             subclassed or hooked layer), so one matmul with `W + ΔW` may replace its call.
         training: the layer is in training mode (dropout active).
         extra_arguments: the base layer is called with more than x (only its own forward can honor them).
+        tokens: the rows the layer's matrix multiplies (default: x.numel() // in_features; a convolution's
+            is its batch times its output positions).
+        weight_space_with_grad: weight space may run when a backward follows (False: only without grad, for
+            layer types with no weight-space autograd Function).
     """
     own_dropout = tuple(adapter.name for adapter in adapters if training and adapter.dropout > 0)
     reading_x = [adapter for adapter in adapters if adapter.name not in own_dropout]
@@ -184,13 +190,17 @@ def plan_forward(
     names = tuple(adapter.name for adapter in reading_x)
     train = lambdas_train(t for adapter in reading_x for t in adapter.lambdas)
     needs_grad = train or (torch.is_grad_enabled() and x.requires_grad)  # a backward runs through the layer
-    costs = path_costs(x.numel() // in_features, in_features, out_features, r, needs_grad)
+    tokens = x.numel() // in_features if tokens is None else tokens
+    costs = path_costs(tokens, in_features, out_features, r, needs_grad)
     path = choose_path(
         costs,
         weight_dtype=base_weight.dtype,
         input_dtype=autocast_dtype(x.device.type) or x.dtype,  # the dtype x's matmuls run in
         dropout_active=False,
-        weight_space_supported=base_is_plain_dense and not extra_arguments and not base_weight.requires_grad,
+        weight_space_supported=base_is_plain_dense
+        and not extra_arguments
+        and not base_weight.requires_grad
+        and (weight_space_with_grad or not needs_grad),
     )
     if path == WEIGHT_SPACE:
         return ForwardPlan(weight_space=names, own_dropout=own_dropout, lambdas_train=train)

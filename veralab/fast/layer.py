@@ -1,14 +1,18 @@
-"""VeRA layers over `torch.nn.Linear` and transformers' GPT-2 `Conv1D`.
+"""VeRA layers: the adapter bookkeeping every layer type shares, and the layer over linear bases.
 
-`VeraLinear` wraps a frozen base layer and holds, per adapter, the trained vectors `vera_lambda_d[name]`
+`VeraLayer` wraps a frozen base layer and holds, per adapter, the trained vectors `vera_lambda_d[name]`
 (r) and `vera_lambda_b[name]` (out) in `nn.ParameterDict`s, as PEFT does, so state-dict keys match PEFT's.
-The shared projections are referenced through one `SharedProjections` object per model.
+The shared projections are referenced through one `SharedProjections` object per model. Every layer type
+sees its base weight as a dense (out, in) matrix through two methods, `get_base_weight` and
+`set_base_weight`, so merge, unmerge and safe merge are written once; the layer types differ in their
+forward:
 
-Everything that touches the base weight goes through two methods, `get_base_weight` and
-`set_base_weight`; the bitsandbytes layers (`veralab.fast.backends.bnb`) override only those two (and the
-base forward's quirks), so merge, unmerge and safe merge are written once. Their base is no plain dense
-matmul (`base_is_plain_dense`), so the plan of every forward (`veralab.fast.dispatch`) keeps them in
-activation space over `base_forward`.
+- `VeraLinear` (here): `torch.nn.Linear` and transformers' GPT-2 `Conv1D`; the quantized linear layers of
+  `veralab.fast.backends` subclass it and override the weight seam (their base is no plain dense matmul,
+  `base_is_plain_dense`, so the plan of every forward, `veralab.fast.dispatch`, keeps them in activation
+  space over `base_forward`);
+- `VeraEmbedding` (`veralab.fast.embedding`): `torch.nn.Embedding`, as a map from one-hot inputs;
+- `VeraConv` (`veralab.fast.conv`): `torch.nn.Conv1d/2d/3d` with groups=1, the kernel as a matrix.
 """
 
 from __future__ import annotations
@@ -123,30 +127,27 @@ class LambdaForms:
         return torch.zeros(size, dtype=x.dtype, device=x.device)
 
 
-class VeraLinear(nn.Module):
-    """VeRA over a frozen linear-like layer (`nn.Linear`, or `Conv1D` with `fan_in_fan_out=True`).
+class VeraLayer(nn.Module):
+    """What every VeRA layer shares: per-adapter lambdas and dropout, activation, merging, mixed batches.
 
-    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, returned in the dtype of `x`,
-    computed exactly on one of two paths (`veralab.fast.functional`), chosen call by call by `plan`
-    (`veralab.fast.dispatch`): in weight space as one matmul with `W + ΔW` (float32/float64 plain dense bases,
-    no dropout, enough tokens), otherwise in activation space over `base_forward`. Either way only
-    `h = x A_s^T` is kept for the backward, once for all the layers reading the same x.
+    Subclasses give the base weight as a dense (out, in) matrix (`get_base_weight`, `set_base_weight`) and
+    compute the adapters' terms in `adapted_forward` (and `mixed_batch_forward` for one adapter per row).
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
         projections: the model's shared `vera_A` / `vera_B`.
-        fan_in_fan_out: the base weight is stored as (in, out), as in `Conv1D`.
+        in_features: the columns of the base weight seen as a matrix.
+        out_features: its rows (λ_b has one entry per row).
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
 
     def __init__(
-        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
+        self, base_layer: nn.Module, projections: SharedProjections, in_features: int, out_features: int
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = weight_shape(base_layer)
+        self.in_features, self.out_features = in_features, out_features
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
@@ -198,9 +199,8 @@ class VeraLinear(nn.Module):
     # ------------------------------------------------------------------ the base weight seam
 
     def get_base_weight(self) -> torch.Tensor:
-        """The base weight as a dense (out, in) tensor (a view for nn.Linear / Conv1D)."""
-        weight = self.base_layer.weight.data
-        return weight.T if self.fan_in_fan_out else weight
+        """The base weight as a dense (out, in) tensor (a view of the layer's own weight where it can be)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to read its base weight")
 
     def set_base_weight(self, weight: torch.Tensor) -> None:
         """Write a dense (out, in) weight back into the base layer."""
@@ -208,19 +208,24 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------ merge
 
+    def lora_factors(self, adapter_name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter as two factors, (λ_d ⊙ A_s) (r, in) and (λ_b ⊙ B_s) (out, r), float32, on `device`.
+
+        Their product is ΔW; they are LoRA's A and B for the same function (with LoRA's scaling 1).
+        """
+        lambda_d = self.vera_lambda_d[adapter_name].detach().to(device, torch.float32)
+        lambda_b = self.vera_lambda_b[adapter_name].detach().to(device, torch.float32)
+        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, torch.float32, device)
+        return lambda_d[:, None] * A_s, lambda_b[:, None] * B_s  # (r, in), (out, r)
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW = (λ_b B_s)(λ_d A_s) of one adapter, (out, in), in float32 on the base weight's device.
 
         float32 whatever the base dtype: the delta is small next to W and would lose its low bits if
         built in bf16/fp16 before the single rounding of the merge.
         """
-        lambda_d = self.vera_lambda_d[adapter_name].detach().float()
-        lambda_b = self.vera_lambda_b[adapter_name].detach().float()
-        A_s, B_s = self._projections.sliced(
-            self.in_features, self.out_features, torch.float32, lambda_d.device
-        )
-        delta = (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, r) @ (r, in)
-        return delta.to(self._base_device())
+        scaled_A, scaled_B = self.lora_factors(adapter_name, self.vera_lambda_d[adapter_name].device)
+        return (scaled_B @ scaled_A).to(self._base_device())  # (out, r) @ (r, in)
 
     def merged_weight(self, adapter_names: list[str], sign: float = 1.0) -> torch.Tensor:
         """The dense (out, in) weight after adding (sign=1) or subtracting (sign=-1) the adapters' ΔW.
@@ -280,6 +285,121 @@ class VeraLinear(nn.Module):
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
 
+    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adapter term is computed in: the input's (quantized layers use the lambdas')."""
+        return x.dtype
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`base(x)` plus every active, unmerged adapter's term (one adapter per row in a mixed batch)."""
+        if self.disable_adapters:
+            return self.output(self.base_forward(x, *args, **kwargs), x)
+        if self.row_adapters is not None:
+            return self.output(self.mixed_batch_forward(x, *args, **kwargs), x)
+        return self.output(self.adapted_forward(x, *args, **kwargs), x)
+
+    def output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output in the input's dtype (the base may compute in another, e.g. 4-bit layers)."""
+        return result.to(x.dtype)
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`base(x)` plus the terms of the active, unmerged adapters."""
+        raise NotImplementedError
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`base(x)` plus, for every row of the batch, the term of that row's adapter (`row_adapters`)."""
+        raise NotImplementedError
+
+    def _adapter_facts(self) -> list[AdapterFacts]:
+        """The active, unmerged adapters, as the plan of a forward reads them."""
+        return [
+            AdapterFacts(
+                name, self._dropout_probability(name), (self.vera_lambda_d[name], self.vera_lambda_b[name])
+            )
+            for name in self.active_adapters
+            if name not in self.merged_adapters
+        ]
+
+    def _dropout_probability(self, adapter_name: str) -> float:
+        dropout = self.vera_dropout[adapter_name]
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+    def _stacked_lambdas(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, r) λ_d and (K, out) λ_b of the adapters `names`, differentiable back to each parameter."""
+        return (
+            torch.stack([self.vera_lambda_d[n] for n in names]),
+            torch.stack([self.vera_lambda_b[n] for n in names]),
+        )
+
+    def _lambda_parameters(self, names: list[str] | tuple[str, ...]) -> list[nn.Parameter]:
+        """The λ_d and then the λ_b parameters of the adapters `names`."""
+        return [*(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
+
+    @staticmethod
+    def _lambda_compute_dtype(lambda_d: torch.Tensor) -> torch.dtype:
+        # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
+        return torch.promote_types(lambda_d.dtype, torch.float32)
+
+    def _row_lambdas(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's (batch, r) λ_d and (batch, out) λ_b, in x's dtype (zeros where a row uses none here)."""
+        rows = self.row_adapters
+        if rows.index.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; give "
+                "exactly one adapter name per row"
+            )
+        lambda_d_table, lambda_b_table = self._lambda_forms.row_tables(
+            rows.names,
+            self.vera_lambda_d,
+            self.vera_lambda_b,
+            r=self._projections.r,
+            out_features=self.out_features,
+            x=x,
+        )
+        index = rows.index.to(x.device)
+        return lambda_d_table[index], lambda_b_table[index]
+
+    def _row_keep_probabilities(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's (batch,) keep probability under its adapter's dropout; None when no dropout applies."""
+        rows = self.row_adapters
+        probabilities = [
+            self._dropout_probability(name) if name in self.vera_dropout else 0.0 for name in rows.names
+        ]
+        if not self.training or not any(probabilities):
+            return None
+        return 1.0 - torch.tensor(probabilities, dtype=x.dtype, device=x.device)[rows.index.to(x.device)]
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
+
+class VeraLinear(VeraLayer):
+    """VeRA over a frozen linear-like layer (`nn.Linear`, or `Conv1D` with `fan_in_fan_out=True`).
+
+    Forward: `base(x) + Σ_active λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T)`, returned in the dtype of `x`,
+    computed exactly on one of two paths (`veralab.fast.functional`), chosen call by call by `plan`
+    (`veralab.fast.dispatch`): in weight space as one matmul with `W + ΔW` (float32/float64 plain dense bases,
+    no dropout, enough tokens), otherwise in activation space over `base_forward`. Either way only
+    `h = x A_s^T` is kept for the backward, once for all the layers reading the same x.
+
+    Args:
+        base_layer: the layer to adapt; it stays frozen.
+        projections: the model's shared `vera_A` / `vera_B`.
+        fan_in_fan_out: the base weight is stored as (in, out), as in `Conv1D`.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, projections: SharedProjections, fan_in_fan_out: bool = False
+    ) -> None:
+        out_features, in_features = weight_shape(base_layer)
+        super().__init__(base_layer, projections, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense (out, in) tensor (a view for nn.Linear / Conv1D)."""
+        weight = self.base_layer.weight.data
+        return weight.T if self.fan_in_fan_out else weight
+
     def base_is_plain_dense(self) -> bool:
         """Whether the base layer computes exactly `x W^T + b` with the dense W of `get_base_weight()`.
 
@@ -292,20 +412,9 @@ class VeraLinear(nn.Module):
             base._forward_hooks or base._forward_pre_hooks
         )
 
-    def adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the adapter term is computed in: the input's (quantized layers use the lambdas')."""
-        return x.dtype
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """`base(x)` plus every active, unmerged adapter's term, computed as `plan` decides."""
-        if self.disable_adapters:
-            result = self.base_forward(x, *args, **kwargs)
-        elif self.row_adapters is not None:
-            result = self._mixed_batch_forward(x, *args, **kwargs)
-        else:
-            plan = self.plan(x, extra_arguments=bool(args or kwargs))
-            result = self._run(plan, x, *args, **kwargs)
-        return result.to(x.dtype)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`base(x)` plus the active adapters' terms, computed as `plan` decides."""
+        return self._run(self.plan(x, extra_arguments=bool(args or kwargs)), x, *args, **kwargs)
 
     def plan(self, x: torch.Tensor, extra_arguments: bool = False) -> ForwardPlan:
         """How `forward` computes the active, unmerged adapters' terms for input `x` (see `plan_forward`).
@@ -314,16 +423,9 @@ class VeraLinear(nn.Module):
             x: the input, (..., in).
             extra_arguments: the base layer is called with more than x (only its own forward can honor them).
         """
-        adapters = [
-            AdapterFacts(
-                name, self._dropout_probability(name), (self.vera_lambda_d[name], self.vera_lambda_b[name])
-            )
-            for name in self.active_adapters
-            if name not in self.merged_adapters
-        ]
         return plan_forward(
             x,
-            adapters,
+            self._adapter_facts(),
             in_features=self.in_features,
             out_features=self.out_features,
             r=self._projections.r,
@@ -345,10 +447,6 @@ class VeraLinear(nn.Module):
             dropped = self.vera_dropout[name](x.to(self.adapter_dtype(x)))
             result = self._activation_space_forward(result, dropped, (name,))
         return result
-
-    def _dropout_probability(self, adapter_name: str) -> float:
-        dropout = self.vera_dropout[adapter_name]
-        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def _weight_space_forward(self, x: torch.Tensor, names: tuple[str, ...], with_h: bool) -> torch.Tensor:
         weight = self.get_base_weight()
@@ -372,66 +470,21 @@ class VeraLinear(nn.Module):
         S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, dtype)
         return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
-    def _stacked_lambdas(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, r) λ_d and (K, out) λ_b of the adapters `names`, differentiable back to each parameter."""
-        return (
-            torch.stack([self.vera_lambda_d[n] for n in names]),
-            torch.stack([self.vera_lambda_b[n] for n in names]),
-        )
-
-    def _lambda_parameters(self, names: list[str] | tuple[str, ...]) -> list[nn.Parameter]:
-        """The λ_d and then the λ_b parameters of the adapters `names`."""
-        return [*(self.vera_lambda_d[n] for n in names), *(self.vera_lambda_b[n] for n in names)]
-
-    @staticmethod
-    def _lambda_compute_dtype(lambda_d: torch.Tensor) -> torch.dtype:
-        # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
-        return torch.promote_types(lambda_d.dtype, torch.float32)
-
-    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
-        rows = self.row_adapters
-        if rows.index.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; give "
-                "exactly one adapter name per row"
-            )
         result = self.base_forward(x, *args, **kwargs)
         x_adapter = x.to(self.adapter_dtype(x))
-        lambda_d_table, lambda_b_table = self._lambda_forms.row_tables(
-            rows.names,
-            self.vera_lambda_d,
-            self.vera_lambda_b,
-            r=self._projections.r,
-            out_features=self.out_features,
-            x=x_adapter,
-        )
-        index = rows.index.to(x.device)
+        lambda_d_rows, lambda_b_rows = self._row_lambdas(x_adapter)
         A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
-        adapter_input = self._dropout_rows(x_adapter, rows)
-        if torch.is_grad_enabled() and adapter_input.requires_grad:
-            h = F.linear(adapter_input, A_s)  # the input gradient flows through this h
+        keep = self._row_keep_probabilities(x_adapter)
+        if keep is not None:  # dropout with each row's own adapter probability
+            keep = keep.view(-1, *([1] * (x.dim() - 1)))  # (batch, 1, ..., 1)
+            x_adapter = x_adapter * torch.bernoulli(keep.expand_as(x_adapter)) / keep
+        if torch.is_grad_enabled() and x_adapter.requires_grad:
+            h = F.linear(x_adapter, A_s)  # the input gradient flows through this h
         else:
-            h = self._projections.hidden(adapter_input, A_s)
-        return mixed_batch_vera(result, h, B_s, lambda_d_table[index], lambda_b_table[index])
-
-    def _dropout_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
-        """Dropout with each row's own adapter probability (identity in eval or when every p is 0)."""
-        probabilities = [
-            self._dropout_probability(name) if name in self.vera_dropout else 0.0 for name in rows.names
-        ]
-        if not self.training or not any(probabilities):
-            return x
-        keep = (
-            1.0 - torch.tensor(probabilities, dtype=x.dtype, device=x.device)[rows.index.to(x.device)]
-        )  # (batch,)
-        keep = keep.view(-1, *([1] * (x.dim() - 1)))
-        mask = torch.bernoulli(keep.expand_as(x))
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        adapters = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+            h = self._projections.hidden(x_adapter, A_s)
+        return mixed_batch_vera(result, h, B_s, lambda_d_rows, lambda_b_rows)
 
 
 def is_fan_in_fan_out(base_layer: nn.Module) -> bool:

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 import torch
 
+from veralab.fast.conv import VeraConv
+from veralab.fast.embedding import VeraEmbedding
+from veralab.fast.layer import VeraLayer
 from veralab.fast.layout import CONFIG_NAME, DEFAULT_ADAPTER, PEFT_PREFIX, WEIGHTS_NAME
 from veralab.fast.saving import adapter_tensors, base_model_name, config_json, write_files_atomically
 from veralab.targets import name_matches_entry, named_modules
@@ -45,17 +48,8 @@ def save_as_lora(
     }
     layers = [(path, layer) for path, layer in model.vera_layers() if adapter_name in layer.r]
     for path, layer in layers:
-        lambda_d = layer.vera_lambda_d[adapter_name].detach().to("cpu", torch.float32)
-        lambda_b = layer.vera_lambda_b[adapter_name].detach().to("cpu", torch.float32)
-        A_s, B_s = model.projections.sliced(
-            layer.in_features, layer.out_features, torch.float32, torch.device("cpu")
-        )
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_A.weight"] = (
-            lambda_d[:, None] * A_s
-        ).contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}model.{path}.lora_B.weight"] = (
-            lambda_b[:, None] * B_s
-        ).contiguous()  # (out, r)
+        for key, tensor in lora_tensors(layer, adapter_name).items():
+            tensors[f"{PEFT_PREFIX}model.{path}.{key}"] = tensor
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -65,7 +59,7 @@ def save_as_lora(
         "lora_dropout": config.vera_dropout,
         "target_modules": _lora_target_modules(model, [path for path, _ in layers]),
         "bias": LORA_BIAS[config.bias],
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
         "modules_to_save": config.modules_to_save,
         "use_rslora": False,
         "use_dora": False,
@@ -79,6 +73,21 @@ def save_as_lora(
             CONFIG_NAME: config_json(lora_config),
         },
     )
+
+
+def lora_tensors(layer: VeraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT LoRA's tensors for one layer, by key suffix, in the shapes PEFT's LoRA layer of that type holds:
+    `lora_A.weight` (r, in) and `lora_B.weight` (out, r) for linear layers, the same as (r, in, *k) and
+    (out, r, 1, ...) kernels for convolutions, `lora_embedding_A` (r, num) and `lora_embedding_B` (dim, r)
+    for embeddings."""
+    lora_A, lora_B = (t.contiguous() for t in layer.lora_factors(adapter_name, torch.device("cpu")))
+    if isinstance(layer, VeraEmbedding):
+        return {"lora_embedding_A": lora_A, "lora_embedding_B": lora_B}
+    if isinstance(layer, VeraConv):
+        kernel = layer.base_layer.kernel_size
+        lora_A = lora_A.view(lora_A.shape[0], layer.base_layer.in_channels, *kernel)
+        lora_B = lora_B.view(*lora_B.shape, *(1,) * len(kernel))
+    return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
 
 
 def _lora_target_modules(model: VeraModel, adapted: list[str]) -> list[str]:

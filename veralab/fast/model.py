@@ -25,7 +25,7 @@ from veralab.config import VeraConfig
 from veralab.fast import loading, lora_export, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
 from veralab.fast.dtensors import check_not_sharded, is_sharded
-from veralab.fast.layer import VeraLinear, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
+from veralab.fast.layer import VeraLayer, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
 from veralab.fast.rows import BASE_ROW, RowAdapters
@@ -251,7 +251,7 @@ class VeraModel(nn.Module):
 
     def _inject(self, target: Target, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool) -> None:
         layer = self.model.get_submodule(target.name)
-        if not isinstance(layer, VeraLinear):
+        if not isinstance(layer, VeraLayer):
             layer_cls = vera_layer_class(target.module)
             layer = layer_cls(
                 target.module, self.projections, fan_in_fan_out=is_fan_in_fan_out(target.module)
@@ -284,9 +284,9 @@ class VeraModel(nn.Module):
         """The active adapter's name (a list when several are active at once)."""
         return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
 
-    def vera_layers(self) -> Iterator[tuple[str, VeraLinear]]:
+    def vera_layers(self) -> Iterator[tuple[str, VeraLayer]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, VeraLinear):
+            if isinstance(module, VeraLayer):
                 yield name, module
 
     def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:

@@ -1,7 +1,8 @@
 """Which VeRA layer adapts a base layer: plain dense layers here, quantized layers by their backend.
 
 `vera_layer_class(module)` is the one place that decides. Plain `nn.Linear` and transformers' `Conv1D` get
-`VeraLinear`; a quantized layer gets the class of the backend that knows its library. A backend is a module
+`VeraLinear`, `nn.Embedding` `VeraEmbedding`, `nn.Conv1d/2d/3d` `VeraConv`; a quantized layer gets the
+class of the backend that knows its library. A backend is a module
 of this package exposing two functions:
 
 - `layer_class(module)`: the VeRA layer class for `module`, or None when the module is not one of its layers;
@@ -23,8 +24,10 @@ from types import ModuleType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from veralab.fast.layer import VeraLinear
-from veralab.targets import LayerGeometry
+from veralab.fast.conv import VeraConv
+from veralab.fast.embedding import VeraEmbedding
+from veralab.fast.layer import VeraLayer, VeraLinear
+from veralab.targets import CONV_TYPES, LayerGeometry, unadaptable_reason
 from veralab.targets import layer_geometry as plain_layer_geometry
 
 # (library the layers come from, the veralab module that adapts them). Quantized layers are matched before
@@ -39,7 +42,7 @@ def loaded_backends() -> Iterator[ModuleType]:
             yield importlib.import_module(module)
 
 
-def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:
+def vera_layer_class(module: nn.Module) -> type[VeraLayer] | None:
     """The VeRA layer class that adapts `module`, or None when VeRA cannot adapt it."""
     for backend in loaded_backends():
         layer_class = backend.layer_class(module)
@@ -47,6 +50,10 @@ def vera_layer_class(module: nn.Module) -> type[VeraLinear] | None:
             return layer_class
     if isinstance(module, (nn.Linear, Conv1D)):
         return VeraLinear
+    if isinstance(module, nn.Embedding) and unadaptable_reason(module) is None:
+        return VeraEmbedding
+    if isinstance(module, CONV_TYPES) and unadaptable_reason(module) is None:
+        return VeraConv
     return None
 
 
