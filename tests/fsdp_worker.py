@@ -1,10 +1,15 @@
-"""FSDP2 scenarios on several CPU processes, run by tests/test_fsdp.py under torchrun; results go to files.
+"""FSDP2 scenarios on several CPU processes, run by tests/test_fsdp.py; results go to files.
 
-    torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py WORKDIR
+    accelerate launch --config_file fsdp2.yaml tests/fsdp_worker.py WORKDIR
 
-A torchrun launch costs 15-30 s of start-up on a small machine, so one launch runs every scenario and the
-tests read what it wrote. WORKDIR/spec.json (written by the test) names the base checkpoints, the adapters
-to start from, the training data and settings; each scenario writes under WORKDIR/out/<scenario>/:
+A launch costs 15-30 s of start-up on a small machine, so one launch runs every scenario and the tests read
+what it wrote. `accelerate launch` runs torchrun's own launcher (torch.distributed.run) and adds its settings
+to the environment as ACCELERATE_* / FSDP_* variables: the library scenarios ignore them, and the `cli`
+scenario runs `veralab finetune` once as under plain torchrun (those variables removed, `--fsdp` given) and
+once as under accelerate (no flag: the config alone asks for FSDP2).
+
+WORKDIR/spec.json (written by the test) names the base checkpoints, the adapters to start from, the training
+data and settings; each scenario writes under WORKDIR/out/<scenario>/:
 
 - `float32`: a float32 base built on the meta device, sharded, materialised from its checkpoint (each rank
   reports what it read and holds); two adapters loaded into it; saved straight back (`loaded/`); a
@@ -13,20 +18,27 @@ to start from, the training data and settings; each scenario writes under WORKDI
 - `resume`: train two steps, save the training state (`checkpoint/`), two more (`continuous/`); a fresh
   sharded model loads the checkpoint and takes the same two steps (`resumed/`).
 - `bfloat16`: a bf16 base with float32 lambdas, three steps of plain SGD (`trained/`).
+- `cli`: `veralab finetune` (spec["cli_args"]) in both ways (`torchrun/`, `accelerate/`): each writes its
+  output in `output/`, what each rank printed (file descriptors 1 and 2) in `rank<N>.stdout|stderr`, and the
+  names of the files each rank opened for writing under `output/` in `rank<N>.writes.json`.
 
 Every rank writes `rank<N>.json` (what it measured) and rank-suffixed tensors where ranks must agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from veralab.app.cli import main as veralab_main
 from veralab.app.data import collate, read_jsonl, tokenize
 from veralab.app.distributed import Cluster
 from veralab.app.options import TrainingOptions
@@ -187,7 +199,90 @@ def resume_scenario(spec: dict, cluster: Cluster, out: Path):
     model.save_pretrained(out / "resumed", is_main_process=cluster.is_main)
 
 
-SCENARIOS = {"float32": float32_scenario, "resume": resume_scenario, "bfloat16": bfloat16_scenario}
+class WriteAudit:
+    """The names of the files this process opens for writing (or renames into place) under a directory."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def __init__(self) -> None:
+        self.directory: str | None = None
+        self.writes: list[str] = []
+        sys.addaudithook(self._audit)  # hooks stay for the life of the process: `watch` switches it on
+
+    @contextlib.contextmanager
+    def watch(self, directory: Path) -> Iterator[list[str]]:
+        self.directory, self.writes = os.path.abspath(directory), []
+        try:
+            yield self.writes
+        finally:
+            self.directory = None
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if self.directory is None:
+            return
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in mode for c in "wax+") or flags & self.WRITE_FLAGS:
+                self._record(os.fsdecode(args[0]))
+        elif event in ("os.rename", "os.replace"):
+            self._record(os.fsdecode(args[1]))
+
+    def _record(self, path: str) -> None:
+        if os.path.abspath(path).startswith(self.directory):
+            self.writes.append(os.path.basename(path))
+
+
+@contextlib.contextmanager
+def printed_to(stdout: Path, stderr: Path) -> Iterator[None]:
+    """Everything this process writes to file descriptors 1 and 2 (Python's and libraries'), into files."""
+    saved = []
+    with stdout.open("w") as out, stderr.open("w") as err:
+        for stream, target in ((sys.stdout, out), (sys.stderr, err)):
+            stream.flush()
+            saved.append(os.dup(stream.fileno()))
+            os.dup2(target.fileno(), stream.fileno())
+        try:
+            yield
+        finally:
+            for stream, fd in zip((sys.stdout, sys.stderr), saved, strict=True):
+                stream.flush()
+                os.dup2(fd, stream.fileno())
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def plain_torchrun_environment() -> Iterator[None]:
+    """The environment plain torchrun gives: accelerate's ACCELERATE_* / FSDP_* settings removed."""
+    removed = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(("ACCELERATE_", "FSDP_"))}
+    try:
+        yield
+    finally:
+        os.environ.update(removed)
+
+
+AUDIT = WriteAudit()
+
+
+def cli_scenario(spec: dict, cluster: Cluster, out: Path):
+    """`veralab finetune` under torchrun with `--fsdp`, then under accelerate's FSDP2 config (no flag)."""
+    runs = {"torchrun": (plain_torchrun_environment, ["--fsdp"]), "accelerate": (contextlib.nullcontext, [])}
+    for name, (environment, flags) in runs.items():
+        run = out / name
+        run.mkdir(exist_ok=True)
+        argv = [*spec["cli_args"], "--output", str(run / "output"), *flags]
+        with environment(), AUDIT.watch(run / "output") as writes:
+            with printed_to(run / f"rank{cluster.rank}.stdout", run / f"rank{cluster.rank}.stderr"):
+                status = veralab_main(argv)
+        (run / f"rank{cluster.rank}.writes.json").write_text(json.dumps({"status": status, "writes": writes}))
+        cluster.barrier()
+
+
+SCENARIOS = {
+    "float32": float32_scenario,
+    "resume": resume_scenario,
+    "bfloat16": bfloat16_scenario,
+    "cli": cli_scenario,
+}
 
 
 def main(workdir: Path) -> None:

@@ -1,15 +1,21 @@
-"""VeRA under FSDP2 on two CPU processes (gloo) equals one process; meta-device start-up; sharded files.
+"""VeRA under FSDP2 on two CPU processes (gloo) equals one process; meta-device start-up; sharded files; the
+`veralab finetune` command sharded under torchrun and under `accelerate launch`.
 
-One torchrun launch (`fsdp_worker.py`) runs every two-process scenario and writes its results; the tests
-here compute the single-process references and compare. What needs no second process (reading a checkpoint
-into a model built on the meta device, resuming, accelerate's settings, refusals) is tested in-process.
+One launch (`fsdp_worker.py`, started by `accelerate launch` with the FSDP2 config file docs/scaling.md shows)
+runs every two-process scenario and writes its results; the tests here compute the single-process references
+and compare. What needs no second process (reading a checkpoint into a model built on the meta device,
+resuming, accelerate's settings, refusals) is tested in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +28,11 @@ from safetensors import safe_open
 from tiny_pretrained import save_tiny_causal_lm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from veralab.app.cli import main
 from veralab.app.data import alarm_task, collate, read_jsonl, tokenize, write_jsonl
-from veralab.app.options import TrainingOptions
+from veralab.app.distributed import Cluster, ShardingRequest, sharding_request
+from veralab.app.finetune import check_sharding
+from veralab.app.options import FinetuneOptions, TrainingOptions
 from veralab.app.train import answer_token_loss_sum, train
 from veralab.config import VeraConfig
 from veralab.fast import VeraModel, get_model
@@ -40,6 +49,22 @@ BATCHES = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # the 
 SGD_LEARNING_RATE = 1.0
 ADAPTER_NAMES = ["default", "other", "__base__", "default"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCALING_PAGE = REPO / "docs" / "scaling.md"
+CLI_RUNS = ["torchrun", "accelerate"]
+OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "loss_curve.png", "summary.json"}
+CLI_STEPS, CLI_LEARNING_RATE = 3, 0.5  # as tests/test_cli.py: three steps that change greedy answers
+
+
+def accelerate_config() -> str:
+    """The accelerate FSDP2 config file docs/scaling.md shows (its only yaml block)."""
+    (config,) = re.findall(r"```yaml\n(.*?)```", SCALING_PAGE.read_text(encoding="utf-8"), flags=re.S)
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def vera_config(save_projection: bool) -> VeraConfig:
@@ -73,7 +98,9 @@ def workdir(tmp_path_factory) -> Path:
     bfloat16 = work / "base-bfloat16"
     AutoModelForCausalLM.from_pretrained(float32).to(torch.bfloat16).save_pretrained(bfloat16)
     AutoTokenizer.from_pretrained(float32).save_pretrained(bfloat16)
-    write_jsonl(alarm_task(train_size=32, held_out_size=4, seed=1).train, work / "train.jsonl")
+    task = alarm_task(train_size=32, held_out_size=4, seed=1)
+    write_jsonl(task.train, work / "train.jsonl")
+    write_jsonl(task.held_out, work / "held_out.jsonl")
     both = ["default", "other"]
     spec = {
         "checkpoints": {str(torch.float32): str(float32), str(torch.bfloat16): str(bfloat16)},
@@ -89,20 +116,32 @@ def workdir(tmp_path_factory) -> Path:
         "adapter_names": ADAPTER_NAMES,
         "batches": BATCHES,
         "sgd_learning_rate": SGD_LEARNING_RATE,
+        "cli_args": cli_args(float32, work),
     }
     (work / "spec.json").write_text(json.dumps(spec))
+    (work / "fsdp2.yaml").write_text(accelerate_config())
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1",
     )
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(work / "fsdp2.yaml"),
+        "--num_processes", str(WORLD_SIZE), "--main_process_port", str(free_port()),
         str(REPO / "tests" / "fsdp_worker.py"), str(work),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert completed.returncode == 0, completed.stderr[-5000:]
     return work
+
+
+def cli_args(model_dir: Path, work: Path) -> list[str]:
+    """`veralab finetune` on the float32 checkpoint, as tests/test_cli.py runs it (--output added later)."""
+    return [
+        "finetune", "--model", str(model_dir), "--data", str(work / "train.jsonl"),
+        "--eval-data", str(work / "held_out.jsonl"), "--steps", str(CLI_STEPS), "--batch-size", "4",
+        "--lr", str(CLI_LEARNING_RATE), "--rank", "16", "--targets", ",".join(TARGETS),
+    ]  # fmt: skip
 
 
 def spec_of(work: Path) -> dict:
@@ -389,3 +428,118 @@ def test_a_sharded_checkpoint_resumes_in_one_process(workdir):
     two_processes = adapter_file(out / "continuous")
     for key, tensor in resumed.items():
         assert (tensor - two_processes[key]).abs().max() <= FLOAT32_TOLERANCE, key
+
+
+# ---------------------------------------------------------------------------------------------------
+# `veralab finetune` sharded: under torchrun with --fsdp, under accelerate launch with an FSDP2 config
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process_run(workdir) -> Path:
+    """The same `veralab finetune` in this one process: what DistributedDataParallel is tested against."""
+    output = workdir / "one-process"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*spec_of(workdir)["cli_args"], "--output", str(output)]) == 0
+    return output
+
+
+@pytest.mark.parametrize("run", CLI_RUNS)
+def test_sharded_finetune_gives_the_one_process_adapter_and_summary(workdir, one_process_run, run):
+    """As for DistributedDataParallel (test_cli.py): the lambdas within float32 summation order after Adam's
+    steps, the same losses, answers and counts, the same files."""
+    output = workdir / "out" / "cli" / run / "output"
+    assert {p.name for p in output.iterdir()} == OUTPUT_FILES
+    single, sharded = adapter_file(one_process_run), adapter_file(output)
+    assert single.keys() == sharded.keys()
+    tolerance = CLI_STEPS * CLI_LEARNING_RATE * 1e4 * EPS32
+    for key in single:
+        assert (single[key] - sharded[key]).abs().max() <= tolerance, key
+    assert max(single[k].abs().max() for k in single if k.endswith("vera_lambda_b")) > 100 * tolerance
+    config = "adapter_config.json"
+    assert (output / config).read_bytes() == (one_process_run / config).read_bytes()
+
+    summary = json.loads((output / "summary.json").read_text())
+    expected = json.loads((one_process_run / "summary.json").read_text())
+    assert summary["processes"] == WORLD_SIZE and expected["processes"] == 1
+    assert summary["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+    timings = {"processes", "losses", "train_seconds", "tokens_per_second", "total_seconds"}
+    assert {k: v for k, v in summary.items() if k not in timings} == {
+        k: v for k, v in expected.items() if k not in timings
+    }
+
+
+@pytest.mark.parametrize("run", CLI_RUNS)
+def test_only_rank_0_of_a_sharded_finetune_prints_and_writes(workdir, run):
+    directory = workdir / "out" / "cli" / run
+    ranks = [json.loads((directory / f"rank{r}.writes.json").read_text()) for r in range(WORLD_SIZE)]
+    printed = [
+        {stream: (directory / f"rank{r}.{stream}").read_text() for stream in ("stdout", "stderr")}
+        for r in range(WORLD_SIZE)
+    ]
+    assert [rank["status"] for rank in ranks] == [0, 0]
+    assert OUTPUT_FILES <= set(ranks[0]["writes"]) and ranks[1]["writes"] == []
+    assert "VeRA fine-tune summary" in printed[0]["stdout"] and "training" in printed[0]["stderr"]
+    assert "sharded over the processes" in printed[0]["stderr"] + printed[0]["stdout"]
+    assert printed[1]["stdout"] == ""
+    assert "training" not in printed[1]["stderr"] and "veralab" not in printed[1]["stderr"]
+
+
+# accelerate launch puts its config into the environment; these are the variables it writes for the keys.
+ACCELERATE_FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ", "expected"),
+    [
+        (False, {}, None),
+        (True, {}, ShardingRequest()),
+        (False, ACCELERATE_FSDP2, ShardingRequest(source="accelerate config")),
+        (
+            False,
+            {**ACCELERATE_FSDP2, "FSDP_RESHARD_AFTER_FORWARD": "false"},
+            ShardingRequest(reshard_after_forward=False, source="accelerate config"),
+        ),
+        (False, {"ACCELERATE_USE_FSDP": "false"}, None),
+    ],
+)
+def test_fsdp_is_asked_for_by_the_flag_or_an_accelerate_fsdp2_config(flag, environ, expected):
+    assert sharding_request(flag, environ) == expected
+
+
+@pytest.mark.fault(
+    "cli", "an accelerate FSDP config veralab cannot honour", "ValueError naming the config key and the fix"
+)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"FSDP_VERSION": "1"}, "fsdp_version: 1; veralab shards with FSDP2, set fsdp_version: 2"),
+        ({"FSDP_VERSION": None}, "pip install 'accelerate>=1.6' and set fsdp_version: 2"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing: true"),
+        ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "mixed_precision: bf16"),
+        ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy: SIZE_BASED_WRAP"),
+        ({"FSDP_RESHARD_AFTER_FORWARD": "maybe"}, "fsdp_reshard_after_forward: maybe"),
+    ],
+)
+def test_an_accelerate_setting_veralab_cannot_honour_is_refused_with_its_key(setting, message):
+    environ = {k: v for k, v in {**ACCELERATE_FSDP2, **setting}.items() if v is not None}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sharding_request(False, environ)
+
+
+@pytest.mark.fault("cli", "`--fsdp` in one process (no torchrun)", "one clear line: how to start several")
+def test_fsdp_in_one_process_is_one_clear_line(workdir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main([*spec_of(workdir)["cli_args"], "--output", str(output), "--fsdp", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--fsdp shards the base model over several processes, but this is the only one" in err
+    assert "torchrun --nproc_per_node N" in err
+    assert not output.exists()
+
+
+@pytest.mark.fault("cli", "`--fsdp` with `--load-in-4bit`", "ValueError saying the two cannot be combined")
+def test_fsdp_over_a_quantized_base_is_refused():
+    with pytest.raises(ValueError, match=re.escape("--fsdp and --load-in-4bit cannot be combined")):
+        check_sharding(ShardingRequest(), FinetuneOptions(quantization="4bit"), Cluster(world_size=2))

@@ -35,11 +35,14 @@ class Cluster:
         rank: this process's index, 0 .. world_size - 1.
         world_size: how many processes train together.
         device: where this process computes (its own GPU under nccl, else the CPU).
+        owns_group: this cluster joined the process group, and `close` leaves it; a group the caller
+            started (e.g. accelerate's `Accelerator`, or a script running several fine-tunes) stays open.
     """
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False
 
     @classmethod
     def from_environment(cls) -> Cluster:
@@ -48,10 +51,13 @@ class Cluster:
         device = cls._device_for(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size == 1:
             return cls(device=device)
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()
+        if owns_group:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+        return cls(
+            rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns_group
+        )
 
     @staticmethod
     def _device_for(local_rank: int) -> torch.device:
@@ -110,7 +116,8 @@ class Cluster:
             dist.barrier()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        """Leave the process group if this cluster joined it."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -154,7 +161,12 @@ def sharding_request(fsdp: bool, environ: Mapping[str, str] = os.environ) -> Sha
     """
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return ShardingRequest() if fsdp else None
-    version = environ.get("FSDP_VERSION", "1")
+    version = environ.get("FSDP_VERSION")
+    if version is None:
+        raise ValueError(
+            "accelerate launch asked for FSDP without saying which version: accelerate before 1.6 runs FSDP1 "
+            "only; pip install 'accelerate>=1.6' and set fsdp_version: 2 in the config's fsdp_config"
+        )
     if version != "2":
         raise ValueError(
             f"the accelerate config asks for fsdp_version: {version}; veralab shards with FSDP2, set "

@@ -45,7 +45,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from veralab.fast.dtensors import is_dtensor, is_sharded
-from veralab.fast.layer import VeraLinear
+from veralab.fast.layer import VeraLayer
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def decoder_layers(model: VeraModel) -> list[nn.Module]:
         for module in base.modules()
         if isinstance(module, nn.ModuleList)
         for block in module
-        if any(isinstance(inner, VeraLinear) for inner in block.modules())
+        if any(isinstance(inner, VeraLayer) for inner in block.modules())
     ]
 
 
