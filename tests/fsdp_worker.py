@@ -37,6 +37,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from write_audit import WriteAudit
 
 from veralab.app.cli import main as veralab_main
 from veralab.app.data import collate, read_jsonl, tokenize
@@ -197,39 +198,6 @@ def resume_scenario(spec: dict, cluster: Cluster, out: Path):
     for index in (2, 3):
         batches.step(model, optimizer, index)
     model.save_pretrained(out / "resumed", is_main_process=cluster.is_main)
-
-
-class WriteAudit:
-    """The names of the files this process opens for writing (or renames into place) under a directory."""
-
-    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def __init__(self) -> None:
-        self.directory: str | None = None
-        self.writes: list[str] = []
-        sys.addaudithook(self._audit)  # hooks stay for the life of the process: `watch` switches it on
-
-    @contextlib.contextmanager
-    def watch(self, directory: Path) -> Iterator[list[str]]:
-        self.directory, self.writes = os.path.abspath(directory), []
-        try:
-            yield self.writes
-        finally:
-            self.directory = None
-
-    def _audit(self, event: str, args: tuple) -> None:
-        if self.directory is None:
-            return
-        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            mode, flags = args[1] or "", args[2] or 0
-            if any(c in mode for c in "wax+") or flags & self.WRITE_FLAGS:
-                self._record(os.fsdecode(args[0]))
-        elif event in ("os.rename", "os.replace"):
-            self._record(os.fsdecode(args[1]))
-
-    def _record(self, path: str) -> None:
-        if os.path.abspath(path).startswith(self.directory):
-            self.writes.append(os.path.basename(path))
 
 
 @contextlib.contextmanager
