@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
 
-from veralab import VeraConfig
+from veralab import VeraConfig, atomic
 from veralab.fast import VeraModel, get_model, projections, saving
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.fingerprint import FINGERPRINT_KEY
@@ -527,7 +527,7 @@ def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypa
         # Tests run as root, which ignores chmod; fail where the OS would for a read-only directory.
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(saving.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(atomic.os, "mkdir", read_only)
     with pytest.raises(
         PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"
     ):

@@ -280,6 +280,17 @@ class VeraLayer(nn.Module):
     def keep_lambda_forms(self, keep: bool) -> None:
         self._lambda_forms.keep = keep
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as stored: models read it through the adapted layer (ViT reads its
+        patch embedding's dtype, T5 its `wo.weight`), as PEFT's adapter layers allow."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None where it has none)."""
+        return getattr(self.base_layer, "bias", None)
+
     # ------------------------------------------------------------------ forward
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -10,10 +10,11 @@ adapter loads here:
     base_model.model.<module path>.base_layer.bias               bias="vera_only" (bias="all": every bias)
     base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)   only when save_projection=True
 
-The adapter `default` lives in the directory itself, any other adapter in `<directory>/<name>/`, as in PEFT.
-`adapter_layout` derives the layout from an `AdapterPlan` (what the adapter's config selects in the model),
-so it serves before the adapter exists (to check a file before anything is written into the model) and
-after (to save it).
+The adapter `default` lives in the directory itself, any other adapter in `<directory>/<name>/`, as in PEFT,
+so an adapter's name must be a name (`check_adapter_name`). `adapter_layout` derives the layout from an
+`AdapterPlan` (what the adapter's config selects in the model), so it serves before the adapter exists (to
+check a file before anything is written into the model) and after (to save it); `planned_layout` does the
+same for a base model not adapted yet, at given projection shapes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from veralab.fast.rows import BASE_ROW
 from veralab.targets import is_adapter_layer, is_modules_to_save_wrapper, named_layers, named_modules
 
 if TYPE_CHECKING:
@@ -52,9 +55,38 @@ class Slot:
     shape: tuple[int, ...]
 
 
+ADAPTER_NAME_RULE = (
+    "a non-empty string of printable characters without '.', '/' or '\\' (it becomes a directory name "
+    f"and part of state-dict keys), other than {BASE_ROW!r} (reserved for base rows of mixed batches)"
+)
+
+
+def check_adapter_name(adapter_name: object) -> None:
+    """Raise ValueError unless `adapter_name` can name an adapter: one path component, one state-dict key
+    part.
+
+    Args:
+        adapter_name: the proposed name.
+    """
+    if adapter_name == BASE_ROW:
+        raise ValueError(
+            f"adapter_name={BASE_ROW!r} is reserved: it marks mixed-batch rows that use no adapter"
+        )
+    if (
+        not isinstance(adapter_name, str)
+        or not adapter_name
+        or not adapter_name.isprintable()
+        or any(c in adapter_name for c in "./\\")
+    ):
+        raise ValueError(f"adapter_name={adapter_name!r} is invalid: use {ADAPTER_NAME_RULE}")
+
+
 def adapter_directory(root: str | os.PathLike, adapter_name: str) -> Path:
-    """Where PEFT keeps an adapter: `root` for "default", `root/<name>` otherwise."""
-    return Path(root) if adapter_name == DEFAULT_ADAPTER else Path(root) / adapter_name
+    """Where PEFT keeps an adapter: `root` for "default", `root/<name>` otherwise (never outside `root`)."""
+    if adapter_name == DEFAULT_ADAPTER:
+        return Path(root)
+    check_adapter_name(adapter_name)
+    return Path(root) / adapter_name
 
 
 def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
@@ -63,6 +95,20 @@ def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
     Args:
         model: the VeraModel the adapter is (or would be) part of.
         plan: `model.plan_adapter(...)` of the adapter.
+    """
+    return planned_layout(model.model, plan, tuple(model.vera_A.shape), tuple(model.vera_B.shape))
+
+
+def planned_layout(
+    base: nn.Module, plan: AdapterPlan, shape_A: tuple[int, ...], shape_B: tuple[int, ...]
+) -> dict[str, Slot]:
+    """{file key: Slot} of the adapter `plan` describes, in `base` with projections of the given shapes.
+
+    Args:
+        base: the model the adapter is (or would be) part of, adapted or not (`VeraModel.model`).
+        plan: the adapter's plan.
+        shape_A: the shared vera_A's shape, (r, max_in).
+        shape_B: the shared vera_B's shape, (max_out, r).
     """
     name, config = plan.name, plan.config
     layout: dict[str, Slot] = {}
@@ -80,15 +126,15 @@ def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
             layout[f"{PEFT_PREFIX}model.{path}.{key}"] = Slot(
                 f"model.{path}.modules_to_save.{name}.{key}", tuple(tensor.shape)
             )
-    for model_key, shape in _bias_slots(model, plan):
+    for model_key, shape in _bias_slots(base, plan):
         layout[PEFT_PREFIX + model_key] = Slot(model_key, shape)
     if config.save_projection:
-        layout[f"{PEFT_PREFIX}vera_A"] = Slot("vera_A", tuple(model.vera_A.shape))
-        layout[f"{PEFT_PREFIX}vera_B"] = Slot("vera_B", tuple(model.vera_B.shape))
+        layout[f"{PEFT_PREFIX}vera_A"] = Slot("vera_A", tuple(shape_A))
+        layout[f"{PEFT_PREFIX}vera_B"] = Slot("vera_B", tuple(shape_B))
     return layout
 
 
-def _bias_slots(model: VeraModel, plan: AdapterPlan) -> Iterator[tuple[str, tuple[int, ...]]]:
+def _bias_slots(base: nn.Module, plan: AdapterPlan) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(model key, shape) of the biases the bias mode trains, named as once the targets are wrapped."""
     bias_mode = plan.config.bias
     if bias_mode == "vera_only":
@@ -98,9 +144,9 @@ def _bias_slots(model: VeraModel, plan: AdapterPlan) -> Iterator[tuple[str, tupl
                 yield f"model.{target.name}.base_layer.bias", tuple(bias.shape)
     elif bias_mode == "all":
         wrapped = {target.name for target in plan.targets}
-        wrapped |= {name for name, module in named_modules(model.model) if is_adapter_layer(module)}
+        wrapped |= {name for name, module in named_modules(base) if is_adapter_layer(module)}
         trained_in_full = tuple(path + "." for path in plan.modules_to_save)
-        for path, module in [("", model.model), *named_layers(model.model)]:
+        for path, module in [("", base), *named_layers(base)]:
             bias = dict(module.named_parameters(recurse=False)).get("bias")
             if bias is None or (path + ".").startswith(trained_in_full):
                 continue

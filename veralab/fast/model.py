@@ -6,6 +6,10 @@ VeRA config: the same parameter names, the same projections for the same key, th
 Adapter files (`veralab.fast.saving`, `loading`, `lora_export`) work through the model's public seam:
 `plan_adapter` (what an adapter's config selects, checked before anything changes), `merged_adapters`,
 `projections` / `set_projections`, `vera_layers` and the state dict.
+
+Every operation that changes the model is all or nothing: everything that can be checked is checked first
+(`plan_adapter`), and if the change still fails midway, KeyboardInterrupt included, the model is restored
+exactly (`veralab.fast.rollback`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from veralab.fast import loading, lora_export, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
 from veralab.fast.dtensors import check_not_sharded, is_sharded
 from veralab.fast.layer import VeraLayer, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
+from veralab.fast.layout import check_adapter_name
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
 from veralab.fast.projections import SharedProjections, find_max_dims
-from veralab.fast.rows import BASE_ROW, RowAdapters
+from veralab.fast.rollback import ModelSnapshot, all_or_nothing
+from veralab.fast.rows import RowAdapters
 from veralab.targets import Target, modules_to_save_names, select_modules_to_save, select_targets
 
 
@@ -60,6 +66,9 @@ def get_model(
         config: the adapter's `VeraConfig`; it is copied, never modified.
         adapter_name: the first adapter's name.
         low_cpu_mem_usage: create the lambdas on the meta device (to be filled by loading an adapter).
+
+    Everything is checked before `model` changes, and if adapting still fails midway (KeyboardInterrupt
+    included) `model` is restored exactly: modules, parameters, requires_grad, buffers and training mode.
     """
     return VeraModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
@@ -92,13 +101,15 @@ class VeraModel(nn.Module):
         self.projections: SharedProjections | None = None
         self._active_adapters: list[str] = []
         self._adapters_disabled = False
-        self.model.requires_grad_(False)
-        prepare_model(self.model)
         # Tools such as transformers.Trainer read forward's signature to know which inputs the model takes:
         # expose the wrapped model's (our forward adds only `adapter_names`).
         self.forward = functools.update_wrapper(functools.partial(VeraModel.forward, self), model.forward)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        self.set_adapter(adapter_name)
+        plan = self.plan_adapter(adapter_name, config)
+        with all_or_nothing(model):
+            self.model.requires_grad_(False)
+            prepare_model(self.model)
+            self._add_planned(plan, low_cpu_mem_usage)
+            self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ passthrough to the wrapped model
 
@@ -156,10 +167,15 @@ class VeraModel(nn.Module):
         """Add an adapter (inactive unless it is the first; use `set_adapter`).
 
         Everything is checked before anything changes (`plan_adapter`): a bad name, a config that disagrees
-        with the shared projections, or targets that match nothing leave the model exactly as it was.
+        with the shared projections, or targets that match nothing leave the model exactly as it was; so does
+        a failure midway (KeyboardInterrupt included).
         """
         plan = self.plan_adapter(adapter_name, config)
-        config = plan.config
+        with all_or_nothing(self, objects=(self.projections,)):
+            self._add_planned(plan, low_cpu_mem_usage)
+
+    def _add_planned(self, plan: AdapterPlan, low_cpu_mem_usage: bool) -> None:
+        adapter_name, config = plan.name, plan.config
         if self.projections is None:
             self._create_projections(config, plan.targets)
         warn_fan_in_fan_out_mismatch(
@@ -173,6 +189,32 @@ class VeraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._mark_trainable()
 
+    @staticmethod
+    def plan_adapter_on(model: nn.Module, adapter_name: str, config: VeraConfig) -> AdapterPlan:
+        """What an adapter named `adapter_name` with `config` selects in `model` (adapted or not), checked.
+
+        Nothing changes. The checks that need no other adapter: the name, the config, the targets and
+        modules_to_save (`plan_adapter` adds the ones against the model's other adapters). Loading an
+        adapter into a base model plans with it before building anything.
+
+        Args:
+            model: the (base) model.
+            adapter_name: the adapter's name.
+            config: its config (copied, never modified).
+
+        Raises:
+            ValueError: an invalid name or config, targets or modules_to_save that select nothing or something
+                VeRA cannot adapt.
+        """
+        check_adapter_name(adapter_name)
+        config = copy.deepcopy(config)
+        config.validate()
+        targets = select_targets(model, config, geometry=layer_geometry)
+        modules_to_save = select_modules_to_save(model, config)
+        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
+            config.modules_to_save = modules_to_save_names(model, config) or None
+        return AdapterPlan(adapter_name, config, targets, modules_to_save)
+
     def plan_adapter(self, adapter_name: str, config: VeraConfig, existing: bool = False) -> AdapterPlan:
         """What adding adapter `adapter_name` with `config` selects, after checking that it can be added.
 
@@ -185,31 +227,19 @@ class VeraModel(nn.Module):
                 new weights into it) instead of a new one.
 
         Raises:
-            ValueError: an invalid or taken name, an invalid config, targets or modules_to_save that select
-                nothing or something VeRA cannot adapt, or a config that does not fit the shared projections.
+            ValueError: an invalid or taken name (see `veralab.fast.layout.check_adapter_name`), an invalid
+                config, targets or modules_to_save that select nothing or something VeRA cannot adapt, or a
+                config that does not fit the shared projections.
         """
         if not existing:
             self._check_new_adapter_name(adapter_name)
-        config = copy.deepcopy(config)
-        config.validate()
-        targets = select_targets(self.model, config, geometry=layer_geometry)
+        plan = self.plan_adapter_on(self.model, adapter_name, config)
         if not existing:
-            self._check_against_projections(config, targets)
-        modules_to_save = select_modules_to_save(self.model, config)
-        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
-            config.modules_to_save = modules_to_save_names(self.model, config) or None
-        return AdapterPlan(adapter_name, config, targets, modules_to_save)
+            self._check_against_projections(plan.config, plan.targets)
+        return plan
 
     def _check_new_adapter_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
-                f"adapter_name={adapter_name!r} is invalid: use a non-empty string without '.' (it becomes "
-                "part of state-dict keys)"
-            )
-        if adapter_name == BASE_ROW:
-            raise ValueError(
-                f"adapter_name={BASE_ROW!r} is reserved: it marks mixed-batch rows that use no adapter"
-            )
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it "
@@ -416,11 +446,20 @@ class VeraModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
+        All or nothing: if merging fails midway (KeyboardInterrupt included), every weight already merged is
+        restored bit for bit from a host-memory copy kept until the merge completes.
+
         Args:
             adapter_names: which adapters to merge; adapters already merged are skipped with a warning.
             safe_merge: check every layer's merged weight for NaN/inf *before* changing any weight, and
                 raise ValueError naming the layer if one is not finite; the model is then left untouched.
         """
+        names = self._adapters_to_merge(adapter_names, safe_merge)
+        with all_or_nothing(self) as snapshot:
+            self._merge(names, snapshot)
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None, safe_merge: bool) -> list[str]:
+        """The adapters a merge folds in, after every check (nothing changes here)."""
         names = list(adapter_names) if adapter_names is not None else list(self._active_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -429,49 +468,62 @@ class VeraModel(nn.Module):
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(
-                f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=2
+                f"adapter(s) {already} are already merged; not merging them again", UserWarning, stacklevel=3
             )
         names = [n for n in names if n not in already]
-        if not names:
-            return
-        layers = list(self.vera_layers())
         if safe_merge:
-            for layer_name, layer in layers:
+            for layer_name, layer in self.vera_layers():
                 present = [n for n in names if n in layer.r]
                 if present and not torch.isfinite(layer.merged_weight(present)).all():
                     raise ValueError(
                         f"merging adapter(s) {present} into {layer_name} gives NaN/inf weights; nothing was "
                         "merged. The adapter's lambdas are probably broken (check them for NaN/inf)."
                     )
-        for _, layer in layers:
-            layer.merge([n for n in names if n in layer.r])
+        return names
+
+    def _merge(self, names: list[str], snapshot: ModelSnapshot) -> None:
+        for _, layer in list(self.vera_layers()):
+            present = [n for n in names if n in layer.r]
+            if present:
+                snapshot.keep_values(layer.base_layer.weight)
+                layer.merge(present)
 
     def unmerge_adapter(self) -> None:
-        """Subtract every merged adapter from the base weights."""
+        """Subtract every merged adapter from the base weights (all or nothing, like `merge_adapter`)."""
         if not self.merged_adapters:
             warnings.warn("no adapter is merged; nothing to unmerge", UserWarning, stacklevel=2)
             return
-        for _, layer in self.vera_layers():
-            layer.unmerge()
+        with all_or_nothing(self) as snapshot:
+            self._unmerge(snapshot)
+
+    def _unmerge(self, snapshot: ModelSnapshot) -> None:
+        for _, layer in list(self.vera_layers()):
+            if layer.merged_adapters:
+                snapshot.keep_values(layer.base_layer.weight)
+                layer.unmerge()
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Merge the adapters into the weights and return the plain base model (no VeRA modules left).
 
+        All or nothing, like `merge_adapter`: on a failure the model is as before the call.
+
         Args:
             progressbar: accepted for PEFT compatibility; merging is fast enough not to need one.
             safe_merge: see `merge_adapter`.
             adapter_names: adapters to merge (default: the active ones).
         """
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unload(keep_trained_copies=True)
+        names = self._adapters_to_merge(adapter_names, safe_merge)
+        with all_or_nothing(self) as snapshot:
+            self._merge(names, snapshot)
+            return self._unload(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
         """Remove every VeRA module without merging and return the base model as it was."""
-        if self.merged_adapters:
-            self.unmerge_adapter()
-        return self._unload(keep_trained_copies=False)
+        with all_or_nothing(self) as snapshot:
+            self._unmerge(snapshot)
+            return self._unload(keep_trained_copies=False)
 
     def _unload(self, keep_trained_copies: bool) -> nn.Module:
         for name, layer in list(self.vera_layers()):
@@ -548,19 +600,25 @@ class VeraModel(nn.Module):
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
         safe_serialization: bool = True,
+        allow_non_finite: bool = False,
     ) -> None:
         """Save adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` per adapter.
 
-        The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT;
-        each adapter's files are replaced atomically, so a failed save leaves the previous ones intact. A
-        model sharded over processes (FSDP2, `veralab.fast.fsdp`) is gathered first: every process calls
-        this, and the file is byte for byte what one process holding the same lambdas writes.
+        The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT.
+        Each adapter's directory is updated atomically (`veralab.atomic`): whatever happens during the
+        save, a kill -9 included, it holds afterwards the complete previous adapter or the complete new one,
+        and other files in it are left alone. A model sharded over processes (FSDP2, `veralab.fast.fsdp`) is
+        gathered first: every process calls this, and the file is byte for byte what one process holding the
+        same lambdas writes.
 
         Args:
             save_directory: where to save.
             selected_adapters: the adapters to save (default: all).
             is_main_process: only the main process writes (distributed training).
             safe_serialization: must be True: veralab writes safetensors only, never pickle.
+            allow_non_finite: save adapters whose tensors hold NaN/inf (refused by default: such an adapter
+                only produces NaN/inf outputs, typically the result of a diverged training). Set it to keep a
+                broken adapter for inspection.
         """
         if not safe_serialization:
             raise ValueError(
@@ -568,7 +626,13 @@ class VeraModel(nn.Module):
                 "only (PEFT reads them too). Drop the argument."
             )
         if is_main_process or is_sharded(self):  # gathering a sharded adapter takes every process
-            saving.save_pretrained(self, save_directory, selected_adapters, write=is_main_process)
+            saving.save_pretrained(
+                self,
+                save_directory,
+                selected_adapters,
+                allow_non_finite=allow_non_finite,
+                write=is_main_process,
+            )
 
     @classmethod
     def from_pretrained(
@@ -579,7 +643,12 @@ class VeraModel(nn.Module):
         is_trainable: bool = False,
     ) -> VeraModel:
         """Adapt `model` with a saved VeRA adapter (veralab's or PEFT's); the drop-in for
-        `peft.PeftModel.from_pretrained`. On any error `model` is left as it was.
+        `peft.PeftModel.from_pretrained`.
+
+        The files are checked against `model` before anything is allocated or changed (every size the files
+        state is compared with the tensors in the file and the model's layers); every problem with them is
+        an `AdapterLoadError` naming the file. On any error (KeyboardInterrupt included) `model` is left
+        exactly as it was.
 
         Args:
             model: the base model.
@@ -595,8 +664,8 @@ class VeraModel(nn.Module):
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False
     ) -> None:
         """Load a saved adapter under `adapter_name` (inactive until `set_adapter`); an existing adapter of
-        that
-        name has its weights replaced in place. All or nothing: on error the model is unchanged.
+        that name has its weights replaced in place. All or nothing, checked as in `from_pretrained`: on any
+        error (KeyboardInterrupt included) the model is unchanged.
 
         Args:
             model_id: the adapter directory.
@@ -605,12 +674,16 @@ class VeraModel(nn.Module):
         """
         loading.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
 
-    def save_as_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    def save_as_lora(
+        self, save_directory: str | os.PathLike, adapter_name: str = "default", allow_non_finite: bool = False
+    ) -> None:
         """Export an adapter as a standard PEFT LoRA adapter with exactly the same outputs
         (`lora_A = lambda_d * A_s`, `lora_B = lambda_b * B_s`, rank r, alpha r), for LoRA-only servers.
 
         Args:
-            save_directory: where to write adapter_config.json and adapter_model.safetensors.
+            save_directory: where to write adapter_config.json and adapter_model.safetensors (updated
+                atomically, like `save_pretrained`).
             adapter_name: the adapter to export.
+            allow_non_finite: export tensors holding NaN/inf instead of refusing them.
         """
-        lora_export.save_as_lora(self, save_directory, adapter_name)
+        lora_export.save_as_lora(self, save_directory, adapter_name, allow_non_finite=allow_non_finite)

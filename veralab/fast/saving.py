@@ -1,24 +1,23 @@
 """Saving adapters in PEFT's format (`veralab.fast.layout`), each adapter's files replaced atomically.
 
-Files are written to a staging directory and renamed into place, so a failed save leaves the previous adapter
-intact. Only safetensors is written, never pickle. Projections left out of the file (`save_projection=False`)
-are fingerprinted in its metadata (`veralab.fast.fingerprint`). A model sharded over processes (FSDP2) has
-its adapter gathered first (`veralab.fast.dtensors.full_tensor`): every process takes part, one writes.
+An adapter's two files are staged, committed and moved into place together (`veralab.atomic`), so a
+failed or killed save leaves the previous adapter intact, or the new one complete. Only safetensors is
+written, never pickle. Projections left out of the file (`save_projection=False`) are fingerprinted in its
+metadata (`veralab.fast.fingerprint`). Tensors holding NaN/inf are refused unless explicitly allowed. A model
+sharded over processes (FSDP2) has its adapter gathered first (`veralab.fast.dtensors.full_tensor`): every
+process takes part, one writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
+from veralab.atomic import update_files
 from veralab.config import VeraConfig
 from veralab.fast.dtensors import full_tensor
 from veralab.fast.fingerprint import (
@@ -38,14 +37,18 @@ def save_pretrained(
     model: VeraModel,
     save_directory: str | os.PathLike,
     selected_adapters: list[str] | None = None,
+    allow_non_finite: bool = False,
     write: bool = True,
 ) -> None:
-    """Save adapters in PEFT's layout, each adapter's files replaced atomically.
+    """Save adapters in PEFT's layout, each adapter's directory updated atomically.
+
+    Every adapter's files are built and checked before anything is written.
 
     Args:
         model: the VeraModel.
         save_directory: the directory; adapter "default" goes into it, others into `save_directory/<name>`.
         selected_adapters: adapters to save (default: all of them).
+        allow_non_finite: save tensors holding NaN/inf instead of refusing them.
         write: write the files. On a sharded model every process calls this (gathering the adapter is a
             collective) and only the main one writes.
     """
@@ -55,25 +58,59 @@ def save_pretrained(
         raise ValueError(
             f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}"
         )
-    for name in names:
-        tensors = adapter_tensors(model, name)
-        if not write:
-            continue
-        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
-        directory = adapter_directory(save_directory, name)
-        files = {
-            WEIGHTS_NAME: sorted_metadata(safetensors.torch.save(tensors, metadata=metadata)),
-            # Replaced last: the config says which weights it goes with.
-            CONFIG_NAME: config_json(config_for_file(model, model.peft_config[name])),
-        }
+    prepared = {
+        adapter_directory(save_directory, name): adapter_files(model, name, allow_non_finite)
+        for name in names
+    }
+    if not write:
+        return
+    for (directory, files), name in zip(prepared.items(), names, strict=True):
         try:
-            write_files_atomically(directory, files)
+            update_files(directory, files)
         except OSError as e:
             raise OSError(
                 e.errno,
                 f"could not save adapter {name!r} to {directory}: {e.strerror or e}; any adapter already "
                 "there is unchanged (check the directory is writable and the disk has space)",
             ) from e
+
+
+def adapter_files(model: VeraModel, adapter_name: str, allow_non_finite: bool = False) -> dict[str, bytes]:
+    """{file name: bytes} of one adapter's directory: its weights (with the fingerprint) and its config. On a
+    sharded model every process must call it (the lambdas are gathered).
+
+    Args:
+        model: the VeraModel.
+        adapter_name: the adapter.
+        allow_non_finite: accept tensors holding NaN/inf.
+
+    Raises:
+        ValueError: a tensor holds NaN/inf and `allow_non_finite` is False.
+    """
+    tensors = adapter_tensors(model, adapter_name)
+    if not allow_non_finite:
+        check_finite(tensors, f"adapter {adapter_name!r}")
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, adapter_name))}
+    return {
+        WEIGHTS_NAME: sorted_metadata(safetensors.torch.save(tensors, metadata=metadata)),
+        CONFIG_NAME: config_json(config_for_file(model, model.peft_config[adapter_name])),
+    }
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse tensors holding NaN/inf, naming them and the opt-in.
+
+    Args:
+        tensors: {file key: tensor} about to be written.
+        what: what is being saved, for the message (e.g. "adapter 'default'").
+    """
+    broken = sorted(key for key, tensor in tensors.items() if not torch.isfinite(tensor).all())
+    if broken:
+        raise ValueError(
+            f"{what} has NaN/inf values in {len(broken)} tensor(s), e.g. {broken[:3]}; it would only produce "
+            "NaN/inf outputs (did training diverge?), so it is not saved. Pass allow_non_finite=True to save "
+            "it anyway, e.g. to inspect it."
+        )
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -139,44 +176,3 @@ def _fingerprint_for_file(model: VeraModel, adapter_name: str) -> dict[str, Any]
                 "= True to save them."
             )
     return projection_fingerprint(vera_A, vera_B, config.projection_prng_key)
-
-
-# ----------------------------------------------------------------------------------------- safe writes
-
-
-def write_files_atomically(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Write `files` ({name: bytes}) into `directory` so that a failure leaves its previous files intact.
-
-    Everything is written and fsynced in a staging directory next to `directory` first. A new directory is
-    then renamed into place in one step; in an existing one (which may hold other files, e.g. a Trainer
-    checkpoint) each file replaces its predecessor atomically, in the order given.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # Staged on the same filesystem, so the renames below are atomic.
-    staging_parent = directory if directory.is_dir() else directory.parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=staging_parent))
-    try:
-        for name, data in files.items():
-            with open(staging / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if not directory.exists():
-            with contextlib.suppress(OSError):  # created meanwhile: fall through to per-file replacement
-                staging.rename(directory)
-                return
-        for name in files:
-            os.replace(staging / name, directory / name)
-        _fsync_directory(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

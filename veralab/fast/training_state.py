@@ -24,9 +24,9 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from veralab.atomic import update_files
 from veralab.fast import loading
 from veralab.fast.dtensors import copy_full_into, full_tensor, is_dtensor
-from veralab.fast.saving import write_files_atomically
 
 if TYPE_CHECKING:
     from veralab.fast.model import VeraModel
@@ -54,7 +54,7 @@ def save_training_state(
     tensors, groups = optimizer_state_tensors(model, optimizer)
     if is_main_process:
         data = safetensors.torch.save(tensors, metadata={GROUPS_KEY: json.dumps(groups)})
-        write_files_atomically(directory, {OPTIMIZER_NAME: data})
+        update_files(directory, {OPTIMIZER_NAME: data})
 
 
 def load_training_state(
