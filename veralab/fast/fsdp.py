@@ -156,7 +156,7 @@ class ResidentBytes:
     Args:
         base: the frozen base weights (this process's shards when sharded).
         adapter: the lambdas of every adapter, and whatever else trains (modules_to_save copies, biases).
-        projections: vera_A and vera_B (whole on every process).
+        projections: vera_A and vera_B of every projection group (whole on every process).
         buffers: the base model's other buffers (e.g. rotary frequencies).
     """
 
@@ -182,7 +182,9 @@ def resident_bytes(model: VeraModel) -> ResidentBytes:
 
     params = dict(model.named_parameters())
     trained = {name for name, p in params.items() if p.requires_grad or model.prefix in name}
-    projections = storage_bytes(iter((model.vera_A, model.vera_B)))
+    projections = storage_bytes(
+        t for pair, _ in model.projection_groups() for t in (pair.vera_A, pair.vera_B)
+    )
     return ResidentBytes(
         base=storage_bytes(p for name, p in params.items() if name not in trained),
         adapter=storage_bytes(params[name] for name in trained),

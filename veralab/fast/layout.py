@@ -8,7 +8,8 @@ adapter loads here:
     base_model.model.<module path>.vera_lambda_d        (r,)
     base_model.model.<module path>.<key>                         modules_to_save copies (e.g. score.weight)
     base_model.model.<module path>.base_layer.bias               bias="vera_only" (bias="all": every bias)
-    base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)   only when save_projection=True
+    base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)   the adapter's pair, when
+                                                                     `projections_in_file`
 
 The adapter `default` lives in the directory itself, any other adapter in `<directory>/<name>/`, as in PEFT,
 so an adapter's name must be a name (`check_adapter_name`). `adapter_layout` derives the layout from an
@@ -39,6 +40,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's legacy format; refused, never unpickled
 DEFAULT_ADAPTER = "default"
 PEFT_PREFIX = "base_model."
+PROJECTION_KEYS = ("vera_A", "vera_B")
+PROJECTION_FILE_KEYS = tuple(PEFT_PREFIX + key for key in PROJECTION_KEYS)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Slot:
     """One tensor of an adapter file: where it goes in the model and the shape it must have.
 
     Args:
-        model_key: key in `VeraModel.state_dict()` once the adapter exists (`vera_A`, `vera_B` for the
+        model_key: key in `VeraModel.state_dict()` once the adapter exists (its pair's buffer names for the
             projections).
         shape: the shape the model needs.
     """
@@ -89,26 +92,51 @@ def adapter_directory(root: str | os.PathLike, adapter_name: str) -> Path:
     return Path(root) / adapter_name
 
 
-def adapter_layout(model: VeraModel, plan: AdapterPlan) -> dict[str, Slot]:
+def adapter_layout(
+    model: VeraModel, plan: AdapterPlan, with_projections: bool | None = None
+) -> dict[str, Slot]:
     """{file key: Slot} of the adapter `plan` describes (see the module docstring).
 
     Args:
         model: the VeraModel the adapter is (or would be) part of.
         plan: `model.plan_adapter(...)` of the adapter.
+        with_projections: whether the file holds vera_A / vera_B (default: `projections_in_file`, what a
+            save writes; a file being loaded says it with its config's save_projection).
     """
-    return planned_layout(model.model, plan, tuple(model.vera_A.shape), tuple(model.vera_B.shape))
+    if with_projections is None:
+        with_projections = projections_in_file(model, plan)
+    keys = model.projection_buffer_names(plan.name) if plan.name in model.peft_config else PROJECTION_KEYS
+    return planned_layout(model.model, plan, with_projections, keys)
+
+
+def projections_in_file(model: VeraModel, plan: AdapterPlan) -> bool:
+    """Whether a save writes the adapter's vera_A / vera_B (and save_projection=true in its config).
+
+    When its config asks for them; and whenever a file without them would load with another pair in PEFT:
+    PEFT draws the pair of a model's first adapter over that adapter's targets (as veralab does) and gives
+    every later adapter that same pair. So an adapter of a group other than the model's first, or one
+    loaded with a pair larger than its targets need, carries its pair: PEFT then loads it alone exactly,
+    and refuses it beside another adapter with a clear error (mixed save_projection, or a size mismatch)
+    instead of running it with the wrong pair.
+    """
+    if plan.config.save_projection or plan.projection_shapes != plan.own_projection_shapes:
+        return True
+    return plan.name in model.peft_config and model.projections_of(plan.name) is not model.projections
 
 
 def planned_layout(
-    base: nn.Module, plan: AdapterPlan, shape_A: tuple[int, ...], shape_B: tuple[int, ...]
+    base: nn.Module,
+    plan: AdapterPlan,
+    with_projections: bool,
+    projection_keys: tuple[str, str] = PROJECTION_KEYS,
 ) -> dict[str, Slot]:
-    """{file key: Slot} of the adapter `plan` describes, in `base` with projections of the given shapes.
+    """{file key: Slot} of the adapter `plan` describes, in `base`.
 
     Args:
         base: the model the adapter is (or would be) part of, adapted or not (`VeraModel.model`).
-        plan: the adapter's plan.
-        shape_A: the shared vera_A's shape, (r, max_in).
-        shape_B: the shared vera_B's shape, (max_out, r).
+        plan: the adapter's plan (its projection shapes included).
+        with_projections: the file holds the adapter's vera_A / vera_B.
+        projection_keys: the model's buffer names of its pair (`VeraModel.projection_buffer_names`).
     """
     name, config = plan.name, plan.config
     layout: dict[str, Slot] = {}
@@ -128,9 +156,11 @@ def planned_layout(
             )
     for model_key, shape in _bias_slots(base, plan):
         layout[PEFT_PREFIX + model_key] = Slot(model_key, shape)
-    if config.save_projection:
-        layout[f"{PEFT_PREFIX}vera_A"] = Slot("vera_A", tuple(shape_A))
-        layout[f"{PEFT_PREFIX}vera_B"] = Slot("vera_B", tuple(shape_B))
+    if with_projections:
+        for file_key, model_key, shape in zip(
+            PROJECTION_FILE_KEYS, projection_keys, plan.projection_shapes, strict=True
+        ):
+            layout[file_key] = Slot(model_key, tuple(shape))
     return layout
 
 
@@ -155,5 +185,6 @@ def _bias_slots(base: nn.Module, plan: AdapterPlan) -> Iterator[tuple[str, tuple
 
 
 def model_tensors(model: VeraModel) -> dict[str, torch.Tensor]:
-    """The model's state-dict entries by key, with the projections even when they are not persistent."""
-    return {**model.state_dict(keep_vars=True), "vera_A": model.vera_A, "vera_B": model.vera_B}
+    """The model's state-dict entries by key, with every pair of projections even when not persistent."""
+    projections = dict(model.named_buffers(recurse=False))
+    return {**model.state_dict(keep_vars=True), **projections}

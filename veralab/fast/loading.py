@@ -43,7 +43,6 @@ from veralab.fast.fingerprint import (
     check_regenerated,
     fingerprint_matches,
     regenerate_projections,
-    same_values,
     stored_fingerprint,
 )
 from veralab.fast.layout import (
@@ -51,6 +50,7 @@ from veralab.fast.layout import (
     DEFAULT_ADAPTER,
     PEFT_PREFIX,
     PICKLE_WEIGHTS_NAME,
+    PROJECTION_FILE_KEYS,
     WEIGHTS_NAME,
     Slot,
     adapter_directory,
@@ -70,7 +70,7 @@ from veralab.targets import named_layers
 OVERFLOW_BOUND = 1e12
 
 if TYPE_CHECKING:
-    from veralab.fast.model import VeraModel
+    from veralab.fast.model import AdapterPlan, VeraModel
 
 # Safetensors dtypes: the floating ones an adapter tensor may have, and the torch names of the others (for
 # the message that refuses them).
@@ -158,25 +158,38 @@ def load_adapter(
             "loading new weights into it"
         )
 
-    def plan(header: AdapterHeader) -> dict[str, Slot]:
+    def plan(header: AdapterHeader) -> tuple[dict[str, Slot], AdapterPlan]:
         header.config.inference_mode = not is_trainable
+        with_projections = header.config.save_projection
         with _naming(header.config_path):
-            layout = adapter_layout(model, model.plan_adapter(adapter_name, header.config, existing=existing))
+            targets = model.plan_adapter(adapter_name, header.config, existing=existing).targets
+            shapes = _trained_projection_shapes(model.model, targets, header)
+            if existing:
+                shapes = None  # its weights are replaced; the pair it reads stays (a file with another fails)
+            adapter_plan = model.plan_adapter(
+                adapter_name, header.config, existing=existing, projection_shapes=shapes
+            )
+            layout = adapter_layout(model, adapter_plan, with_projections)
             if existing:
                 current = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
-                _check_same_layout(header, layout, adapter_layout(model, current))
+                _check_same_layout(header, layout, adapter_layout(model, current, with_projections))
         check_header(header, layout)
-        return layout
+        return layout, adapter_plan
 
-    files, layout = read_adapter_files(directory, plan)
-    check_projections(model, files)
+    files, (layout, adapter_plan) = read_adapter_files(directory, plan)
+    projections = verified_projections(files, *adapter_plan.projection_shapes)
+    if existing and not model.projections_of(adapter_name).holds(projections):
+        raise AdapterLoadError(
+            f"{files.weights_path}: the adapter's vera_A/vera_B differ from the ones adapter "
+            f"{adapter_name!r} reads; load it under a new adapter_name instead"
+        )
     destinations = model_tensors(model)
-    with all_or_nothing(model, objects=(model.projections,)) as snapshot:
+    with all_or_nothing(model, objects=tuple(pair for pair, _ in model.projection_groups())) as snapshot:
         if existing:
             for slot in layout.values():
                 snapshot.keep_values(destinations[slot.model_key])
         else:
-            model.add_adapter(adapter_name, files.config)
+            model.add_adapter(adapter_name, files.config, projections=projections)
         _copy_into(model, files, layout)
         if not is_trainable:
             model.eval()
@@ -204,21 +217,21 @@ def from_pretrained(
     def plan(header: AdapterHeader) -> tuple[dict[str, Slot], tuple[tuple[int, ...], tuple[int, ...]]]:
         header.config.inference_mode = not is_trainable
         with _naming(header.config_path):
-            adapter_plan = model_cls.plan_adapter_on(model, adapter_name, header.config)
-        shapes = _trained_projection_shapes(model, adapter_plan.targets, header)
-        layout = planned_layout(model, adapter_plan, *shapes)
+            targets = model_cls.plan_adapter_on(model, adapter_name, header.config).targets
+            shapes = _trained_projection_shapes(model, targets, header)
+            adapter_plan = model_cls.plan_adapter_on(model, adapter_name, header.config, shapes)
+        layout = planned_layout(model, adapter_plan, header.config.save_projection)
         check_header(header, layout)
-        return layout, shapes
+        return layout, adapter_plan
 
-    files, (layout, (shape_A, shape_B)) = read_adapter_files(directory, plan)
-    vera_A, vera_B = verified_projections(files, shape_A, shape_B)
+    files, (layout, adapter_plan) = read_adapter_files(directory, plan)
+    projections = verified_projections(files, *adapter_plan.projection_shapes)
     with all_or_nothing(model):
         vera_model = model_cls(model, files.config, adapter_name=adapter_name)
-        if (tuple(vera_model.vera_A.shape), tuple(vera_model.vera_B.shape)) != (shape_A, shape_B):
-            # An adapter added second to a model shares the first one's larger pair: use the shapes it was
-            # trained with (a smaller regenerated A is not a slice of the larger one: A is drawn row by row).
-            device = vera_model.vera_A.device
-            vera_model.set_projections(vera_A.to(device, torch.float32), vera_B.to(device, torch.float32))
+        if not vera_model.projections_of(adapter_name).holds(projections):
+            # Projections only the file knows, or a pair larger than the targets need (the adapter shared a
+            # larger one when it was trained: a smaller regenerated A is not a slice of it).
+            vera_model.set_projections(*projections, adapter_name=adapter_name)
         _copy_into(vera_model, files, layout)
         if not is_trainable:
             vera_model.eval()
@@ -406,9 +419,11 @@ def verified_projections(
     if fingerprint is None:
         warnings.warn(
             f"{files.weights_path} has no vera_A/vera_B and no veralab fingerprint (it was saved by PEFT "
-            "with save_projection=False): the projections are regenerated from projection_prng_key and "
-            "cannot be verified; outputs are wrong if this machine's generator differs from the one it was "
-            "trained with.",
+            "with save_projection=False): the projections are regenerated from projection_prng_key over the "
+            "adapter's own targets and cannot be verified. Outputs are wrong if this machine's generator "
+            "differs from the one it was trained with, or if it was trained as a later adapter of a PEFT "
+            "model (PEFT gives later adapters the first one's pair); re-saving it from PEFT with "
+            "save_projection=True removes the doubt.",
             UserWarning,
             stacklevel=4,
         )
@@ -417,25 +432,6 @@ def verified_projections(
             fingerprint, regenerated, config.projection_prng_key, files.config_path, files.weights_path
         )
     return regenerated
-
-
-def check_projections(model: VeraModel, files: AdapterFiles) -> None:
-    """The adapter's projections (saved, or regenerated and fingerprinted) are the ones `model` shares."""
-    vera_A, vera_B = verified_projections(files, tuple(model.vera_A.shape), tuple(model.vera_B.shape))
-    if same_values(vera_A, model.vera_A) and same_values(vera_B, model.vera_B):
-        return
-    if files.config.save_projection:
-        raise AdapterLoadError(
-            f"{files.weights_path}: the adapter's saved vera_A/vera_B differ from the projections this "
-            f"model's adapters {list(model.peft_config)} share; one VeraModel holds one pair. Load it "
-            "into a fresh base model with VeraModel.from_pretrained instead."
-        )
-    raise AdapterLoadError(
-        f"{files.weights_path}: the adapter relies on the projections "
-        f"projection_prng_key={files.config.projection_prng_key} regenerates, but this model's shared "
-        "vera_A/vera_B differ from them; load it into a fresh base model with VeraModel.from_pretrained "
-        "instead."
-    )
 
 
 def _trained_projection_shapes(
@@ -515,7 +511,8 @@ def _copy_into(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -
     target keeps its own slice)."""
     targets = model_tensors(model)
     for key, slot in layout.items():
-        copy_full_into(targets[slot.model_key], files.tensors[key])
+        if key not in PROJECTION_FILE_KEYS:  # the adapter reads them already (`verified_projections`)
+            copy_full_into(targets[slot.model_key], files.tensors[key])
 
 
 def _warn_non_finite(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -> None:

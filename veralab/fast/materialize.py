@@ -17,8 +17,10 @@ slices: the file is memory-mapped, the other rows are never read). What `materia
 - copies of `modules_to_save` modules: the checkpoint's weights of the module they copy;
 - the lambdas: their initial values (`init_weights=True`: lambda_d = d_initial, lambda_b = 0); load an adapter
   afterwards (`load_adapter` into the same name) to start from trained ones;
-- vera_A / vera_B: drawn again from `projection_prng_key` (to_empty leaves garbage in every buffer, saved or
-  not), then compared by fingerprint across processes, once;
+- vera_A / vera_B, every projection group's pair: to_empty leaves garbage in every buffer, saved or not, so
+  each pair gets back the values it had (`get_model` draws it on the CPU from `projection_prng_key` even
+  over a meta base), or is drawn again from its key when it was on the meta device too; then every pair is
+  compared by fingerprint across processes, once;
 - the base's other buffers (rotary frequencies, ...): the values they had when they were real (a model
   built under `accelerate.init_empty_weights()`), else computed again by transformers' own initialisation of
   the module that holds them.
@@ -144,6 +146,7 @@ def materialize(
     files = checkpoint_files(checkpoint)
     sources = _check_checkpoint(checkpoint_names(model), files)
     kept, recomputed = _buffers_to_restore(model)
+    pairs = _projection_values(model)
 
     with _parameters_kept_in_place():
         model.to_empty(device=device)
@@ -154,7 +157,7 @@ def materialize(
             model.get_base_model()._init_weights(module)
         report = _read_shards(sources)
         _initial_lambdas(model)
-        _draw_projections(model, device)
+        _restore_projections(model, pairs)
     _check_same_projections(model)
     return report
 
@@ -275,27 +278,43 @@ def _initial_lambdas(model: VeraModel) -> None:
             layer.vera_lambda_b[name].zero_()
 
 
-def _draw_projections(model: VeraModel, device: torch.device) -> None:
-    """vera_A / vera_B drawn again from the key, in the dtype the model keeps them in."""
-    vera_A, vera_B = regenerate_projections(
-        tuple(model.vera_A.shape), tuple(model.vera_B.shape), model.projections.prng_key
-    )
-    dtype = model.vera_A.dtype
-    model.set_projections(vera_A.to(device, dtype), vera_B.to(device, dtype))
+def _projection_values(model: VeraModel) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """[(an adapter of the group, a copy of its pair, or None when the pair is on the meta device)] per
+    projection group, taken before `to_empty` overwrites the buffers."""
+    values = []
+    for pair, names in model.projection_groups():
+        real = pair.vera_A.device.type != "meta" and pair.vera_B.device.type != "meta"
+        values.append((names[0], (pair.vera_A.clone(), pair.vera_B.clone()) if real else None))
+    return values
+
+
+def _restore_projections(
+    model: VeraModel, pairs: list[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]]
+) -> None:
+    """Every group's pair back in place (on the model's device, in its dtype), drawn again from its key where
+    no values were kept."""
+    for adapter_name, values in pairs:
+        pair = model.projections_of(adapter_name)
+        if values is None:
+            values = regenerate_projections(tuple(pair.vera_A.shape), tuple(pair.vera_B.shape), pair.prng_key)
+        model.set_projections(*values, adapter_name=adapter_name)
 
 
 def _check_same_projections(model: VeraModel) -> None:
-    """Every process drew bit-identical projections (one fingerprint exchange; the pair itself is not
+    """Every process holds bit-identical pairs (one fingerprint exchange; the pairs themselves are not
     sent)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    fingerprint = projection_fingerprint(model.vera_A, model.vera_B, model.projections.prng_key)["sha256"]
-    everyone: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, fingerprint)
+    fingerprints = [
+        projection_fingerprint(pair.vera_A, pair.vera_B, pair.prng_key)["sha256"]
+        for pair, _ in model.projection_groups()
+    ]
+    everyone: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, fingerprints)
     differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
     if differing:
+        keys = [pair.prng_key for pair, _ in model.projection_groups()]
         raise RuntimeError(
-            f"processes {differing} drew other vera_A/vera_B than process 0 from projection_prng_key="
-            f"{model.projections.prng_key}; every process must run the same torch version on the same kind "
-            "of machine"
+            f"processes {differing} hold other vera_A/vera_B than process 0 (projection_prng_key {keys}); "
+            "every process must run the same torch version on the same kind of machine"
         )

@@ -26,7 +26,14 @@ from veralab.fast.fingerprint import (
     regenerate_projections,
     same_values,
 )
-from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME, adapter_directory, adapter_layout, model_tensors
+from veralab.fast.layout import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_directory,
+    adapter_layout,
+    model_tensors,
+    projections_in_file,
+)
 from veralab.targets import resolve_target_modules
 
 if TYPE_CHECKING:
@@ -87,13 +94,14 @@ def adapter_files(model: VeraModel, adapter_name: str, allow_non_finite: bool = 
     Raises:
         ValueError: a tensor holds NaN/inf and `allow_non_finite` is False.
     """
+    plan = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
     tensors = adapter_tensors(model, adapter_name)
     if not allow_non_finite:
         check_finite(tensors, f"adapter {adapter_name!r}")
     metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, adapter_name))}
     return {
         WEIGHTS_NAME: sorted_metadata(safetensors.torch.save(tensors, metadata=metadata)),
-        CONFIG_NAME: config_json(config_for_file(model, model.peft_config[adapter_name])),
+        CONFIG_NAME: config_json(config_for_file(model, plan.config, projections_in_file(model, plan))),
     }
 
 
@@ -140,10 +148,19 @@ def sorted_metadata(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
-def config_for_file(model: VeraModel, config: VeraConfig) -> dict:
-    """The config as PEFT writes it: inference_mode true, the base model's name, explicit default targets."""
+def config_for_file(model: VeraModel, config: VeraConfig, projections_in_file: bool = False) -> dict:
+    """The config as PEFT writes it: inference_mode true, the base model's name, explicit default targets.
+
+    Args:
+        model: the VeraModel.
+        config: the adapter's config.
+        projections_in_file: the file carries vera_A / vera_B (`veralab.fast.layout.projections_in_file`);
+            the config then says save_projection=true, so PEFT loads them (and refuses a pair it cannot
+            hold) instead of drawing another.
+    """
     data = config.to_dict()
     data["inference_mode"] = True
+    data["save_projection"] = config.save_projection or projections_in_file
     if data["target_modules"] is None:
         data["target_modules"] = resolve_target_modules(model.model, config)
     data["base_model_name_or_path"] = base_model_name(model, config)
@@ -165,12 +182,13 @@ def _fingerprint_for_file(model: VeraModel, adapter_name: str) -> dict[str, Any]
     """The fingerprint of the projections the adapter works with: the model's, which a file without them
     must be able to regenerate."""
     config = model.peft_config[adapter_name]
-    vera_A, vera_B = model.vera_A, model.vera_B
+    pair = model.projections_of(adapter_name)
+    vera_A, vera_B = pair.vera_A, pair.vera_B
     if not config.save_projection:
         vera_A, vera_B = regenerate_projections(vera_A.shape, vera_B.shape, config.projection_prng_key)
-        if not same_values(vera_A, model.vera_A) or not same_values(vera_B, model.vera_B):
+        if not same_values(vera_A, pair.vera_A) or not same_values(vera_B, pair.vera_B):
             raise ValueError(
-                f"adapter {adapter_name!r} has save_projection=False, but the model's vera_A/vera_B are not "
+                f"adapter {adapter_name!r} has save_projection=False, but the vera_A/vera_B it reads are not "
                 f"what projection_prng_key={config.projection_prng_key} regenerates, so a file without them "
                 f"would load with other projections. Set model.peft_config[{adapter_name!r}].save_projection "
                 "= True to save them."
