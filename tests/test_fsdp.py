@@ -333,17 +333,36 @@ def test_each_process_reads_and_holds_only_its_shards_of_the_base(workdir, dtype
     assert len({rank["projections_sha256"] for rank in facts}) == 1
 
 
+@pytest.mark.parametrize("pairs_on_meta", [False, True], ids=["pairs-drawn", "pairs-on-meta"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_process_materialises_a_meta_model_equal_to_from_pretrained(workdir, dtype):
+def test_one_process_materialises_a_meta_model_equal_to_from_pretrained(workdir, dtype, pairs_on_meta):
     """materialize without sharding: the same weights, buffers and projections as from_pretrained +
-    get_model, with save_projection=False (the projections are drawn again after to_empty)."""
+    get_model, with save_projection=False, for two projection groups (adapters of two keys). get_model draws
+    the pairs on the CPU even over a meta base, and materialize puts them back after to_empty; a model moved
+    wholly to the meta device has its pairs drawn again from their keys."""
     checkpoint = spec_of(workdir)["checkpoints"][str(DTYPES[dtype])]
     config = vera_config(save_projection=False)
+    other = VeraConfig(
+        r=8,
+        target_modules=["q_proj", "v_proj"],
+        projection_prng_key=1,
+        save_projection=False,
+        inference_mode=False,
+    )
+
+    def adapted(base):
+        model = get_model(base, config)
+        model.add_adapter("other", other)
+        return model
+
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=DTYPES[dtype])
-    built = get_model(meta, config)
+    built = adapted(meta)
+    if pairs_on_meta:
+        built.to("meta")
+    assert len(built.projection_groups()) == 2
     report = materialize(built, checkpoint)
-    loaded = get_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]), config)
+    loaded = adapted(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]))
     assert report.bytes_read == report.checkpoint_bytes  # one process reads everything
     assert built.state_dict().keys() == loaded.state_dict().keys()
     for key, tensor in loaded.state_dict().items():
@@ -353,7 +372,8 @@ def test_one_process_materialises_a_meta_model_equal_to_from_pretrained(workdir,
     ids = token_ids(loaded.config.vocab_size)
     randomize_lambdas(built)
     randomize_lambdas(loaded)
-    assert torch.equal(logits_of(built, ids), logits_of(loaded, ids))
+    expected = logits_of(loaded, ids, adapter_names=ADAPTER_NAMES)  # rows of both groups and the base
+    assert torch.equal(logits_of(built, ids, adapter_names=ADAPTER_NAMES), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
