@@ -594,25 +594,14 @@ def test_quantize_without_its_library_is_one_clear_line(model_dir, data_files, t
 # ---------------------------------------------------------------------------------------------------
 
 # Loaded into every torchrun process (sitecustomize): records every file the process opens for writing, or
-# renames, under $WATCHED_DIR, and writes the list to $WRITES_REPORT.<rank> at exit.
+# renames, under $WATCHED_DIR (tests/write_audit.py), and writes the list to $WRITES_REPORT.<rank> at exit.
 WRITE_AUDIT = """
-import atexit, json, os, sys
-_watched, _report, _writes = os.environ["WATCHED_DIR"], os.environ["WRITES_REPORT"], []
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def _audit(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        path, mode, flags = os.fsdecode(args[0]), args[1] or "", args[2] or 0
-        if any(c in mode for c in "wax+") or flags & _WRITE_FLAGS:
-            _record(path)
-    elif event in ("os.rename", "os.replace"):
-        _record(os.fsdecode(args[1]))
-def _record(path):
-    if os.path.abspath(path).startswith(_watched):
-        _writes.append(os.path.basename(path))
+import atexit, json, os
+from write_audit import WriteAudit
+_writes = WriteAudit().start(os.environ["WATCHED_DIR"])
 def _dump():
-    with open(_report + "." + os.environ.get("RANK", "single"), "w") as f:
+    with open(os.environ["WRITES_REPORT"] + "." + os.environ.get("RANK", "single"), "w") as f:
         json.dump(_writes, f)
-sys.addaudithook(_audit)
 atexit.register(_dump)
 """
 
@@ -628,7 +617,9 @@ def test_torchrun_two_processes_equal_one_process_on_the_same_global_batch(
     logs = tmp_path / "logs"
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(hooks), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(hooks), str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
         WATCHED_DIR=str(output),
         WRITES_REPORT=str(tmp_path / "writes"),
         OMP_NUM_THREADS="1",

@@ -2,7 +2,9 @@
 bitsandbytes, torchao, optimum-quanto or HQQ (`QUANTIZATIONS`, the `--quantize` choices).
 
 No model hub is involved: a model is a directory holding `config.json`, the weights and the tokenizer
-files, as written by `save_pretrained`.
+files, as written by `save_pretrained`. For sharded training (`--fsdp`) the model is only built, on the meta
+device (`build_on_meta`): each process reads its own shards of the weights later
+(`veralab.fast.materialize`).
 """
 
 from __future__ import annotations
@@ -143,3 +145,22 @@ def load_base_model(
 
     model = load_model(path, quantization, device)
     return model, AutoTokenizer.from_pretrained(check_model_dir(path))
+
+
+def build_on_meta(path: str | Path) -> tuple[nn.Module, object]:
+    """A causal language model from a local directory's config, on the meta device (shapes only, no memory),
+    in float32, and its tokenizer. The weights are read later, shard by shard (`veralab.fast.materialize`).
+
+    Args:
+        path: the model directory; its weights must be safetensors files.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if (path / "generation_config.json").is_file():  # what from_pretrained would read next to the weights
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, tokenizer

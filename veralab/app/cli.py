@@ -2,7 +2,9 @@
 
     veralab finetune                       # the embedded demo: SmolLM2-135M-Instruct learns the alarm task
     veralab finetune --model DIR --data train.jsonl --output run1
-    torchrun --nproc_per_node 2 -m veralab finetune ...
+    torchrun --nproc_per_node 2 -m veralab finetune ...          # DistributedDataParallel
+    torchrun --nproc_per_node 2 -m veralab finetune --fsdp ...   # FSDP2: each process holds 1/N of the base
+    accelerate launch --config_file fsdp2.yaml -m veralab finetune ...
     veralab evaluate --adapter run1
     veralab merge --adapter run1 --output run1-merged
     veralab export-lora --adapter run1 --output run1-lora
@@ -252,6 +254,13 @@ def _add_finetune(commands) -> None:
         help="rank of the LoRA the summary compares with (default: %(default)s)",
     )
     training.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the base model over the processes with FSDP2, each holding 1/N of its "
+        "weights, read from the model's safetensors files (default: DistributedDataParallel, a whole copy "
+        "each); accelerate launch with an FSDP config (fsdp_version: 2) turns it on too",
+    )
+    training.add_argument(
         "--quiet", action="store_true", help="no progress bar or messages; files are still written"
     )
     p.set_defaults(run=_run_finetune)
@@ -396,6 +405,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         lora_r=args.lora_rank,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        fsdp=args.fsdp,
     )
     finetune(options)
 

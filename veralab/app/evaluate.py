@@ -2,11 +2,15 @@
 
 An answer counts when the generated text up to the end-of-sequence token, stripped of surrounding
 whitespace, equals the expected completion stripped the same way. Several processes each generate their
-share of the examples and the counts are summed.
+share of the examples and the counts are summed. A model sharded over the processes (FSDP2) gathers each
+layer's weights in every forward, a collective: then every process makes the same number of `generate` calls
+(one with fewer batches adds calls on a filler prompt, not counted) and keeps running forwards until all are
+done (`synced_gpus`); the batches that count are the ones DistributedDataParallel generates.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +19,7 @@ from transformers import GenerationConfig
 
 from veralab.app.data import Example, prompt_ids
 from veralab.app.distributed import Cluster
+from veralab.fast.dtensors import is_sharded
 
 
 @dataclass
@@ -44,7 +49,13 @@ def _left_padded(sequences: list[list[int]], pad_token_id: int) -> dict[str, tor
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    synced_calls: int | None = None,
+    filler_prompt: str | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts`, each cut at the first end-of-sequence token.
 
@@ -54,6 +65,10 @@ def generate_answers(
         prompts: the prompts, tokenized exactly as in training.
         max_new_tokens: the longest answer generated.
         batch_size: prompts generated together.
+        synced_calls: the model is sharded over processes: make exactly this many `generate` calls (the
+            ones past the prompts' batches on `filler_prompt`, their answers dropped), each running forwards
+            until every process is done.
+        filler_prompt: the prompt of those extra calls (default: the first of `prompts`).
     """
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(
@@ -66,15 +81,19 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = _left_padded(
-            [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad_token_id
-        )
+    starts = list(range(0, len(prompts), batch_size))
+    calls = len(starts) if synced_calls is None else synced_calls
+    for call in range(calls):
+        chunk = prompts[starts[call] : starts[call] + batch_size] if call < len(starts) else None
+        chunk = chunk or [filler_prompt if filler_prompt is not None else prompts[0]]
+        batch = _left_padded([prompt_ids(tokenizer, p) for p in chunk], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
-        answers.extend(
-            tokenizer.decode(_until_eos(row.tolist(), tokenizer.eos_token_id)) for row in generated
-        )
+        generated = model.generate(**batch, generation_config=config, synced_gpus=synced_calls is not None)
+        if call < len(starts):
+            answers.extend(
+                tokenizer.decode(_until_eos(row.tolist(), tokenizer.eos_token_id))
+                for row in generated[:, batch["input_ids"].shape[1] :]
+            )
     model.train(was_training)
     return answers
 
@@ -111,7 +130,18 @@ def exact_match(
             len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples
         )
     mine = cluster.shard(examples)
-    answers = generate_answers(model, tokenizer, [e.prompt for e in mine], max_new_tokens, batch_size)
+    synced_calls = None
+    if cluster.distributed and is_sharded(model):  # every process calls generate as often as the busiest
+        synced_calls = math.ceil(math.ceil(len(examples) / cluster.world_size) / batch_size)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        [e.prompt for e in mine],
+        max_new_tokens,
+        batch_size,
+        synced_calls=synced_calls,
+        filler_prompt=examples[0].prompt,
+    )
     correct = sum(answer.strip() == e.completion.strip() for answer, e in zip(answers, mine, strict=True))
     (correct_total,) = cluster.sum([correct])
     kept = [

@@ -3,8 +3,11 @@
     report = finetune(FinetuneOptions())          # the embedded default: SmolLM2-135M on the alarm task
     report = finetune(FinetuneOptions(model="path/to/model", data="train.jsonl", output="run1"))
 
-The same function runs under `torchrun`: every process trains its share of each global batch and only
-rank 0 writes the output directory:
+The same function runs under `torchrun` (or `accelerate launch`): every process trains its share of each
+global batch and only rank 0 writes the output directory. Each process holds the whole base model
+(DistributedDataParallel), or with `fsdp=True` (`--fsdp`, or an accelerate FSDP config) a slice of it: the
+model is built on the meta device, sharded, and each process reads only its own shards of the weights
+(`veralab.fast.fsdp`, `veralab.fast.materialize`). The outputs are the same either way:
 
     <output>/adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's format
     <output>/README.md                                        its model card (a README.md you wrote is kept)
@@ -23,18 +26,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from veralab.app.base_model import load_base_model
+from veralab.app.base_model import build_on_meta, load_base_model
 from veralab.app.data import TaskData, alarm_task, read_jsonl, split_held_out
 from veralab.app.default_model import MODEL_NAME, default_model_dir, default_model_path
-from veralab.app.distributed import Cluster
+from veralab.app.distributed import Cluster, ShardingRequest, sharding_request
 from veralab.app.evaluate import ExactMatch, exact_match
 from veralab.app.options import FinetuneOptions
 from veralab.app.outputs import SUMMARY_NAME, check_output
 from veralab.app.report import RunSummary, plot_loss_curve, summary_table
 from veralab.app.train import train
 from veralab.atomic import staged_update
+from veralab.config import VeraConfig
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
+from veralab.fast.dtensors import is_sharded
 from veralab.fast.layout import WEIGHTS_NAME
 from veralab.fast.model_card import card_files
 from veralab.fast.saving import adapter_files
@@ -84,6 +89,51 @@ def lora_parameters_for(model: VeraModel, r: int) -> int:
     return lora_trainable_parameters(shapes, r)
 
 
+def adapted_model(
+    model_dir: Path,
+    vera: VeraConfig,
+    options: FinetuneOptions,
+    cluster: Cluster,
+    sharding: ShardingRequest | None,
+) -> tuple[VeraModel, object]:
+    """The base model adapted with VeRA, and its tokenizer: whole on each process, or sharded (FSDP2).
+
+    Args:
+        model_dir: the base model's directory.
+        vera: the adapter's configuration.
+        options: the fine-tune's options (quantization).
+        cluster: the training processes.
+        sharding: how to shard, or None for a whole model per process.
+    """
+    if sharding is None:
+        base, tokenizer = load_base_model(model_dir, options.quantization, cluster.device)
+        return get_model(base, vera), tokenizer
+    from veralab.fast.fsdp import shard_model
+    from veralab.fast.materialize import materialize
+
+    base, tokenizer = build_on_meta(model_dir)
+    model = get_model(base, vera)
+    shard_model(model, reshard_after_forward=sharding.reshard_after_forward)
+    materialize(model, model_dir, cluster.device)
+    return model, tokenizer
+
+
+def check_sharding(sharding: ShardingRequest | None, options: FinetuneOptions, cluster: Cluster) -> None:
+    """Refuse FSDP where it cannot run: one process, or a quantized base."""
+    if sharding is None:
+        return
+    if not cluster.distributed:
+        raise ValueError(
+            f"{sharding.source} shards the base model over several processes, but this is the only one; "
+            "start it with torchrun --nproc_per_node N (N >= 2) or accelerate launch"
+        )
+    if options.quantization is not None:
+        raise ValueError(
+            f"{sharding.source} and --load-in-{options.quantization} cannot be combined: veralab shards "
+            "full-precision bases only; drop one of them"
+        )
+
+
 def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> RunSummary:
     """Run the main job (see the module docstring); returns the summary on every rank.
 
@@ -98,13 +148,14 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
         check_options(options)
         task = load_task(options)
         options.training.validate(len(task.train), cluster.world_size)  # before any download or load
+        sharding = sharding_request(options.fsdp)
+        check_sharding(sharding, options, cluster)
         model_dir = resolve_model_dir(options.model, cluster, say)
-        say(f"veralab: loading {model_dir}")
-        base, tokenizer = load_base_model(model_dir, options.quantization, cluster.device)
+        say(f"veralab: loading {model_dir}" + ("" if sharding is None else ", sharded over the processes"))
         vera = options.vera
         vera.base_model_name_or_path = str(model_dir.resolve())
         vera.task_type = "CAUSAL_LM"  # PEFT's AutoPeftModelForCausalLM reads it
-        model = get_model(base, vera)
+        model, tokenizer = adapted_model(model_dir, vera, options, cluster, sharding)
         model.eval()
 
         say(f"veralab: held-out exact match before training ({len(task.held_out)} examples)")
@@ -115,11 +166,10 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
         cluster.check_identical({name: p for name, p in model.named_parameters() if p.requires_grad})
 
         output = Path(options.output)
-        files = (
-            {**adapter_files(model, "default"), **card_files(model, output, ["default"])}
-            if cluster.is_main
-            else {}
-        )
+        # A sharded adapter is gathered: every process takes part, only the main one writes.
+        files = adapter_files(model, "default") if cluster.is_main or is_sharded(model) else {}
+        if cluster.is_main:
+            files.update(card_files(model, output, ["default"]))
         trainable, total = model.get_nb_trainable_parameters()
         summary = RunSummary(
             model=str(model_dir),

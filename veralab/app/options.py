@@ -154,6 +154,8 @@ class FinetuneOptions:
         lora_r: the rank of the LoRA the summary compares with.
         progress: show progress bars and messages (rank 0 only).
         overwrite: write into an existing `output` that holds something other than a fine-tune's output.
+        fsdp: shard the base model over the processes with FSDP2 (`veralab.fast.fsdp`) instead of keeping a
+            whole copy on each; `accelerate launch` with an FSDP config turns it on as well.
     """
 
     model: str | None = None
@@ -168,6 +170,7 @@ class FinetuneOptions:
     lora_r: int = 8
     progress: bool = True
     overwrite: bool = False
+    fsdp: bool = False
 
     def check(self) -> None:
         """Raise ValueError for an option that can never work (before any file is read or model loaded)."""
@@ -192,3 +195,4 @@ class FinetuneOptions:
         )
         self.vera.validate()
         self.training.check()
+        require(isinstance(self.fsdp, bool), "fsdp", self.fsdp, "True or False")

@@ -6,7 +6,8 @@
 seed and takes its own share of each (`Cluster.shard`); the loss is the sum of the token losses divided by
 the global batch's number of answer tokens, so N processes compute exactly the gradient that one process
 computes on the whole batch, up to floating-point summation order. Gradients are averaged by
-DistributedDataParallel; the frozen projections are never broadcast (see `veralab.app.distributed`).
+DistributedDataParallel, or by FSDP2's reduce-scatter for a model sharded with `veralab.fast.fsdp` (it
+averages the same way); the frozen projections are never broadcast (see `veralab.app.distributed`).
 
 Training stops at the first step whose loss is NaN/inf (before that step updates anything), and when the
 trained parameters end up NaN/inf, with a `NonFiniteLossError`: a diverged run produces no adapter.
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from veralab.app.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
 from veralab.app.distributed import Cluster
 from veralab.app.options import TrainingOptions
+from veralab.fast.dtensors import full_tensor, is_sharded
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,12 +86,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def wrap_for_cluster(model: nn.Module, cluster: Cluster) -> nn.Module:
-    """DistributedDataParallel over several processes, the model itself for one.
+    """DistributedDataParallel over several processes, the model itself for one or when it is sharded (FSDP2
+    synchronises its gradients itself).
 
     Nothing is broadcast: not at start (`init_sync=False`: every rank loads the same weights and draws the
     same projections, which `train` checks by checksum) and not before each forward (buffers are frozen).
     """
-    if not cluster.distributed:
+    if not cluster.distributed or is_sharded(model):
         return model
     device_ids = [cluster.device.index] if cluster.device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers to forward_sync_buffers.
@@ -165,7 +168,11 @@ def train(
         bar.set_postfix(loss=f"{loss:.4f}", tok_per_s=f"{result.tokens_per_second:,.0f}", refresh=False)
         bar.update()
     bar.close()
-    broken = [name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    broken = [  # whole values: a sharded parameter is gathered (every process checks, in the same order)
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and not full_tensor(p).isfinite().all()
+    ]
     if broken:
         raise NonFiniteLossError(
             f"training diverged: after the last step {len(broken)} trained parameter(s) hold NaN/inf (e.g. "
@@ -193,7 +200,7 @@ def _step(
     batch = {k: v.to(cluster.device) for k, v in collate(cluster.shard(global_batch), pad_token_id).items()}
     labels = batch.pop("labels")
     loss_sum = answer_token_loss_sum(model(**batch).logits, labels)
-    # DDP averages gradients over ranks, hence * world_size: the result is the global batch's mean.
+    # DDP (and FSDP) average gradients over ranks, hence * world_size: the result is the global batch's mean.
     (loss_sum * (cluster.world_size / answer_tokens)).backward()
     loss_total, tokens = cluster.sum([loss_sum.item(), batch["attention_mask"].sum().item()])
     if math.isfinite(loss_total):

@@ -56,12 +56,16 @@ class LambdaForms:
     held. Otherwise (inference) one value serves forward after forward, rebuilt when one of the tensors it was
     built from is replaced or written in place (an optimizer step, load_state_dict), or when its key (dtype,
     device, adapter names) changes.
+
+    `keep = False` builds every form for its call and keeps nothing: for lambdas that may be rewritten without
+    their version counter moving, as FSDP2 does when it gathers a sharded parameter into the same tensor.
     """
 
     def __init__(self) -> None:
         # One cache per set of adapters computed together (per projection group, per dropout split).
         self._scaled_projection: dict[tuple[str, ...], DerivedCache] = {}
         self._row_tables: dict[tuple[str, ...], DerivedCache] = {}
+        self.keep = True
 
     def scaled_projection(
         self,
@@ -128,10 +132,11 @@ class LambdaForms:
         cache = self._row_tables.setdefault(group, DerivedCache())
         return self._kept(cache, sources, (tuple(names), x.dtype, x.device), build)
 
-    @staticmethod
-    def _kept(cache: DerivedCache, sources: list[torch.Tensor], key: object, build: Callable[[], object]):
+    def _kept(
+        self, cache: DerivedCache, sources: list[torch.Tensor], key: object, build: Callable[[], object]
+    ):
         """`build()`, kept in `cache` for the next call unless this call trains one of `sources`."""
-        if lambdas_train(sources):
+        if not self.keep or lambdas_train(sources):
             return build()
         return cache.get(sources, key=key, build=build)
 
@@ -392,6 +397,17 @@ class VeraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def keep_lambda_forms(self) -> bool:
+        """Whether forms built from the lambdas (the scaled projection S, mixed-batch tables) are kept across
+        inference forwards (see `LambdaForms`). `veralab.fast.fsdp.shard_model` turns it off: FSDP2 rewrites
+        gathered lambdas in place without moving their version counters, so a kept form could be stale."""
+        return self._lambda_forms.keep
+
+    @keep_lambda_forms.setter
+    def keep_lambda_forms(self, keep: bool) -> None:
+        self._lambda_forms.keep = keep
 
     @property
     def weight(self) -> torch.Tensor:

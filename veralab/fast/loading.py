@@ -38,6 +38,7 @@ from torch import nn
 from veralab.atomic import UnfinishedUpdateError, reading
 from veralab.config import VeraConfig
 from veralab.fast.backends import layer_geometry
+from veralab.fast.dtensors import copy_full_into, full_tensor, is_sharded
 from veralab.fast.errors import AdapterLoadError
 from veralab.fast.fingerprint import (
     check_regenerated,
@@ -139,7 +140,9 @@ def load_adapter(
     A new `adapter_name` is added (inactive, like PEFT's `load_adapter`; trainable right away with
     `is_trainable=True`, frozen otherwise); an existing one has its weights replaced in place (so an optimizer
     holding them keeps working, as when a Trainer resumes). Everything is validated before the model is
-    touched, and any failure while changing it (KeyboardInterrupt included) restores it exactly.
+    touched, and any failure while changing it (KeyboardInterrupt included) restores it exactly. Into a model
+    sharded over processes (FSDP2) only an existing adapter can be loaded; each process keeps its own slice
+    of the file.
 
     Args:
         model: the VeraModel.
@@ -152,6 +155,12 @@ def load_adapter(
     """
     check_adapter_name(adapter_name)
     existing = adapter_name in model.peft_config
+    if not existing and is_sharded(model):
+        raise ValueError(
+            f"adapter {adapter_name!r} is new, but this model is already sharded over processes (FSDP2) and "
+            "its shards cannot grow: add it before sharding (model.add_adapter(name, config), then "
+            "veralab.fast.fsdp.shard_model) and load its weights afterwards"
+        )
     if existing and adapter_name in model.merged_adapters:
         raise ValueError(
             f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
@@ -554,17 +563,20 @@ def _naming(path: Path) -> Iterator[None]:
 
 @torch.no_grad()
 def _copy_into(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -> None:
-    """Write the validated tensors into the model (cast to each target's dtype and device)."""
+    """Write the validated tensors into the model (cast to each target's dtype and device; a sharded
+    target keeps its own slice)."""
     targets = model_tensors(model)
     for key, slot in layout.items():
         if key not in PROJECTION_FILE_KEYS:  # the adapter reads them already (`verified_projections`)
-            targets[slot.model_key].copy_(files.tensors[key])
+            copy_full_into(targets[slot.model_key], files.tensors[key])
 
 
 def _warn_non_finite(model: VeraModel, files: AdapterFiles, layout: dict[str, Slot]) -> None:
     """Warn, naming the file and the layers, when loaded tensors hold NaN/inf (or overflowed their dtype), or
-    when finite lambdas are so large that a layer's adapter term overflows float32 (`_overflowing`)."""
-    targets = model_tensors(model)
+    when finite lambdas are so large that a layer's adapter term overflows float32 (`_overflowing`). On a
+    sharded model the loaded tensors are gathered first (every process loads, so every process takes part)."""
+    tensors = model_tensors(model)
+    targets = {slot.model_key: full_tensor(tensors[slot.model_key]) for slot in layout.values()}
     broken = [key for key, slot in layout.items() if not torch.isfinite(targets[slot.model_key]).all()]
     if broken:
         layers = sorted({key.removeprefix(PEFT_PREFIX + "model.").rpartition(".")[0] for key in broken})

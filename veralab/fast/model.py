@@ -35,6 +35,7 @@ from torch import nn
 from veralab.config import VeraConfig
 from veralab.fast import loading, lora_export, model_card, saving
 from veralab.fast.backends import layer_geometry, prepare_model, vera_layer_class
+from veralab.fast.dtensors import check_not_sharded, is_sharded
 from veralab.fast.layer import VeraLayer, is_fan_in_fan_out, warn_fan_in_fan_out_mismatch
 from veralab.fast.layout import check_adapter_name
 from veralab.fast.modules_to_save import ModulesToSaveWrapper
@@ -738,6 +739,7 @@ class VeraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        check_not_sharded(self, "merge_adapter")
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(
@@ -886,9 +888,10 @@ class VeraModel(nn.Module):
         The adapter "default" goes into `save_directory`, any other into `save_directory/<name>`, as in PEFT.
         Each adapter's directory is updated atomically (`veralab.atomic`): whatever happens during the
         save, a kill -9 included, it holds afterwards the complete previous adapter or the complete new one,
-        and other files in it are left alone. The model card is veralab's
-        (`veralab.fast.model_card`); a README.md the user wrote is never rewritten, only given the
-        front-matter keys it lacks.
+        and other files in it are left alone. The model card is veralab's (`veralab.fast.model_card`); a
+        README.md the user wrote is never rewritten, only given the front-matter keys it lacks. A model
+        sharded over processes (FSDP2, `veralab.fast.fsdp`) is gathered first: every process calls this, and
+        the file is byte for byte what one process holding the same lambdas writes.
 
         Args:
             save_directory: where to save.
@@ -909,8 +912,15 @@ class VeraModel(nn.Module):
                 "safe_serialization=False asks for a pickled adapter_model.bin; veralab writes safetensors "
                 "only (PEFT reads them too). Drop the argument."
             )
+        if is_main_process or is_sharded(self):  # gathering a sharded adapter takes every process
+            saving.save_pretrained(
+                self,
+                save_directory,
+                selected_adapters,
+                allow_non_finite=allow_non_finite,
+                write=is_main_process,
+            )
         if is_main_process:
-            saving.save_pretrained(self, save_directory, selected_adapters, allow_non_finite=allow_non_finite)
             model_card.write_model_card(self, save_directory)
 
     @classmethod

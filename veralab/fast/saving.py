@@ -3,7 +3,9 @@
 An adapter's two files are staged, committed and moved into place together (`veralab.atomic`), so a
 failed or killed save leaves the previous adapter intact, or the new one complete. Only safetensors is
 written, never pickle. Projections left out of the file (`save_projection=False`) are fingerprinted in its
-metadata (`veralab.fast.fingerprint`). Tensors holding NaN/inf are refused unless explicitly allowed.
+metadata (`veralab.fast.fingerprint`). Tensors holding NaN/inf are refused unless explicitly allowed. A model
+sharded over processes (FSDP2) has its adapter gathered first (`veralab.fast.dtensors.full_tensor`): every
+process takes part, one writes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from veralab.atomic import update_files
 from veralab.config import VeraConfig
+from veralab.fast.dtensors import full_tensor
 from veralab.fast.fingerprint import (
     FINGERPRINT_KEY,
     projection_fingerprint,
@@ -41,6 +44,7 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     selected_adapters: list[str] | None = None,
     allow_non_finite: bool = False,
+    write: bool = True,
 ) -> None:
     """Save adapters in PEFT's layout, each adapter's directory updated atomically.
 
@@ -51,6 +55,8 @@ def save_pretrained(
         save_directory: the directory; adapter "default" goes into it, others into `save_directory/<name>`.
         selected_adapters: adapters to save (default: all of them).
         allow_non_finite: save tensors holding NaN/inf instead of refusing them.
+        write: write the files. On a sharded model every process calls this (gathering the adapter is a
+            collective) and only the main one writes.
     """
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
@@ -63,6 +69,8 @@ def save_pretrained(
         adapter_directory(save_directory, name): adapter_files(model, name, allow_non_finite)
         for name in names
     }
+    if not write:
+        return
     for (directory, files), name in zip(prepared.items(), names, strict=True):
         try:
             update_files(directory, files)
@@ -75,7 +83,8 @@ def save_pretrained(
 
 
 def adapter_files(model: VeraModel, adapter_name: str, allow_non_finite: bool = False) -> dict[str, bytes]:
-    """{file name: bytes} of one adapter's directory: its weights (with the fingerprint) and its config.
+    """{file name: bytes} of one adapter's directory: its weights (with the fingerprint) and its config. On a
+    sharded model every process must call it (the lambdas are gathered).
 
     Args:
         model: the VeraModel.
@@ -91,7 +100,7 @@ def adapter_files(model: VeraModel, adapter_name: str, allow_non_finite: bool = 
         check_finite(tensors, f"adapter {adapter_name!r}")
     metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, adapter_name))}
     return {
-        WEIGHTS_NAME: safetensors.torch.save(tensors, metadata=metadata),
+        WEIGHTS_NAME: sorted_metadata(safetensors.torch.save(tensors, metadata=metadata)),
         CONFIG_NAME: config_json(config_for_file(model, plan.config, projections_in_file(model, plan))),
     }
 
@@ -113,11 +122,28 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`), copied."""
+    """{file key: CPU tensor} of one adapter, PEFT's keys (see `veralab.fast.layout`), copied; whole tensors,
+    gathered from every process when the model is sharded (then every process must call this)."""
     return {
-        key: tensor.to("cpu").contiguous().clone()
+        key: full_tensor(tensor).to("cpu").contiguous().clone()
         for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
     }
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata keys in sorted order.
+
+    safetensors writes its metadata in hash order, which differs from process to process, so the same
+    tensors and metadata saved twice could differ in bytes. Sorted, a file depends on its contents alone: a
+    sharded model's save is byte for byte the single-process one.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned, as safetensors keeps it
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def config_for_file(model: VeraModel, config: VeraConfig, projections_in_file: bool = False) -> dict:
