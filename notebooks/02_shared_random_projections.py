@@ -70,12 +70,17 @@ def kaiming_bound(fan_in):
 
 
 bound_A, bound_B = kaiming_bound(max_in), kaiming_bound(r)
-print(f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = {bound_A:.5f}")
+print(
+    f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = "
+    f"{bound_A:.5f}"
+)
 print(f"vera_B ({max_out} x {r}): fan_in = {r:4d}   bound = √6 / √{r}  = {bound_B:.5f}")
 
-default_linear = torch.nn.Linear(max_in, r)  # nn.Linear's own init of a weight shaped like vera_A
+# nn.Linear's own init of a weight shaped like vera_A
+default_linear = torch.nn.Linear(max_in, r)
 assert default_linear.weight.abs().max() <= 1 / math.sqrt(max_in)  # ±1/√fan_in
-assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))  # VeRA's bound: √6 times wider
+# VeRA's bound: √6 times wider
+assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))
 
 # %% [markdown]
 # Now draw `A` by hand: a CPU generator seeded with the key, and `uniform_` on an empty tensor. The
@@ -85,7 +90,9 @@ assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))  # VeRA's bound: 
 generator = torch.Generator(device="cpu").manual_seed(prng_key)
 A_by_hand = torch.empty(r, max_in).uniform_(-bound_A, bound_A, generator=generator)
 
-A_reference = ref.kaiming_init((r, max_in), torch.Generator(device="cpu").manual_seed(prng_key))
+A_reference = ref.kaiming_init(
+    (r, max_in), torch.Generator(device="cpu").manual_seed(prng_key)
+)
 assert torch.equal(A_by_hand, A_reference)
 
 # %% [markdown]
@@ -104,7 +111,9 @@ for ax, (name, matrix, bound) in zip(
 ):
     values = matrix.flatten().numpy()
     ax.hist(values, bins=60, density=True, alpha=0.75, label="drawn values")
-    ax.hlines(1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density")
+    ax.hlines(
+        1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density"
+    )
     for edge in (-bound, bound):
         ax.axvline(edge, color="red", linestyle="--")
     ax.set_title(f"{name} {tuple(matrix.shape)}: bound = {bound:.4f}")
@@ -120,7 +129,8 @@ plt.show()
 for matrix, bound in [(vera_A, bound_A), (vera_B, bound_B)]:
     assert matrix.abs().max() <= bound  # never outside the bound
     assert matrix.abs().max() > 0.999 * bound  # and the draws reach it
-    assert abs(matrix.std().item() / (bound / math.sqrt(3)) - 1) < 0.01  # std of U(-b, b) is b / √3
+    # std of U(-b, b) is b / √3
+    assert abs(matrix.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
     assert abs(matrix.mean().item()) < 0.01 * bound
 
 # %% [markdown]
@@ -179,22 +189,41 @@ targets = ["q_proj", "v_proj", "down_proj"]
 key = 1234
 
 veralab_model = get_model(
-    copy.deepcopy(llama), VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+    copy.deepcopy(llama),
+    VeraConfig(r=16, target_modules=targets, projection_prng_key=key),
 )
 peft_model = peft.get_peft_model(
-    copy.deepcopy(llama), peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+    copy.deepcopy(llama),
+    peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key),
 )
 peft_A = peft_model.base_model.vera_A["default"]
 peft_B = peft_model.base_model.vera_B["default"]
 
-# The pair is sized for the largest in (down_proj: 80) and the largest out (q_proj: 32) of the targets.
-reference_A, reference_B = ref.init_projections(r=16, max_in=80, max_out=32, prng_key=key)
-print("veralab vera_A", tuple(veralab_model.vera_A.shape), " PEFT vera_A", tuple(peft_A.shape))
-print("veralab vera_B", tuple(veralab_model.vera_B.shape), " PEFT vera_B", tuple(peft_B.shape))
+# The pair is sized for the largest in (down_proj: 80) and the largest out (q_proj: 32)
+# of the targets.
+reference_A, reference_B = ref.init_projections(
+    r=16, max_in=80, max_out=32, prng_key=key
+)
+print(
+    "veralab vera_A",
+    tuple(veralab_model.vera_A.shape),
+    " PEFT vera_A",
+    tuple(peft_A.shape),
+)
+print(
+    "veralab vera_B",
+    tuple(veralab_model.vera_B.shape),
+    " PEFT vera_B",
+    tuple(peft_B.shape),
+)
 
 # %%
-assert torch.equal(veralab_model.vera_A, peft_A) and torch.equal(veralab_model.vera_B, peft_B)
-assert torch.equal(veralab_model.vera_A, reference_A) and torch.equal(veralab_model.vera_B, reference_B)
+assert torch.equal(veralab_model.vera_A, peft_A) and torch.equal(
+    veralab_model.vera_B, peft_B
+)
+assert torch.equal(veralab_model.vera_A, reference_A) and torch.equal(
+    veralab_model.vera_B, reference_B
+)
 
 # %% [markdown]
 # ## 4. `save_projection=False`: what it saves, what it risks
@@ -224,7 +253,8 @@ lambda_numbers, _ = veralab_model.get_nb_trainable_parameters()
 projection_numbers = veralab_model.vera_A.numel() + veralab_model.vera_B.numel()
 with tempfile.TemporaryDirectory() as directory:
     veralab_model.save_pretrained(f"{directory}/with_projections")
-    veralab_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+    # the same adapter, saved without the pair
+    veralab_model.peft_config["default"].save_projection = False
     veralab_model.save_pretrained(f"{directory}/without_projections")
     bytes_with = weights_file_bytes(f"{directory}/with_projections")
     bytes_without = weights_file_bytes(f"{directory}/without_projections")
@@ -233,7 +263,8 @@ print(f"file with projections {bytes_with:,d} bytes, without {bytes_without:,d} 
 
 # %%
 assert projection_numbers == 16 * (80 + 32) and projection_numbers > lambda_numbers
-# The difference is the projections' float32 bytes, plus their two entries in the file's header.
+# The difference is the projections' float32 bytes, plus their two entries in the file's
+# header.
 assert 0 < (bytes_with - bytes_without) - 4 * projection_numbers < 256
 
 # %% [markdown]
@@ -265,10 +296,13 @@ assert not torch.equal(A_80[:, :32], A_32) and not torch.equal(B_80[:32], B_32)
 
 # %%
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)  # the save_projection=False warning, seen above
+    # the save_projection=False warning, seen above
+    warnings.simplefilter("ignore", UserWarning)
     two_adapters = get_model(
         copy.deepcopy(llama),
-        VeraConfig(r=16, target_modules=targets, projection_prng_key=key, save_projection=False),
+        VeraConfig(
+            r=16, target_modules=targets, projection_prng_key=key, save_projection=False
+        ),
         adapter_name="wide",
     )
     narrow_config = VeraConfig(
@@ -278,7 +312,8 @@ with warnings.catch_warnings():
         save_projection=False,
         init_weights=False,
     )
-    two_adapters.add_adapter("narrow", narrow_config)  # init_weights=False: random λ, as if trained
+    # init_weights=False: random λ, as if trained
+    two_adapters.add_adapter("narrow", narrow_config)
 two_adapters.set_adapter("narrow")
 input_ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
 
@@ -294,9 +329,15 @@ def adapter_contribution(model):
 
 as_trained = adapter_contribution(two_adapters)
 with tempfile.TemporaryDirectory() as directory:
-    two_adapters.save_pretrained(directory)  # "narrow" goes into directory/narrow, as in PEFT
-    reloaded_by_veralab = VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
-    reloaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+    two_adapters.save_pretrained(
+        directory
+    )  # "narrow" goes into directory/narrow, as in PEFT
+    reloaded_by_veralab = VeraModel.from_pretrained(
+        copy.deepcopy(llama), f"{directory}/narrow"
+    )
+    reloaded_by_peft = peft.PeftModel.from_pretrained(
+        copy.deepcopy(llama), f"{directory}/narrow"
+    )
 print(
     "pair after reloading: veralab",
     tuple(reloaded_by_veralab.vera_A.shape),
@@ -306,7 +347,8 @@ print(
 
 by_veralab = adapter_contribution(reloaded_by_veralab)
 by_peft = adapter_contribution(reloaded_by_peft)
-error_peft = ((by_peft - as_trained).norm() / as_trained.norm()).item()  # relative to the adapter's effect
+# relative to the adapter's effect
+error_peft = ((by_peft - as_trained).norm() / as_trained.norm()).item()
 
 fig, ax = plt.subplots(figsize=(5, 4.8))
 limit = as_trained.abs().max().item()
@@ -319,9 +361,21 @@ ax.plot(
     label="what loading should give",
 )
 ax.scatter(
-    as_trained, by_peft, s=3, alpha=0.3, color="tab:red", label=f"PEFT reload (off by {error_peft:.0%})"
+    as_trained,
+    by_peft,
+    s=3,
+    alpha=0.3,
+    color="tab:red",
+    label=f"PEFT reload (off by {error_peft:.0%})",
 )
-ax.scatter(as_trained, by_veralab, s=6, alpha=0.5, color="tab:green", label="veralab reload (exact)")
+ax.scatter(
+    as_trained,
+    by_veralab,
+    s=6,
+    alpha=0.5,
+    color="tab:green",
+    label="veralab reload (exact)",
+)
 ax.set_xlabel("adapter's contribution to the logits, as trained")
 ax.set_ylabel("... after saving without projections and reloading")
 ax.set_title("'narrow', saved with save_projection=False")
@@ -339,7 +393,8 @@ plt.show()
 # %%
 assert tuple(reloaded_by_veralab.vera_A.shape) == (16, 80)
 torch.testing.assert_close(by_veralab, as_trained)
-assert error_peft > 0.5  # PEFT's reload is off by more than half of what the adapter does
+# PEFT's reload is off by more than half of what the adapter does
+assert error_peft > 0.5
 
 # %% [markdown]
 # When the regeneration cannot match — another PyTorch whose generator draws differently, or, simulated here,
@@ -372,3 +427,89 @@ assert isinstance(refused, ProjectionMismatchError)
 #   fingerprint turns a mismatch into an error rather than a silently different model, but a refused file is
 #   still a file you cannot use on that machine, and PEFT (which ignores the fingerprint) will load it either
 #   way.
+
+# %% [markdown]
+# ## Try it: the seed and the shared pair
+#
+# Pick a `projection_prng_key` and a rank: the heatmaps are the pair
+# `init_projections(r, max_in=48, max_out=32, prng_key)` draws. The same key always gives the
+# same pair; any other key gives an unrelated one. (The figure is drawn once at key 0 and
+# r = 8; in Jupyter the controls below redraw it.)
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_pair(prng_key=0, r=8):
+    """Draw the pair for a key and a rank as heatmaps; returns (vera_A, vera_B)."""
+    vera_A, vera_B = ref.init_projections(r, max_in=48, max_out=32, prng_key=prng_key)
+    fig, (ax_B, ax_A) = plt.subplots(
+        1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 3]}
+    )
+    bound = math.sqrt(6 / r)  # vera_B's bound; vera_A's, √(6 / 48), is narrower
+    ax_B.imshow(vera_B, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax_A.imshow(vera_A, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax_B.set_title(f"vera_B ({32} × {r})", fontsize=9)
+    ax_A.set_title(f"vera_A ({r} × {48}), prng_key = {prng_key}", fontsize=9)
+    fig.tight_layout()
+    plt.show()
+    return vera_A, vera_B
+
+
+draw_pair()
+
+# %%
+key_slider = widgets.IntSlider(value=0, min=0, max=100, description="prng_key")
+pair_control = widgets.interactive(
+    draw_pair,
+    prng_key=key_slider,
+    r=widgets.Dropdown(options=[4, 8, 16, 32], value=8, description="rank r"),
+)
+display(pair_control)
+
+# %%
+# Moving the key redraws the pair: the same key gives the same bits, another key
+# another pair.
+key_slider.value = 7
+pair_at_7 = pair_control.result
+assert all(
+    torch.equal(drawn, expected)
+    for drawn, expected in zip(
+        pair_at_7, ref.init_projections(8, 48, 32, 7), strict=True
+    )
+)
+key_slider.value = 0
+assert not torch.equal(pair_control.result[0], pair_at_7[0])
+
+# %% [markdown]
+# ## Exercise: draw the pair yourself
+#
+# Write `my_init_projections(r, max_in, max_out, prng_key)` that returns `(vera_A, vera_B)`
+# exactly as PEFT draws them, without calling `veralab.reference`: one CPU generator seeded
+# with the key, `vera_A (r × max_in)` first, then `vera_B (max_out × r)`, each uniform on
+# `±√(6 / fan_in)`. The checker compares your draw with PEFT's for three keys and shapes and
+# says which matrix differs, and why it might.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_init_projections(r, max_in, max_out, prng_key):
+    generator = torch.Generator().manual_seed(prng_key)
+    bound_A = math.sqrt(6 / max_in)  # vera_A's fan_in is max_in
+    vera_A = torch.empty(r, max_in).uniform_(-bound_A, bound_A, generator=generator)
+    bound_B = math.sqrt(6 / r)  # vera_B's fan_in is r; drawn after vera_A
+    vera_B = torch.empty(max_out, r).uniform_(-bound_B, bound_B, generator=generator)
+    return vera_A, vera_B
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_projections(my_init_projections)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [03 · One pair for every shape](03_max_dim_slicing.ipynb): how one pair serves
+# layers of every shape.
