@@ -1,9 +1,10 @@
 """mkdocs hooks: the site shows what the notebooks compute, and reads offline.
 
 - The notebooks are committed without outputs. `on_config` runs each one (nbclient, a fresh kernel of the
-  running interpreter, two at a time) into a temporary folder, and `on_files` points the notebook pages at
-  the executed copies, so every figure and printed table appears on its page. A failing cell fails the
-  build. `VERALAB_DOCS_EXECUTE=false` renders the notebooks as committed, for a quick look at prose edits.
+  running interpreter; two at a time, or VERALAB_DOCS_WORKERS) into a temporary folder, and `on_files`
+  points the notebook pages at the executed copies, so every figure and printed table appears on its page.
+  A failing cell fails the build. `VERALAB_DOCS_EXECUTE=false` renders the notebooks as committed, for a
+  quick look at prose edits.
 - A widget needs a running kernel: its output is replaced by a note (each widget of the notebooks has a
   static figure at the default values next to it).
 - Notebook pages link to each other as `NN_topic.ipynb` and to the site's pages as `../docs/page.md`,
@@ -43,7 +44,8 @@ WIDGET_NOTE = (
 )
 # A cell may compute for a while (notebook 06 fine-tunes a small model); a hanging cell still ends.
 CELL_TIMEOUT_S = 600
-WORKERS = 2
+# Two notebooks at a time fill a two-core machine; the test suite asks for one while its other tests run.
+WORKERS = int(os.environ.get("VERALAB_DOCS_WORKERS", "2"))
 
 _executed: dict[str, Path] = {}
 _scratch: tempfile.TemporaryDirectory | None = None

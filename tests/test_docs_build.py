@@ -1,4 +1,5 @@
-"""The documentation site, built once per test run and checked twice: as files, then in a real browser.
+"""The documentation site, built once per test run (in the background, from the moment the tests are
+collected: tests/site_build.py) and checked twice: as files, then in a real browser.
 
 The build is strict: a broken link, a missing anchor or reference, or a docstring mkdocstrings cannot read
 fails it. It executes every notebook (scripts/mkdocs_hooks.py), so each notebook page carries its figures;
@@ -8,22 +9,22 @@ The browser check serves the built site on 127.0.0.1 and opens every notebook pa
 equations, in headless Chromium (Debian's `chromium` and `chromium-driver`; `.ci/run` installs them when
 absent), driven by selenium: each figure is present and loaded (natural width > 0), no code cell scrolls
 sideways, the equations rendered, and nothing was fetched from outside the site. A screenshot of each
-page is saved under a temporary folder, printed at the end (`pytest -s` shows it), for CI to keep.
+page is saved under a temporary folder, whose path is written to the terminal, for CI to keep.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
-import os
+import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from site_build import SITE_BUILD, start_site_build
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_STEMS = sorted(path.stem for path in (ROOT / "notebooks").glob("*.ipynb"))
@@ -33,25 +34,19 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """The site, built with `mkdocs build --strict` (notebooks executed); the build's output is checked."""
-    env = {key: value for key, value in os.environ.items() if key != "VERALAB_DOCS_EXECUTE"}
-    env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's end-of-life banner, not a build problem
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    site = tmp_path_factory.mktemp("docs") / "site"
-    build = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = build.stdout + build.stderr
-    assert build.returncode == 0, output
+def site(request):
+    """The site, built with `mkdocs build --strict` (notebooks executed); the build's output is checked.
+
+    The build started in the background when the tests were collected (tests/site_build.py).
+    """
+    build = request.config.stash.get(SITE_BUILD, None)
+    if build is None:  # collected another way: build now
+        build = request.config.stash[SITE_BUILD] = start_site_build()
+    returncode, output = build.wait()
+    assert returncode == 0, output
     warnings = [line for line in output.splitlines() if "WARNING" in line and "IPKernelApp" not in line]
     assert not warnings, output
-    return site
+    return build.site
 
 
 def test_docs_build_strict_renders_every_page(site):
@@ -75,8 +70,6 @@ def test_notebook_pages_carry_their_outputs_and_no_widget_views(site, stem):
 
 
 def test_no_page_loads_anything_from_outside_the_site(site):
-    import re
-
     external = re.compile(r"<(?:script|link|img)\b[^>]*\b(?:src|href)=\"(?:https?:)?//", re.IGNORECASE)
     offenders = {
         str(page.relative_to(site)): external.findall(page.read_text(encoding="utf-8"))
@@ -124,10 +117,16 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def screenshots():
+def screenshots(request):
+    """A folder, kept after the run, for CI to collect: its path is written to the terminal at the end."""
     folder = Path(tempfile.mkdtemp(prefix="veralab-site-screenshots-"))
     yield folder
-    print(f"\nscreenshots of the site's pages: {folder}")
+    message = f"screenshots of the site's pages: {folder}"
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        print(message)
+    else:  # past pytest's output capture, so that it shows without -s
+        reporter.write_line(message)
 
 
 PAGE_STATE = """
@@ -165,8 +164,6 @@ def open_page(driver, url: str, screenshots: Path, name: str) -> dict:
             "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
         },
     )
-    import base64
-
     (screenshots / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
     return driver.execute_script(PAGE_STATE)
 
