@@ -35,6 +35,7 @@ import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import veralab
 from veralab import VeraConfig
 from veralab import reference as ref
 from veralab.fast import ProjectionMismatchError, VeraModel, get_model
@@ -288,33 +289,40 @@ A_32, B_32 = ref.init_projections(r=16, max_in=32, max_out=32, prng_key=key)
 assert not torch.equal(A_80[:, :32], A_32) and not torch.equal(B_80[:32], B_32)
 
 # %% [markdown]
-# Here is how that bites in practice. A model carries two adapters, which share one pair (notebook 03):
-# `wide` also adapts `down_proj` (80 inputs), `narrow` only `q_proj` and `v_proj` (32 inputs). The pair is
-# sized `(16, 80)` / `(80, 16)` for both. Saved without projections, `narrow`'s file holds its λ vectors and
-# its config — whose targets, on their own, would size a `(16, 32)` pair. We reload `narrow` alone, with
-# veralab and with PEFT, into fresh copies of the base model, and compare what the adapter adds to the logits.
+# Here is how that bites in practice. A model carries two adapters: `wide` also adapts `down_proj` (80
+# inputs), `narrow` only `q_proj` and `v_proj` (32 inputs). PEFT draws a pair for the model's *first* adapter
+# and hands that same pair to every later one, so in PEFT `narrow` trains with `wide`'s `(16, 80)` pair.
+# Saved without projections, `narrow`'s file holds its λ vectors and its config — whose targets, on their
+# own, size a `(16, 32)` pair, which is what PEFT draws when it loads the file alone. veralab gives every
+# adapter, from the start, the pair its key draws over *its own* targets (the pair it would have alone), so
+# the file means one thing wherever it is loaded. We train nothing: random λ stand for a trained adapter.
 
 # %%
-with warnings.catch_warnings():
-    # the save_projection=False warning, seen above
-    warnings.simplefilter("ignore", UserWarning)
-    two_adapters = get_model(
-        copy.deepcopy(llama),
-        VeraConfig(
-            r=16, target_modules=targets, projection_prng_key=key, save_projection=False
-        ),
-        adapter_name="wide",
-    )
-    narrow_config = VeraConfig(
-        r=16,
-        target_modules=["q_proj", "v_proj"],
-        projection_prng_key=key,
-        save_projection=False,
-        init_weights=False,
-    )
-    # init_weights=False: random λ, as if trained
-    two_adapters.add_adapter("narrow", narrow_config)
-two_adapters.set_adapter("narrow")
+narrow_targets = ["q_proj", "v_proj"]
+
+
+def two_adapters(library, get):
+    """A copy of the Llama with `wide` and then `narrow` (random λ: as if trained), in
+    one library."""
+    with warnings.catch_warnings():
+        # the save_projection=False warning, seen above
+        warnings.simplefilter("ignore", UserWarning)
+        config = dict(r=16, projection_prng_key=key, save_projection=False)
+        model = get(
+            copy.deepcopy(llama),
+            library.VeraConfig(target_modules=targets, **config),
+            adapter_name="wide",
+        )
+        narrow = library.VeraConfig(
+            target_modules=narrow_targets, init_weights=False, **config
+        )
+        model.add_adapter("narrow", narrow)
+    model.set_adapter("narrow")
+    return model
+
+
+trained_in_peft = two_adapters(peft, peft.get_peft_model)
+trained_in_veralab = two_adapters(veralab, get_model)
 input_ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
 
 
@@ -327,31 +335,42 @@ def adapter_contribution(model):
     return (adapted - base).flatten()
 
 
-as_trained = adapter_contribution(two_adapters)
-with tempfile.TemporaryDirectory() as directory:
-    two_adapters.save_pretrained(
-        directory
-    )  # "narrow" goes into directory/narrow, as in PEFT
-    reloaded_by_veralab = VeraModel.from_pretrained(
-        copy.deepcopy(llama), f"{directory}/narrow"
-    )
-    reloaded_by_peft = peft.PeftModel.from_pretrained(
-        copy.deepcopy(llama), f"{directory}/narrow"
-    )
+def reloaded_alone(model, loader):
+    """`narrow` saved without projections, then loaded alone into a fresh copy of the
+    base model."""
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save_pretrained(
+            directory
+        )  # "narrow" goes into directory/narrow, as in PEFT
+        return loader(copy.deepcopy(llama), f"{directory}/narrow")
+
+
+def relative_error(reloaded, trained):
+    return ((reloaded - trained).norm() / trained.norm()).item()
+
+
+peft_trained = adapter_contribution(trained_in_peft)
+peft_reloaded = adapter_contribution(
+    reloaded_alone(trained_in_peft, peft.PeftModel.from_pretrained)
+)
+veralab_trained = adapter_contribution(trained_in_veralab)
+veralab_in_peft = adapter_contribution(
+    reloaded_alone(trained_in_veralab, peft.PeftModel.from_pretrained)
+)
+veralab_in_veralab = adapter_contribution(
+    reloaded_alone(trained_in_veralab, VeraModel.from_pretrained)
+)
+error_peft = relative_error(peft_reloaded, peft_trained)
 print(
-    "pair after reloading: veralab",
-    tuple(reloaded_by_veralab.vera_A.shape),
-    " PEFT",
-    tuple(reloaded_by_peft.base_model.vera_A["default"].shape),
+    "narrow's pair while training: PEFT",
+    tuple(trained_in_peft.base_model.vera_A["narrow"].shape),
+    " veralab",
+    tuple(trained_in_veralab.projections_of("narrow").vera_A.shape),
 )
 
-by_veralab = adapter_contribution(reloaded_by_veralab)
-by_peft = adapter_contribution(reloaded_by_peft)
-# relative to the adapter's effect
-error_peft = ((by_peft - as_trained).norm() / as_trained.norm()).item()
-
 fig, ax = plt.subplots(figsize=(5, 4.8))
-limit = as_trained.abs().max().item()
+limit = max(peft_trained.abs().max().item(), veralab_trained.abs().max().item())
 ax.plot(
     [-limit, limit],
     [-limit, limit],
@@ -361,20 +380,20 @@ ax.plot(
     label="what loading should give",
 )
 ax.scatter(
-    as_trained,
-    by_peft,
+    peft_trained,
+    peft_reloaded,
     s=3,
     alpha=0.3,
     color="tab:red",
-    label=f"PEFT reload (off by {error_peft:.0%})",
+    label=f"trained in PEFT, reloaded (off by {error_peft:.0%})",
 )
 ax.scatter(
-    as_trained,
-    by_veralab,
+    veralab_trained,
+    veralab_in_peft,
     s=6,
     alpha=0.5,
     color="tab:green",
-    label="veralab reload (exact)",
+    label="trained in veralab, reloaded by PEFT or veralab (exact)",
 )
 ax.set_xlabel("adapter's contribution to the logits, as trained")
 ax.set_ylabel("... after saving without projections and reloading")
@@ -383,18 +402,42 @@ ax.legend(loc="upper left", fontsize=8)
 plt.show()
 
 # %% [markdown]
-# PEFT sizes the regenerated pair from `narrow`'s own targets, draws a `(16, 32)` `A`, and the same λ vectors
-# now scale a different random subspace: the reloaded adapter still correlates with the trained one (both pass
-# through the same network), but its error is as large as the adapter's whole effect. Nothing fails: shapes
-# fit, the model runs, and the adapter silently does something else. veralab records a fingerprint of the
-# projections in the file's metadata — their shapes, key, generator and a sha256 of their values — regenerates
-# at the recorded shapes, and checks the result.
+# Reloaded alone, PEFT's `narrow` gets a regenerated `(16, 32)` `A`, and the same λ vectors now scale a
+# different random subspace: the adapter still correlates with the trained one (both pass through the same
+# network), but its error is as large as its whole effect. Nothing fails: shapes fit, the model runs, and the
+# adapter silently does something else. veralab's `narrow` trained with the `(16, 32)` pair all along, so
+# both libraries reload it exactly.
+#
+# One risk is left: a PEFT model that loads `narrow` *beside* `wide` would hand it `wide`'s pair. So when an
+# adapter's pair is not the model's first, veralab writes the pair into its file (and `save_projection: true`
+# into its config): PEFT then loads it alone exactly and refuses it beside another adapter, loudly. For the
+# adapters of the first pair, `save_projection=False` keeps the file to the λ vectors; veralab records a
+# fingerprint of the projections in the file's metadata — their shapes, key, generator and a sha256 of their
+# values — and checks what it regenerates.
 
 # %%
-assert tuple(reloaded_by_veralab.vera_A.shape) == (16, 80)
-torch.testing.assert_close(by_veralab, as_trained)
+assert tuple(trained_in_peft.base_model.vera_A["narrow"].shape) == (16, 80)
+assert tuple(trained_in_veralab.projections_of("narrow").vera_A.shape) == (16, 32)
+torch.testing.assert_close(veralab_in_veralab, veralab_trained)
+torch.testing.assert_close(veralab_in_peft, veralab_trained)
 # PEFT's reload is off by more than half of what the adapter does
 assert error_peft > 0.5
+
+with tempfile.TemporaryDirectory() as directory:
+    trained_in_veralab.save_pretrained(directory)
+    with open(os.path.join(directory, "narrow", "adapter_config.json")) as f:
+        # narrow's file carries its (16, 32) pair
+        assert json.load(f)["save_projection"] is True
+    beside_wide = peft.PeftModel.from_pretrained(
+        copy.deepcopy(llama), f"{directory}/wide"
+    )
+    try:
+        beside_wide.load_adapter(f"{directory}/narrow", "narrow")
+        peft_refused = None
+    except ValueError as error:
+        peft_refused = error
+print(peft_refused)
+assert peft_refused is not None
 
 # %% [markdown]
 # When the regeneration cannot match — another PyTorch whose generator draws differently, or, simulated here,
@@ -402,15 +445,15 @@ assert error_peft > 0.5
 
 # %%
 with tempfile.TemporaryDirectory() as directory:
-    two_adapters.save_pretrained(directory, selected_adapters=["narrow"])
-    config_path = os.path.join(directory, "narrow", "adapter_config.json")
+    trained_in_veralab.save_pretrained(directory, selected_adapters=["wide"])
+    config_path = os.path.join(directory, "wide", "adapter_config.json")
     with open(config_path) as f:
         edited = json.load(f)
     edited["projection_prng_key"] = key + 1
     with open(config_path, "w") as f:
         json.dump(edited, f)
     try:
-        VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/narrow")
+        VeraModel.from_pretrained(copy.deepcopy(llama), f"{directory}/wide")
         refused = None
     except ProjectionMismatchError as error:
         refused = error

@@ -362,29 +362,25 @@ for dtype in dtype_choice.options:
 assert worst["bfloat16"] > 0 and worst["float16"] > 0  # and it does round
 
 # %% [markdown]
-# ## Exercise: ΔW for a convolution's kernel
+# ## Exercise: write ΔW
 #
-# A `Conv2d` kernel `(out, in, kh, kw)` is the matrix `(out, in · kh · kw)` applied to each
-# flattened input patch, so VeRA adapts it as that matrix (§8 of `veralab.reference`). Write
-# `my_conv_delta_kernel(conv, vera_A, vera_B, lambda_d, lambda_b)`: the `ΔW` that merging adds
-# to `conv.weight`, in the kernel's shape. The checker tries two convolutions with non-zero λ
-# vectors.
+# Write `my_delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)`: the
+# `ΔW` that merging adds to a linear layer's weight, shape `(out, in)`, from the slices of the
+# shared pair and the two λ vectors. The checker tries two layer shapes with non-zero λ
+# vectors and compares with the reference to float32 rounding.
 
 
 # %% jupyter={"source_hidden": true}
 # Worked solution: replace the body with your own and run the checker below.
-def my_conv_delta_kernel(conv, vera_A, vera_B, lambda_d, lambda_b):
-    out_features = conv.out_channels
-    in_features = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+def my_delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features):
     A_s, B_s = vera_A[:, :in_features], vera_B[:out_features, :]
-    delta = (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, in·kh·kw)
-    return delta.reshape(conv.weight.shape)
+    return (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, r) @ (r, in)
 
 
 # %%
 from veralab import exercises
 
-feedback = exercises.check_conv_delta_kernel(my_conv_delta_kernel)
+feedback = exercises.check_delta_weight(my_delta_weight)
 print(feedback)
 assert feedback
 

@@ -1022,6 +1022,5 @@ print(feedback)
 assert feedback
 
 # %% [markdown]
-# This is the last notebook of the path. Back to the
-# [learning path](../docs/index.md#learning-paths) for where to go from here: fine-tuning your
-# own model, coming from PEFT, or contributing to veralab.
+# **Next:** [10 · Beyond linear layers](10_beyond_linear_layers.ipynb): VeRA over embedding
+# tables and convolutions.

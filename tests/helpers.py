@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import torch
 from transformers import (
     BertConfig,
@@ -15,6 +18,8 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from benchmarks.fuzz_adapter_files import EmbeddingLinearConv  # noqa: F401 (used by the tests)
 
 VOCAB = 96
 
@@ -121,3 +126,48 @@ def randomize_lambdas(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in sorted(model.named_parameters()):
             if "vera_lambda_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+class Hung(Exception):
+    """A call that should have returned long ago was still running (see `no_hang`)."""
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float):
+    """Fail (raise `Hung`) instead of hanging when the block runs longer than `seconds`.
+
+    A guard for tests of code that used to loop for ever; it never decides a pass by timing (SIGALRM, main
+    thread only, Unix).
+    """
+
+    def interrupt(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Everything a failed operation must leave as it was: modules (types, training mode), parameters
+    (values, requires_grad), buffers, and for a VeraModel its adapters."""
+    return {
+        "modules": [(name, type(m).__name__, m.training) for name, m in model.named_modules()],
+        "parameters": [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+        "buffers": [(n, b.detach().clone()) for n, b in model.named_buffers()],
+        "adapters": (list(getattr(model, "peft_config", {})), getattr(model, "active_adapters", None)),
+    }
+
+
+def assert_same_model_state(actual: dict, expected: dict) -> None:
+    assert actual["modules"] == expected["modules"]
+    assert actual["adapters"] == expected["adapters"]
+    for kind in ("parameters", "buffers"):
+        assert [entry[0] for entry in actual[kind]] == [entry[0] for entry in expected[kind]], kind
+        for now, before in zip(actual[kind], expected[kind], strict=True):
+            assert torch.equal(now[1], before[1]), now[0]
+            assert now[2:] == before[2:], f"{now[0]}: requires_grad"

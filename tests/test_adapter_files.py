@@ -14,11 +14,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GPT2ForSequenceClassification, LlamaForCausalLM, TrainingArguments
 
-from veralab import VeraConfig
+from veralab import VeraConfig, atomic
 from veralab.fast import VeraModel, get_model, projections, saving
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.fingerprint import FINGERPRINT_KEY
-from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME
+from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME, adapter_directory
 from veralab.fast.trainer import VeraTrainer
 
 # PEFT and veralab warn about save_projection=False and fan_in_fan_out; tests that need a warning assert it.
@@ -215,11 +215,30 @@ def test_veralab_adapters_round_trip_through_veralab_and_peft(arch, save_project
     model.save_pretrained(tmp_path)
 
     reloaded = outputs(load_all(VeraModel.from_pretrained, arch, tmp_path), arch.adapters)
-    in_peft = outputs(load_all(peft.PeftModel.from_pretrained, arch, tmp_path), arch.adapters)
     for name in arch.adapters:
         assert torch.equal(reloaded[name], expected[name]), name
-        assert_fp32_close(in_peft[name], expected[name])
+        # Each adapter reads the pair its key draws over its own targets: what PEFT gives it loaded alone.
+        alone = peft.PeftModel.from_pretrained(arch.base(), adapter_directory(tmp_path, name))
+        assert_fp32_close(outputs(alone, ["default"])["default"], expected[name])
     assert not torch.allclose(expected["default"], expected["other"])  # the adapters differ, so names matter
+
+
+@pytest.mark.fault(
+    "file",
+    "PEFT loads an adapter of another projection group beside the model's first adapter",
+    "PEFT raises (mixed save_projection, or a size mismatch of vera_A), never runs it with the wrong pair",
+)
+@BOTH
+def test_peft_refuses_an_adapter_of_another_group_beside_the_first(arch, save_projection, tmp_path):
+    model = make_vera(arch, save_projection)
+    model.save_pretrained(tmp_path)
+    others = [name for pair, names in model.projection_groups()[1:] for name in names]
+    assert others  # every arch's "other" adapter targets smaller layers than "default"
+    for name in others:
+        assert json.loads((tmp_path / name / CONFIG_NAME).read_text())["save_projection"] is True
+        in_peft = peft.PeftModel.from_pretrained(arch.base(), tmp_path)
+        with pytest.raises((ValueError, RuntimeError), match="saved for all adapters or none|size mismatch"):
+            in_peft.load_adapter(tmp_path / name, name)
 
 
 @pytest.mark.fault(
@@ -233,11 +252,15 @@ def test_peft_adapters_load_into_veralab_and_save_back_identically(arch, save_pr
     expected = outputs(peft_model, arch.adapters)
     peft_model.save_pretrained(tmp_path / "peft")
 
-    if save_projection:
+    if save_projection:  # the files carry the pair PEFT gave every adapter: the first adapter's
         model = load_all(VeraModel.from_pretrained, arch, tmp_path / "peft")
     else:  # PEFT records no fingerprint: veralab says it cannot verify the regenerated projections
-        with pytest.warns(UserWarning, match="cannot be verified"):
+        with pytest.warns(UserWarning, match="cannot be verified.*later adapter of a PEFT model"):
             model = load_all(VeraModel.from_pretrained, arch, tmp_path / "peft")
+        # Each adapter then reads the pair its key draws over its own targets, as in PEFT loaded alone.
+        for name in list(arch.adapters)[1:]:
+            alone = peft.PeftModel.from_pretrained(arch.base(), tmp_path / "peft" / name).eval()
+            expected[name] = outputs(alone, ["default"])["default"]
     for name, logits in outputs(model, arch.adapters).items():
         assert_fp32_close(logits, expected[name])
 
@@ -246,7 +269,11 @@ def test_peft_adapters_load_into_veralab_and_save_back_identically(arch, save_pr
         sub = "" if name == "default" else name
         theirs, _ = read_file(tmp_path / "peft" / sub / WEIGHTS_NAME)
         ours, _ = read_file(tmp_path / "veralab" / sub / WEIGHTS_NAME)
-        assert theirs.keys() == ours.keys()
+        projections = {"base_model.vera_A", "base_model.vera_B"}
+        if save_projection or model.projections_of(name) is model.projections:
+            assert theirs.keys() == ours.keys()
+        else:  # an adapter of another group carries its pair (so PEFT cannot give it the first one's)
+            assert ours.keys() == theirs.keys() | projections
         assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
@@ -269,7 +296,8 @@ def test_lora_factors_are_the_scaled_projection_slices(tmp_path):
     tensors, _ = read_file(tmp_path / WEIGHTS_NAME)
     layer = model.model.transformer.h[1].attn.c_attn  # Conv1D (24 -> 72)
     key = "base_model.model.transformer.h.1.attn.c_attn"
-    A_s, B_s = model.vera_A[:, :24], model.vera_B[:72]
+    pair = model.projections_of("other")
+    A_s, B_s = pair.vera_A[:, :24], pair.vera_B[:72]
     assert torch.equal(tensors[f"{key}.lora_A.weight"], layer.vera_lambda_d["other"].detach()[:, None] * A_s)
     assert torch.equal(tensors[f"{key}.lora_B.weight"], layer.vera_lambda_b["other"].detach()[:, None] * B_s)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["target_modules"] == ["c_attn"]
@@ -346,15 +374,37 @@ def test_saved_projections_are_loaded_not_regenerated(tmp_path):
 def test_a_later_adapter_saved_alone_loads_alone_with_the_projections_it_was_trained_with(
     save_projection, tmp_path
 ):
-    # "other" shares the pair "default" sized for the bigger layers; its own targets would size a smaller pair
-    # whose regenerated A is not a slice of the bigger one. The file (or its fingerprint) records the shapes.
+    # "other" reads the pair its key draws over its own (smaller) targets, not "default"'s larger one.
     arch = ARCHS["llama"]
     model = make_vera(arch, save_projection)
     expected = outputs(model, ["other"])["other"]
     model.save_pretrained(tmp_path, selected_adapters=["other"])
     alone = VeraModel.from_pretrained(arch.base(), tmp_path / "other", adapter_name="other")
-    assert alone.vera_A.shape == model.vera_A.shape and alone.vera_B.shape == model.vera_B.shape
+    assert alone.vera_A.shape == model.projections_of("other").vera_A.shape != model.vera_A.shape
+    assert alone.vera_B.shape == model.projections_of("other").vera_B.shape
     assert torch.equal(outputs(alone, ["other"])["other"], expected)
+
+
+@BOTH
+def test_an_adapter_trained_with_a_larger_pair_keeps_it_and_peft_refuses_it_loudly(save_projection, tmp_path):
+    # A file may record a pair larger than its targets need (an adapter that shared a larger pair when it
+    # was trained): it is loaded with that pair, and saved again with it, so PEFT cannot draw another.
+    arch = ARCHS["llama"]
+    model = make_vera(arch, save_projection)
+    larger = tuple(t.clone() for t in (model.vera_A, model.vera_B))
+    config = vera_config(arch, "other", save_projection)
+    model.add_adapter("wide", config, projections=larger)
+    model.set_adapter("wide")
+    randomize(model)
+    assert model.projections_of("wide") is model.projections  # it joined the first group's pair
+    expected = outputs(model, ["wide"])["wide"]
+    model.save_pretrained(tmp_path, selected_adapters=["wide"])
+    assert json.loads((tmp_path / "wide" / CONFIG_NAME).read_text())["save_projection"] is True
+    alone = VeraModel.from_pretrained(arch.base(), tmp_path / "wide", adapter_name="wide")
+    assert alone.vera_A.shape == larger[0].shape
+    assert torch.equal(outputs(alone, ["wide"])["wide"], expected)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT would draw the smaller pair: it refuses
+        peft.PeftModel.from_pretrained(arch.base(), tmp_path / "wide")
 
 
 @pytest.mark.fault(
@@ -453,22 +503,21 @@ def test_corrupted_saved_projections_are_caught_by_the_fingerprint(tmp_path):
     assert_untouched_base(base, arch)
 
 
-@pytest.mark.fault(
-    "file",
-    "`load_adapter` of an adapter whose saved projections differ from the model's shared pair",
-    "AdapterLoadError pointing to `VeraModel.from_pretrained`; model unchanged",
-)
-def test_an_adapter_with_other_saved_projections_does_not_join_a_model(tmp_path):
+def test_an_adapter_with_other_saved_projections_joins_a_model_as_its_own_group(tmp_path):
     arch = ARCHS["llama"]
     donor = make_vera(arch, save_projection=True)
     with torch.no_grad():
-        donor.vera_B.mul_(-1)
-    donor.save_pretrained(tmp_path, selected_adapters=["other"])
+        donor.set_projections(donor.vera_A, -donor.vera_B)  # a pair no key draws: only the file knows it
+    expected = outputs(donor, ["default"])["default"]
+    donor.save_pretrained(tmp_path, selected_adapters=["default"])
     model = make_vera(arch, save_projection=True)
-    before = snapshot(model)
-    with pytest.raises(AdapterLoadError, match="differ from the projections"):
-        model.load_adapter(tmp_path / "other", "donor")
-    assert_same_state(snapshot(model), before)
+    before = {name: logits for name, logits in outputs(model, arch.adapters).items()}
+    model.load_adapter(tmp_path, "donor")
+    assert len(model.projection_groups()) == len(make_vera(arch, True).projection_groups()) + 1
+    assert model.projections_of("donor").holds((donor.vera_A, donor.vera_B))
+    assert torch.equal(outputs(model, ["donor"])["donor"], expected)
+    for name, logits in outputs(model, arch.adapters).items():
+        assert torch.equal(logits, before[name])
 
 
 # --------------------------------------------------------------------------------------------- safe writes
@@ -527,7 +576,7 @@ def test_saving_into_a_read_only_directory_is_refused_clearly(tmp_path, monkeypa
         # Tests run as root, which ignores chmod; fail where the OS would for a read-only directory.
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(saving.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(atomic.os, "mkdir", read_only)
     with pytest.raises(
         PermissionError, match=rf"could not save adapter 'default' to {tmp_path}: Permission denied"
     ):

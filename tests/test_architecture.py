@@ -2,7 +2,8 @@
 
     textbook     veralab.reference                      imports nothing of veralab
     library      veralab.config, veralab.targets,       imports the textbook, never the application
-                 veralab.counting, veralab.fast
+                 veralab.counting, veralab.atomic,
+                 veralab.fast
     application  veralab.app, and veralab.__main__      imports the library
                  (`python -m veralab` needs it at the package's root)
 

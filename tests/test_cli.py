@@ -21,7 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 from tiny_pretrained import fake_smollm2_wheel, save_tiny_causal_lm, tiny_llama, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, ViTConfig
 
 import veralab.app.finetune
 from veralab.app.cli import build_parser, main
@@ -247,6 +247,39 @@ def test_count_matches_the_formulas(model_dir, capsys, targets, vera, lora, sour
     assert re.search(rf"\nVeRA r=16 +{vera:,} trainable", out)
     assert re.search(rf"\nLoRA r=4 +{lora:,} trainable", out)
     assert f"{lora / vera:.1f}x" in out
+
+
+def test_count_knows_convolutions_and_embeddings(tmp_path, capsys):
+    """A ViT's patch embedding counts as the matrix (hidden, 3 · patch²), an embedding as (dim, vocab): VeRA
+    r + out per layer, LoRA r (in + out), as PEFT's LoRA has them; a tied embedding is refused, not
+    counted."""
+    vit, untied, tied = tmp_path / "vit", tmp_path / "untied", tmp_path / "tied"
+    ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8,
+    ).save_pretrained(vit)  # fmt: skip
+    for directory, tie in ((untied, False), (tied, True)):
+        LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            tie_word_embeddings=tie, architectures=["LlamaForCausalLM"],
+        ).save_pretrained(directory)  # fmt: skip
+    ranks = ["--rank", "16", "--lora-rank", "4"]
+
+    code, out, _ = run_cli(["count", "--model", str(vit), "--targets", "projection,q_proj", *ranks], capsys)
+    assert code == 0
+    # the patch projection (32 x 3·8·8) and q_proj (32 x 32) in 2 layers
+    assert re.search(rf"\nVeRA r=16 +{3 * (16 + 32):,} trainable", out)
+    assert re.search(rf"\nLoRA r=4 +{4 * (192 + 32) + 2 * 4 * (32 + 32):,} trainable", out)
+    assert "vera_A (16 x 192)" in out
+
+    code, out, _ = run_cli(["count", "--model", str(untied), "--targets", "embed_tokens", *ranks], capsys)
+    assert code == 0
+    assert re.search(rf"\nVeRA r=16 +{16 + 32:,} trainable", out)
+    assert re.search(rf"\nLoRA r=4 +{4 * (100 + 32):,} trainable", out)
+
+    code, _, err = run_cli(["count", "--model", str(tied), "--targets", "embed_tokens", *ranks], capsys)
+    assert code == 2
+    assert "also the weight of ['lm_head']" in err and "Untie" in err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -602,3 +635,164 @@ def test_torchrun_two_processes_equal_one_process_on_the_same_global_batch(
 def _rank_log(logs: Path, rank: int, stream: str) -> str:
     (path,) = logs.glob(f"**/attempt_0/{rank}/{stream}.log")
     return path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs are never outputs; outputs of others need --overwrite; every value checked before any load
+# ---------------------------------------------------------------------------------------------------
+
+
+def tree_state(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, by relative path, with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Record every attempt to load a model or read data (the checks under test must come before them)."""
+    import veralab.app.base_model
+
+    attempts = []
+
+    def forbidden(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("loaded before the arguments were checked")
+
+    for owner in (veralab.app.base_model, veralab.app.finetune):
+        monkeypatch.setattr(owner, "load_base_model", forbidden)
+    monkeypatch.setattr(veralab.app.finetune, "read_jsonl", forbidden)
+    return attempts
+
+
+INPUT_OUTPUTS = [  # (command, the --output, how it relates to an input)
+    ("merge", "{model}", "is the --model"),
+    ("merge", "{adapter}", "is the --adapter"),
+    ("merge", "{adapter}/merged", "lies inside the --adapter"),
+    ("merge", "{workdir}", "contains the --adapter"),
+    ("export-lora", "{adapter}", "is the --adapter"),
+    ("export-lora", "{model}/lora", "lies inside the --model"),
+    ("finetune", "{model}", "is the --model"),
+    ("finetune", "{model}/adapter", "lies inside the --model"),
+    ("finetune", "{workdir}", "contains the --model"),
+]
+
+
+@pytest.mark.fault(
+    "cli",
+    "an --output that is, lies inside or contains an input: `merge` or `export-lora` over the base model or "
+    "the adapter, `finetune --output` the base model, a directory inside it or one containing it (with or "
+    "without --overwrite)",
+    "one line, exit 2, before any model or data is loaded; every input file unchanged",
+)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize(("command", "output", "relation"), INPUT_OUTPUTS)
+def test_no_command_writes_into_its_inputs(
+    command, output, relation, overwrite, finetuned, model_dir, data_files, workdir, no_loading, capsys
+):
+    adapter, _ = finetuned
+    output = output.format(model=model_dir, adapter=adapter, workdir=workdir)
+    if command == "finetune":
+        argv = finetune_args(model_dir, data_files, Path(output))
+    else:
+        argv = [command, "--adapter", str(adapter), "--model", str(model_dir), "--output", output]
+    before = {path: tree_state(path) for path in (model_dir, adapter)}
+    code, _, err = run_cli(argv + ["--overwrite"] * overwrite, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{relation} " in err and "never writes into its own inputs" in err
+    assert no_loading == []
+    assert {path: tree_state(path) for path in (model_dir, adapter)} == before
+
+
+@pytest.mark.fault(
+    "cli",
+    "an --output that already holds someone else's files (`merge`, `export-lora`, `finetune`)",
+    "one line, exit 2, naming the files and --overwrite, before any load; with --overwrite the command's "
+    "files are written and the others kept; an earlier output of the same command is replaced without it",
+)
+@pytest.mark.parametrize("command", ["merge", "export-lora", "finetune"])
+def test_a_foreign_output_needs_overwrite(
+    command, finetuned, model_dir, data_files, tmp_path, monkeypatch, capsys
+):
+    adapter, _ = finetuned
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine\n")
+    if command == "finetune":
+        argv = finetune_args(model_dir, data_files, output)
+    else:
+        argv = [command, "--adapter", str(adapter), "--output", str(output)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "already holds files (notes.txt)" in err and "--overwrite" in err
+    assert tree_state(output) == {"notes.txt": b"mine\n"}
+    if command == "finetune":  # the rest as for the other two; training costs more than it adds
+        return
+    assert run_cli(argv + ["--overwrite"], capsys)[0] == 0
+    written = tree_state(output)
+    assert written["notes.txt"] == b"mine\n" and len(written) > 2
+    assert run_cli(argv, capsys)[0] == 0  # its own earlier output: replaced without --overwrite
+    assert tree_state(output).keys() == written.keys()
+
+
+EARLY_REFUSALS = [
+    pytest.param(["finetune", "--lr", "nan"], "learning_rate=nan is invalid", id="lr-nan"),
+    pytest.param(["finetune", "--lr", "inf"], "learning_rate=inf is invalid", id="lr-inf"),
+    pytest.param(["finetune", "--lr", "0"], "learning_rate=0.0 is invalid", id="lr-zero"),
+    pytest.param(["finetune", "--epochs", "inf"], "epochs=inf is invalid", id="epochs-inf"),
+    pytest.param(["finetune", "--epochs", "nan"], "epochs=nan is invalid", id="epochs-nan"),
+    pytest.param(["finetune", "--weight-decay", "nan"], "weight_decay=nan is invalid", id="weight-decay"),
+    pytest.param(["finetune", "--lora-rank", "0"], "lora_r=0 is invalid", id="lora-rank"),
+    pytest.param(["finetune", "--max-length", "0"], "max_length=0 is invalid", id="max-length"),
+    pytest.param(["finetune", "--d-initial", "1e39"], "d_initial=1e+39 is invalid", id="d-initial"),
+    pytest.param(["finetune", "--max-eval-examples", "0"], "max_eval_examples=0 is invalid", id="eval-n"),
+    pytest.param(["count", "--lora-rank", "0"], "--lora-rank 0 is invalid", id="count-lora-rank"),
+]
+
+
+@pytest.mark.fault(
+    "cli",
+    "values that can never work: `--lr nan/inf/0`, `--epochs inf/nan`, `--weight-decay nan`, "
+    "`--lora-rank 0`, `--max-length 0`, `--d-initial 1e39`, `--max-eval-examples 0`",
+    "one line, exit 2, before any model or data is loaded (they used to fail after loading, or train and "
+    "save an all-NaN adapter with exit 0)",
+)
+@pytest.mark.parametrize(("argv", "message"), EARLY_REFUSALS)
+def test_impossible_values_are_refused_before_anything_loads(
+    argv, message, model_dir, data_files, tmp_path, no_loading, capsys
+):
+    if argv[0] == "finetune":
+        argv = argv + [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_files[0]),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    else:
+        argv = argv + ["--model", str(model_dir)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err
+    assert no_loading == []
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.fault(
+    "cli",
+    "a fine-tune that diverges (`--lr 1e30`: the loss becomes NaN/inf), writing over an earlier run",
+    "one line `training diverged: the loss of step k ...`, exit 2; the earlier run's files are untouched and "
+    "no broken adapter is written",
+)
+def test_a_diverging_finetune_stops_and_writes_nothing(finetuned, model_dir, data_files, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(finetuned[0], output)
+    before = tree_state(output)
+    argv = finetune_args(model_dir, data_files, output)
+    argv[argv.index("--lr") + 1] = "1e30"
+    code, _, err = run_cli(argv + ["--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "training diverged" in err and "nothing was saved" in err
+    assert tree_state(output) == before

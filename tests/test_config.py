@@ -60,6 +60,12 @@ def invalid(kwargs, field, case):
         invalid({"vera_dropout": 1.0}, "vera_dropout", "`vera_dropout=1.0` (outside [0, 1))"),
         invalid({"vera_dropout": -0.1}, "vera_dropout", "`vera_dropout=-0.1`"),
         invalid({"d_initial": float("nan")}, "d_initial", "`d_initial=nan`"),
+        invalid(
+            {"d_initial": 1e39},
+            "d_initial",
+            "`d_initial=1e39` (finite, but beyond float32: the lambdas could not hold it)",
+        ),
+        invalid({"d_initial": 10**400}, "d_initial", "`d_initial` an int too large for any float"),
         invalid({"bias": "lora_only"}, "bias", "unknown `bias` mode"),
         invalid(
             {"layers_pattern": "layers"}, "layers_pattern", "`layers_pattern` without `layers_to_transform`"
@@ -69,6 +75,14 @@ def invalid(kwargs, field, case):
         invalid({"target_modules": []}, "target_modules", "empty target list"),
         invalid({"target_modules": ""}, "target_modules", "empty target regex"),
         invalid({"target_modules": ["q_proj", 3]}, "target_modules", "a non-string target"),
+        invalid({"target_modules": "(q_proj"}, "target_modules", "a target regex `re` cannot compile"),
+        invalid(
+            {"target_modules": "(" * 5000 + ")" * 5000},
+            "target_modules",
+            "a target regex nested too deeply to compile",
+        ),
+        invalid({"task_type": 5}, "task_type", "a bookkeeping field of the wrong type (`task_type=5`)"),
+        invalid({"auto_mapping": ["x"]}, "auto_mapping", "`auto_mapping` that is not an object"),
         invalid({"projection_prng_key": -1}, "projection_prng_key", "negative `projection_prng_key`"),
         invalid({"save_projection": "yes"}, "save_projection", "a string where a bool is expected"),
         invalid({"peft_type": "LORA"}, "peft_type", "`peft_type` other than VERA"),
@@ -156,9 +170,42 @@ def test_wrong_peft_type_in_json_raises():
         VeraConfig.from_dict({"peft_type": "LORA", "r": 8})
 
 
-@pytest.mark.fault("config", "corrupted adapter_config.json", "ValueError naming the file and the JSON error")
-def test_corrupted_json_file_names_the_file(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param(
+            '{"r": 8,',
+            "not valid JSON",
+            id="truncated",
+            marks=pytest.mark.fault(
+                "config", "corrupted adapter_config.json", "ValueError naming the file and the JSON error"
+            ),
+        ),
+        pytest.param(
+            "[" * 100_000 + "]" * 100_000,
+            "nested too deeply",
+            id="deeply-nested",
+            marks=pytest.mark.fault(
+                "config",
+                "adapter_config.json nested 100,000 levels deep (RecursionError in the JSON reader)",
+                "ValueError naming the file",
+            ),
+        ),
+        pytest.param(
+            '{"r": ' + "9" * 5000 + "}",
+            "not valid JSON",
+            id="huge-integer",
+            marks=pytest.mark.fault(
+                "config",
+                "an integer of 5,000 digits in adapter_config.json (beyond Python's conversion limit)",
+                "ValueError naming the file",
+            ),
+        ),
+    ],
+)
+def test_corrupted_json_file_names_the_file(tmp_path, text, message):
     path = tmp_path / "adapter_config.json"
-    path.write_text('{"r": 8,')
-    with pytest.raises(ValueError, match="adapter_config.json"):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
         VeraConfig.from_json_file(path)
+    assert str(path) in str(error.value)

@@ -134,3 +134,41 @@ def test_adapter_flops_counts_two_thin_matmuls(case):
 def test_check_adapter_flops():
     assert exercises.check_adapter_flops(lambda n, i, o, r: 2 * n * r * (i + o))
     assert_wrong(exercises.check_adapter_flops(lambda n, i, o, r: n * r * (i + o)), "2 FLOPs a multiply-add")
+
+
+def test_delta_weight():
+    assert exercises.check_delta_weight(ref.delta_weight)
+
+    def transposed(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features):
+        return ref.delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features).T
+
+    def unscaled_rows(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features):  # λ_b on columns
+        A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
+        return (B_s * lambda_d) @ (lambda_d[:, None] * A_s)
+
+    assert_wrong(exercises.check_delta_weight(transposed), "shape")
+    assert_wrong(exercises.check_delta_weight(unscaled_rows), "λ_b[:, None]")
+
+
+ADAPTERS = {
+    "alpha": (16, [(64, 64), (64, 64)], 0),
+    "beta": (16, [(64, 64)], 0),
+    "gamma": (32, [(64, 64)], 0),
+    "delta": (16, [(64, 64), (172, 64)], 0),
+    "epsilon": (16, [(64, 64)], 7),
+}
+
+
+def test_projection_groups():
+    right = [{"alpha", "beta"}, {"gamma"}, {"delta"}, {"epsilon"}]
+    assert exercises.check_projection_groups(ADAPTERS, right)
+    assert_wrong(
+        exercises.check_projection_groups(ADAPTERS, [{"alpha", "beta", "delta"}, {"gamma"}, {"epsilon"}]),
+        "alpha and delta read different pairs",
+    )
+    assert_wrong(
+        exercises.check_projection_groups(ADAPTERS, [{"alpha"}, {"beta"}, {"gamma"}, {"delta"}, {"epsilon"}]),
+        "alpha and beta read the same pair",
+    )
+    assert_wrong(exercises.check_projection_groups(ADAPTERS, [{"alpha", "beta"}]), "missing")
+    assert_wrong(exercises.check_projection_groups(ADAPTERS, [*right, {"zeta"}]), "zeta")

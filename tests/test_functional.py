@@ -89,7 +89,8 @@ def reference_run(layer: VeraLinear, x: torch.Tensor, grad_output, dtype: torch.
     weight = layer.get_base_weight().to(dtype)
     bias = layer.base_layer.bias
     bias = None if bias is None else bias.detach().to(dtype).requires_grad_(bias.requires_grad)
-    vera_A, vera_B = (t.to(dtype) for t in (layer._projections.vera_A, layer._projections.vera_B))
+    pair = layer.projections_of(layer.active_adapters[0])
+    vera_A, vera_B = (t.to(dtype) for t in (pair.vera_A, pair.vera_B))
     x = x.detach().to(dtype).requires_grad_(True)
     names = layer.active_adapters
     lambdas_d = {n: layer.vera_lambda_d[n].detach().to(dtype).requires_grad_(True) for n in names}
@@ -256,11 +257,11 @@ def test_inference_mode_inputs_work_without_the_shared_h_cache():
     x = torch.randn(1, 2, IN)
     with torch.no_grad():
         expected = layer(x)
-    cached = len(layer._projections._hidden)
+    cached = len(layer.projections_of("a")._hidden)
     with torch.inference_mode():
         inference_x = x.clone()  # an inference tensor: it has no version counter to check h against
         torch.testing.assert_close(layer(inference_x), expected)
-    assert len(layer._projections._hidden) == cached  # nothing cached for it
+    assert len(layer.projections_of("a")._hidden) == cached  # nothing cached for it
 
 
 def test_merged_layer_costs_exactly_the_base_layer():
@@ -630,12 +631,13 @@ def test_caches_follow_dtype_and_device():
     layer = make_layer()
     x = torch.randn(4, 9, IN, dtype=torch.float64)
     layer.double()
-    layer._projections.replace(layer._projections.vera_A.double(), layer._projections.vera_B.double())
+    pair = layer.projections_of("a")
+    pair.replace(pair.vera_A.double(), pair.vera_B.double())
     with torch.no_grad():
         truth = reference_run(layer, x, None, torch.float64)[0]
         torch.testing.assert_close(layer(x), truth, **ROUNDOFF)
 
-    projections = layer._projections
+    projections = layer.projections_of("a")
     meta = torch.device("meta")
     cpu_A = projections.sliced_A(IN, torch.float64, torch.device("cpu"))
     assert projections.sliced_A(IN, torch.float64, meta).device == meta

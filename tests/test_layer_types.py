@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
 from veralab import VeraConfig
 from veralab import reference as ref
@@ -302,6 +302,59 @@ def test_lora_export_loads_in_peft_with_the_same_outputs(tmp_path):
         assert (
             max_error(lora(*inputs), expected) <= 64 * torch.finfo(torch.float32).eps * expected.abs().max()
         )
+
+
+@pytest.mark.parametrize(
+    "targets, error, message",
+    [
+        (["tokens"], ValueError, "No layers types compatible with VeRA"),
+        (["patches"], ValueError, "No layers types compatible with VeRA"),
+        (["tokens", "head"], TypeError, r"Embedding\(40, 12, padding_idx=0\) is not supported"),
+        (["mix", "head"], TypeError, r"Conv1d\(12, 12.*is not supported"),
+    ],
+)
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_vera_refuses_adapters_with_embedding_or_conv_targets(
+    tmp_path, targets, error, message, save_projection
+):
+    """PEFT's VeRA adapts linear layers only: it must refuse such a directory loudly, never load part of it
+    (alone, PEFT finds no layer to size the projections by; next to a linear target, it refuses the layer)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        config = VeraConfig(r=8, target_modules=targets, init_weights=False, save_projection=save_projection)
+        get_model(Vision(), config).save_pretrained(tmp_path)
+        with pytest.raises(error, match=message):
+            peft.PeftModel.from_pretrained(Vision(), tmp_path)
+
+
+def test_models_read_the_base_weight_through_an_adapted_layer():
+    """A ViT reads its patch embedding's weight dtype in forward: an adapted Conv2d there must expose the base
+    layer's weight and bias (as PEFT's adapter layers do), and compute the reference's output."""
+    config = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=4, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_model(
+        ViTForImageClassification(config).eval(),
+        VeraConfig(r=8, target_modules=["projection", "q_proj"], init_weights=False),
+    )
+    layers = dict(model.vera_layers())
+    for layer in layers.values():
+        assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    patch = layers["vit.embeddings.patch_embeddings.projection"]
+    reference = ref.VeraConv(
+        copy.deepcopy(patch.base_layer), ref.SharedProjections(model.vera_A, model.vera_B), init_weights=False
+    )
+    with torch.no_grad():
+        reference.vera_lambda_d.copy_(patch.vera_lambda_d["default"])
+        reference.vera_lambda_b.copy_(patch.vera_lambda_b["default"])
+    seen = {}
+    patch.register_forward_hook(lambda module, args, output: seen.update(x=args[0], y=output))
+    with torch.no_grad():
+        logits = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
+    assert logits.shape == (2, 3)
+    assert_output_within_rounding(seen["y"], patch, reference, seen["x"])
 
 
 def test_embedding_dropout_drops_whole_tokens():

@@ -5,11 +5,18 @@ import warnings
 
 import pytest
 import torch
-from helpers import output_tensor, randomize_lambdas, tiny_llama, token_batch
+from helpers import (
+    assert_same_model_state,
+    model_state,
+    output_tensor,
+    randomize_lambdas,
+    tiny_llama,
+    token_batch,
+)
 from torch import nn
 
 from veralab import VeraConfig
-from veralab.fast import get_model
+from veralab.fast import VeraLinear, VeraModel, get_model
 
 QV = ["q_proj", "v_proj"]
 
@@ -79,41 +86,6 @@ MODEL_FAULTS = [
         "selects no module",
     ),
     fault(
-        "adapter with a different rank",
-        "ValueError: every adapter shares one pair drawn for one rank",
-        lambda m: m.add_adapter("x", quiet_config(r=16)),
-        ValueError,
-        "r=16 differs",
-    ),
-    fault(
-        "adapter with a smaller rank",
-        "ValueError up front (PEFT crashes later in forward)",
-        lambda m: m.add_adapter("x", quiet_config(r=2)),
-        ValueError,
-        "r=2 differs",
-    ),
-    fault(
-        "adapter with another projection_prng_key",
-        "ValueError naming both keys",
-        lambda m: m.add_adapter("x", quiet_config(projection_prng_key=3)),
-        ValueError,
-        "projection_prng_key=3 differs",
-    ),
-    fault(
-        "adapter with another save_projection",
-        "ValueError: all adapters must agree",
-        lambda m: m.add_adapter("x", quiet_config(save_projection=False)),
-        ValueError,
-        "save_projection=False differs",
-    ),
-    fault(
-        "adapter on a layer larger than the shared projections",
-        "ValueError naming the layer and both sizes",
-        lambda m: m.add_adapter("x", quiet_config(target_modules=["gate_proj"])),
-        ValueError,
-        "shared projections were sized",
-    ),
-    fault(
         "duplicate adapter name",
         "ValueError: already exists",
         lambda m: m.add_adapter("other", quiet_config()),
@@ -134,6 +106,23 @@ MODEL_FAULTS = [
         ValueError,
         "without '.'",
     ),
+    *[
+        fault(
+            f"adapter name {case}",
+            "ValueError stating the rule (one path component: printable, no '.', '/' or '\\')",
+            lambda m, name=name: m.add_adapter(name, quiet_config()),
+            ValueError,
+            "is invalid: use a non-empty string of printable characters without",
+        )
+        for case, name in [
+            ("that is an absolute path (`/tmp/elsewhere`: a save would write there)", "/tmp/elsewhere"),
+            ("that climbs out of the save directory (`../escape`)", "../escape"),
+            ("with a Windows separator (`a\\b`)", "a\\b"),
+            ("that is empty", ""),
+            ("with a control character (a tab)", "tab\tname"),
+            ("that is not a string (`3`)", 3),
+        ]
+    ],
     fault(
         "activating a missing adapter",
         "ValueError listing the model's adapters",
@@ -290,3 +279,184 @@ def test_unsupported_layers_on_plain_modules(module, target, kind):
 def test_model_without_config_needs_explicit_targets():
     with pytest.raises(ValueError, match="has no config.model_type"):
         get_model(nn.Sequential(nn.Linear(3, 3)), VeraConfig(r=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# All or nothing: a failure midway, KeyboardInterrupt included, restores the model exactly
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.fault(
+    "model",
+    "`VeraConfig.d_initial` set to 1e39 after the config was built (finite, beyond float32)",
+    "ValueError naming d_initial before any layer is injected; the base model is unchanged",
+)
+def test_a_config_made_invalid_after_construction_is_refused_before_anything_changes():
+    base = tiny_llama().eval()
+    before = model_state(base)
+    config = quiet_config()
+    config.d_initial = 1e39
+    with pytest.raises(ValueError, match="VeraConfig.d_initial=1e\\+39 is invalid"):
+        get_model(base, config)
+    assert_same_model_state(model_state(base), before)
+
+
+def test_adapter_names_are_checked_by_every_entry_point(tmp_path):
+    model = two_adapter_model()
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    base = tiny_llama()
+    before = model_state(base)
+    with pytest.raises(ValueError, match="is invalid: use a non-empty string"):
+        get_model(base, quiet_config(), adapter_name="/tmp/elsewhere")
+    with pytest.raises(ValueError, match="is invalid: use a non-empty string"):
+        VeraModel.from_pretrained(base, tmp_path, adapter_name="../x")
+    assert_same_model_state(model_state(base), before)
+    with pytest.raises(ValueError, match="is invalid: use a non-empty string"):
+        model.load_adapter(tmp_path, "a/b")
+    assert list(model.peft_config) == ["default", "other"]
+
+
+def interrupt_at(monkeypatch, owner, name: str, after: int) -> None:
+    """Let `owner.name` run `after` times, then raise KeyboardInterrupt (a Ctrl-C midway)."""
+    original, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def saved_adapter(directory):
+    model = two_adapter_model()
+    randomize_lambdas(model, seed=5)
+    model.save_pretrained(directory, selected_adapters=["default"])
+
+
+def interrupted_case(case: str, subject: str, run, owner, name: str, after: int, prepare=None):
+    return pytest.param(
+        subject,
+        run,
+        owner,
+        name,
+        after,
+        prepare,
+        id=case,
+        marks=pytest.mark.fault(
+            "model",
+            f"Ctrl-C (KeyboardInterrupt) during {case}",
+            "the exception propagates; the model is restored exactly (modules, parameters, requires_grad, "
+            "buffers, training mode, adapters, outputs)",
+        ),
+    )
+
+
+INTERRUPTED = [
+    interrupted_case(
+        "`get_model`, after two of four layers were injected",
+        "base",
+        lambda base, d: get_model(base, quiet_config()),
+        VeraLinear,
+        "update_layer",
+        2,
+    ),
+    interrupted_case(
+        "`from_pretrained`, after two of four layers were injected",
+        "base",
+        lambda base, d: VeraModel.from_pretrained(base, d),
+        VeraLinear,
+        "update_layer",
+        2,
+    ),
+    interrupted_case(
+        "`from_pretrained`, after the lambdas were copied in",
+        "base",
+        lambda base, d: VeraModel.from_pretrained(base, d),
+        VeraModel,
+        "eval",
+        0,
+    ),
+    interrupted_case(
+        "`add_adapter`, after two of four layers were injected",
+        "model",
+        lambda m, d: m.add_adapter("third", quiet_config()),
+        VeraLinear,
+        "update_layer",
+        2,
+    ),
+    interrupted_case(
+        "`load_adapter` of a new adapter, midway through injecting it",
+        "model",
+        lambda m, d: m.load_adapter(d, "third"),
+        VeraLinear,
+        "update_layer",
+        2,
+    ),
+    interrupted_case(
+        "`load_adapter` into an existing adapter, after its weights were overwritten in place",
+        "model",
+        lambda m, d: m.load_adapter(d, "other"),
+        VeraModel,
+        "eval",
+        0,
+    ),
+    interrupted_case(
+        "`merge_adapter`, after two of four layers were merged",
+        "model",
+        lambda m, d: m.merge_adapter(["default", "other"]),
+        VeraLinear,
+        "set_base_weight",
+        2,
+    ),
+    interrupted_case(
+        "`merge_and_unload`, after the merge, while unloading",
+        "model",
+        lambda m, d: m.merge_and_unload(),
+        VeraModel,
+        "_replace_module",
+        2,
+    ),
+    interrupted_case(
+        "`unmerge_adapter`, after two of four layers were unmerged",
+        "model",
+        lambda m, d: m.unmerge_adapter(),
+        VeraLinear,
+        "set_base_weight",
+        2,
+        prepare=merged,
+    ),
+    interrupted_case(
+        "`unload` of a merged model, midway through unmerging",
+        "model",
+        lambda m, d: m.unload(),
+        VeraLinear,
+        "set_base_weight",
+        1,
+        prepare=merged,
+    ),
+]
+
+
+@pytest.mark.parametrize("subject, run, owner, name, after, prepare", INTERRUPTED)
+def test_an_interrupted_operation_restores_the_model_exactly(
+    subject, run, owner, name, after, prepare, tmp_path, monkeypatch
+):
+    saved_adapter(tmp_path)
+    target = tiny_llama().train() if subject == "base" else two_adapter_model()
+    if prepare is not None:
+        prepare(target)
+    ids = token_batch()
+    with torch.no_grad():
+        expected_output = output_tensor(target(ids))
+    before = model_state(target)
+    interrupt_at(monkeypatch, owner, name, after)
+    with pytest.raises(KeyboardInterrupt):
+        run(target, tmp_path)
+    monkeypatch.undo()
+    assert_same_model_state(model_state(target), before)
+    if subject == "base":
+        assert all(p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(target(ids)), expected_output, rtol=0, atol=0)

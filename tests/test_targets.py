@@ -10,6 +10,7 @@ import re
 import warnings
 
 import pytest
+from helpers import no_hang, tiny_llama
 from transformers import (
     AutoConfig,
     BertConfig,
@@ -24,7 +25,7 @@ from veralab import VeraConfig
 from veralab.app.cli import main
 from veralab.counting import build_meta_model, count_adapter
 from veralab.fast import get_model
-from veralab.targets import DEFAULT_TARGET_MODULES, select_targets
+from veralab.targets import DEFAULT_TARGET_MODULES, REGEX_TIME_BUDGET, select_targets
 
 KNOWN_MODEL_TYPES = [model_type for model_type in DEFAULT_TARGET_MODULES if model_type in CONFIG_MAPPING]
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
@@ -146,3 +147,27 @@ def test_veralab_count_prints_the_trainable_parameters_get_model_trains(tmp_path
         LlamaForCausalLM(config), VeraConfig(r=16, target_modules="all-linear")
     ).get_nb_trainable_parameters()
     assert f"{trainable:,} trainable" in printed
+
+
+# Backtracks exponentially on any name without three equal characters in a row (every module name here).
+CATASTROPHIC_REGEX = r"(.*?)*(.)\2\2"
+
+
+@pytest.mark.fault(
+    "config",
+    "a `target_modules` regex that backtracks catastrophically (it would run for years)",
+    f"ValueError after a {REGEX_TIME_BUDGET:g} s matching budget, naming the regex and the fix",
+)
+def test_a_catastrophically_backtracking_target_regex_fails_within_its_budget():
+    config = VeraConfig(r=4, target_modules=CATASTROPHIC_REGEX)
+    with no_hang(60 * REGEX_TIME_BUDGET), pytest.raises(ValueError, match="took more than") as error:
+        select_targets(tiny_llama(), config)
+    assert repr(CATASTROPHIC_REGEX) in str(error.value) and "list of module names" in str(error.value)
+
+
+def test_regex_targets_still_match_as_re_does():
+    model = tiny_llama()
+    pattern = r".*layers\.[01]\.self_attn\.(q|v)_proj"
+    expected = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+    assert len(expected) == 4
+    assert [t.name for t in select_targets(model, VeraConfig(r=4, target_modules=pattern))] == expected

@@ -10,11 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 BIAS_MODES = ("none", "all", "vera_only")
+# The largest finite float32: lambdas are float32, so d_initial must fit in one.
+FLOAT32_MAX = 3.4028234663852886e38
+# PEFT's bookkeeping fields and the JSON types they hold (None for "not set").
+BOOKKEEPING_TYPES = {
+    "task_type": str,
+    "base_model_name_or_path": str,
+    "revision": str,
+    "peft_version": str,
+    "auto_mapping": dict,
+}
 
 
 @dataclass
@@ -83,37 +94,37 @@ class VeraConfig:
     def validate(self) -> None:
         """Raise ValueError for the first invalid field, naming it, the value and what is allowed."""
         _check(
-            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            is_int(self.r) and self.r > 0,
             "r",
             self.r,
             "a positive int (VeRA ranks of 256 or more are usual)",
         )
         _check(
-            isinstance(self.projection_prng_key, int)
-            and not isinstance(self.projection_prng_key, bool)
-            and 0 <= self.projection_prng_key < 2**64,
+            is_int(self.projection_prng_key) and 0 <= self.projection_prng_key < 2**64,
             "projection_prng_key",
             self.projection_prng_key,
             "an int in [0, 2**64)",
         )
         _check(
-            _is_real(self.vera_dropout) and 0.0 <= self.vera_dropout < 1.0,
+            is_real(self.vera_dropout) and 0.0 <= self.vera_dropout < 1.0,
             "vera_dropout",
             self.vera_dropout,
             "a float in [0, 1)",
         )
         _check(
-            _is_real(self.d_initial)
-            and self.d_initial == self.d_initial
-            and abs(self.d_initial) != float("inf"),
+            is_real(self.d_initial) and abs(self.d_initial) <= FLOAT32_MAX,  # NaN fails the comparison
             "d_initial",
             self.d_initial,
-            "a finite float (values <= 0.1 are recommended)",
+            f"a finite float that fits in float32 (|d_initial| <= {FLOAT32_MAX:.4g}); values <= 0.1 are "
+            "recommended",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
         for name in ("save_projection", "fan_in_fan_out", "init_weights", "inference_mode"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         _check(self.peft_type == "VERA", "peft_type", self.peft_type, '"VERA" (this is a VeRA config)')
+        for name, kind in BOOKKEEPING_TYPES.items():
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, kind), name, value, f"a {kind.__name__} or None")
         self._validate_target_modules()
         self._validate_layers()
         if self.modules_to_save is not None:
@@ -134,6 +145,9 @@ class VeraConfig:
                 targets,
                 "a non-empty regex, a list of names, 'all-linear' or None",
             )
+            if targets is not None:
+                problem = _regex_problem(targets)
+                _check(problem is None, "target_modules", targets, f"a valid regular expression ({problem})")
             return
         _check(
             isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) and t for t in targets),
@@ -151,11 +165,11 @@ class VeraConfig:
     def _validate_layers(self) -> None:
         layers = self.layers_to_transform
         if layers is not None:
-            indices = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            indices = [layers] if is_int(layers) else layers
             _check(
                 isinstance(indices, (list, tuple))
                 and len(indices) > 0
-                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices),
+                and all(is_int(i) and i >= 0 for i in indices),
                 "layers_to_transform",
                 layers,
                 "a non-negative int or a non-empty list of non-negative ints",
@@ -211,7 +225,9 @@ class VeraConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError as e:
+            raise ValueError(f"{path}: not a config: its JSON is nested too deeply to read") from e
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers too long to convert
             raise ValueError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from e
         try:
             return cls.from_dict(data)
@@ -219,8 +235,38 @@ class VeraConfig:
             raise ValueError(f"{path}: {e}") from e
 
 
-def _is_real(value: Any) -> bool:
+def _regex_problem(pattern: str) -> str | None:
+    """Why `pattern` is no regular expression Python's `re` accepts (None when it is one)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"re.error: {e}"
+    except (RecursionError, OverflowError, MemoryError) as e:  # absurdly nested or long patterns
+        return f"{type(e).__name__}: the pattern is too large or nested too deeply"
+    return None
+
+
+def is_real(value: Any) -> bool:
+    """An int or a float, not a bool (NaN and infinities included: compare to refuse them)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise `ValueError("<name>=<value> is invalid: expected <allowed>")` unless `ok`.
+
+    Args:
+        ok: whether the value is valid.
+        name: the setting's name as the user knows it, e.g. "VeraConfig.r" or "learning_rate".
+        value: the value received.
+        allowed: what is allowed instead.
+    """
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
 def _check_peft_type(peft_type: Any) -> None:
@@ -233,5 +279,4 @@ def _check_peft_type(peft_type: Any) -> None:
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"VeraConfig.{name}={value!r} is invalid: expected {allowed}")
+    require(ok, f"VeraConfig.{name}", value, allowed)

@@ -15,11 +15,13 @@ wrong formula, which is off by the size of the terms themselves, does not.
     notebook 02   check_projections            draw vera_A and vera_B from a key, as PEFT does
     notebook 03   check_slicing                the slices one layer uses, as views of the shared pair
     notebook 04   check_forward                the adapted layer's forward pass
-    notebook 05   check_conv_delta_kernel      ΔW for a Conv2d kernel: what merging adds to it
+    notebook 05   check_delta_weight           ΔW of a linear layer: what merging adds to its weight
     notebook 06   check_trainable_parameters   predict the count of a real model's configuration
     notebook 07   check_int8_roundtrip         int8 row-wise absmax quantization, and its error bound
     notebook 08   check_lora_export            a VeRA adapter as a LoRA pair (lora_A, lora_B)
     notebook 09   check_adapter_flops          the extra FLOPs of an unmerged adapted layer
+    notebook 10   check_conv_delta_kernel      ΔW for a Conv2d kernel: what merging adds to it
+    notebook 11   check_projection_groups      which adapters read the same pair
 """
 
 from __future__ import annotations
@@ -262,6 +264,35 @@ def check_forward(forward: Callable[..., torch.Tensor]) -> Feedback:
 # notebook 05 --------------------------------------------------------------------------------------------
 
 
+def check_delta_weight(delta_weight: Callable[..., torch.Tensor]) -> Feedback:
+    """Check `delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features) -> ΔW`.
+
+    ΔW has the weight's shape (out_features, in_features): merging adds it to the layer's weight.
+
+    Args:
+        delta_weight: your function.
+    """
+    generator = torch.Generator().manual_seed(0)
+    r = 6
+    vera_A, vera_B = ref.init_projections(r, max_in=14, max_out=11, prng_key=2)
+    for in_features, out_features in [(14, 11), (9, 4)]:
+        lambda_d, lambda_b = _random_lambdas(r, out_features, generator)
+        result, error = _call(delta_weight, vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)
+        if error:
+            return _wrong(error)
+        args64 = (vera_A.double(), vera_B.double(), lambda_d.double(), lambda_b.double())
+        exact = ref.delta_weight(*args64, in_features, out_features)
+        magnitude = ref.delta_weight(*(a.abs() for a in args64), in_features, out_features)
+        problem = _mismatch(f"ΔW of a ({out_features} × {in_features}) layer", result, exact, magnitude, r)
+        if problem:
+            return _wrong(
+                problem,
+                "ΔW = (λ_b[:, None] ⊙ B_s) (λ_d[:, None] ⊙ A_s), with A_s = vera_A[:, :in] and "
+                "B_s = vera_B[:out, :]: (out, r) @ (r, in)",
+            )
+    return _right("ΔW = Λ_b B_s Λ_d A_s, (out, in), for two layer shapes")
+
+
 def check_conv_delta_kernel(delta_kernel: Callable[..., torch.Tensor]) -> Feedback:
     """Check `delta_kernel(conv, vera_A, vera_B, lambda_d, lambda_b) -> ΔW` for Conv2d kernels.
 
@@ -401,3 +432,49 @@ def check_adapter_flops(predict: Callable[[int, int, int, int], int]) -> Feedbac
                 "(r × out), at 2 FLOPs a multiply-add; the λ scalings are not matmuls"
             )
     return _right(f"your formula matches PyTorch's FLOP count in {len(cases)} cases")
+
+
+# notebook 11 --------------------------------------------------------------------------------------------
+
+
+def check_projection_groups(
+    adapters: dict[str, tuple[int, list[tuple[int, int]], int]], groups: Iterable[Iterable[str]]
+) -> Feedback:
+    """Check which adapters read the same pair: `groups` lists the names of each group.
+
+    An adapter reads the pair `init_projections(r, max_in, max_out, prng_key)` draws over its own targets
+    (what it would read alone); adapters whose four numbers agree read one shared pair.
+
+    Args:
+        adapters: {name: (r, the (out, in) shapes of its target layers, projection_prng_key)}.
+        groups: your answer: one collection of names per pair.
+    """
+    numbers = {}
+    for name, (r, shapes, key) in adapters.items():
+        max_in, max_out = ref.find_max_dims(shapes)
+        numbers[name] = (r, max_in, max_out, key)
+    answer = [set(group) for group in groups]
+    named = [name for group in answer for name in group]
+    unknown = sorted(set(named) - set(adapters))
+    if unknown:
+        return _wrong(f"{unknown} are not among the adapters {sorted(adapters)}")
+    if sorted(named) != sorted(adapters):
+        missing = sorted(set(adapters) - set(named))
+        twice = sorted({name for name in named if named.count(name) > 1})
+        return _wrong(f"every adapter belongs to exactly one group: missing {missing}, listed twice {twice}")
+    problems = []
+    for group in answer:
+        ordered = sorted(group)
+        for name in ordered[1:]:
+            if numbers[name] != numbers[ordered[0]]:
+                problems.append(
+                    f"{ordered[0]} and {name} read different pairs: (r, max_in, max_out, key) "
+                    f"{numbers[ordered[0]]} and {numbers[name]}"
+                )
+    for first, second in ((a, b) for a in adapters for b in adapters if a < b):
+        apart = not any(first in group and second in group for group in answer)
+        if apart and numbers[first] == numbers[second]:
+            problems.append(f"{first} and {second} read the same pair: both {numbers[first]}")
+    if problems:
+        return _wrong(*problems)
+    return _right(f"{len(answer)} pairs for {len(adapters)} adapters, one per (r, max_in, max_out, key)")

@@ -9,7 +9,9 @@ The matching rules are PEFT's, so a `target_modules` that works with PEFT select
 
 - a list entry matches a module whose full name equals it or ends with "." + entry (every entry the user
   gives must match at least one module: a misspelt name is an error, not a silently smaller adapter);
-- a string is a regular expression that must match a module's full name entirely;
+- a string is a regular expression that must match a module's full name entirely (matched with a bounded
+  cost: a regex whose matching takes longer than `REGEX_TIME_BUDGET` seconds over all the model's module
+  names, e.g. catastrophic backtracking in a config read from an untrusted file, is an error, not a hang);
 - `"all-linear"` (any case) is every linear layer except the output embedding (`lm_head`); with
   `task_type="SEQ_CLS"` the classification head (`score` / `classifier`) and its sub-layers are left out
   too, since they are trained in full (`modules_to_save`);
@@ -22,9 +24,11 @@ The matching rules are PEFT's, so a `target_modules` that works with PEFT select
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+import regex
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -78,6 +82,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 
 # Classification heads, trained in full (modules_to_save) for task_type="SEQ_CLS", as PEFT does.
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+# Seconds one target_modules regex may spend matching all of a model's module names (a regular pattern needs
+# microseconds per name; a catastrophically backtracking one would run for years).
+REGEX_TIME_BUDGET = 1.0
 
 
 class LayerGeometry(NamedTuple):
@@ -169,13 +177,14 @@ def select_targets(
     excluded = _all_linear_exclusions(model, config) if all_linear else ()
     matched_entries: set[str] = set()
     selected: list[Target] = []
+    matcher = None if all_linear else _EntryMatcher(targets, type(model).__name__)
     for name, module in named_layers(model):
         layer = geometry(module)
-        if all_linear:
+        if matcher is None:
             if layer is None or not layer.linear or _is_within(name, excluded):
                 continue
         else:
-            entries = _entries_matching(name, targets)
+            entries = matcher.entries_matching(name)
             if not entries:
                 continue
             matched_entries.update(entries)
@@ -314,11 +323,45 @@ def layer_index_allowed(name: str, config: VeraConfig) -> bool:
     return match is not None and int(match.group(1)) in indices
 
 
-def _entries_matching(name: str, targets: list[str] | str) -> list[str]:
-    """The entries of `targets` that select `name` (a regex is one entry)."""
-    if isinstance(targets, str):
-        return [targets] if re.fullmatch(targets, name) is not None else []
-    return [entry for entry in targets if name_matches_entry(name, entry)]
+class _EntryMatcher:
+    """The entries of `targets` that select a module name (a regex is one entry), at a bounded cost.
+
+    A regex is matched by the `regex` engine (Python's `re` semantics) with a timeout: all the names of one
+    selection share `REGEX_TIME_BUDGET` seconds.
+
+    Args:
+        targets: the resolved target_modules (a list of names or a regex).
+        model_name: the model's class name, for the error message.
+    """
+
+    def __init__(self, targets: list[str] | str, model_name: str) -> None:
+        self.targets = targets
+        self.model_name = model_name
+        self.pattern = None
+        if isinstance(targets, str):
+            try:
+                self.pattern = regex.compile(targets)
+            except (regex.error, RecursionError, OverflowError) as e:
+                raise ValueError(
+                    f"target_modules={targets!r} is not a regular expression veralab can match ({e}); use a "
+                    "list of module names"
+                ) from e
+        self.deadline: float | None = None
+
+    def entries_matching(self, name: str) -> list[str]:
+        if self.pattern is None:
+            return [entry for entry in self.targets if name_matches_entry(name, entry)]
+        if self.deadline is None:
+            self.deadline = time.monotonic() + REGEX_TIME_BUDGET
+        try:
+            match = self.pattern.fullmatch(name, timeout=max(self.deadline - time.monotonic(), 1e-3))
+        except TimeoutError as e:
+            raise ValueError(
+                f"target_modules={self.targets!r}: matching this regex against the module names of "
+                f"{self.model_name} took more than {REGEX_TIME_BUDGET:g} s (it backtracks catastrophically, "
+                "e.g. nested repetition like (a*)*); use a simpler regex or a list of module names"
+            ) from e
+        return [self.targets] if match is not None else []
 
 
 def _check_every_entry_matched(

@@ -9,7 +9,9 @@
     veralab count --model DIR --rank 256 --lora-rank 8
 
 A mistake in the arguments or the inputs ends the command with one line saying what was wrong and exit
-status 2; only a bug in veralab shows a traceback.
+status 2; only a bug in veralab shows a traceback. Every argument is checked before anything is loaded, and
+no command writes into its own inputs or over files it did not write (`veralab.app.outputs`; `--overwrite`
+allows the latter).
 """
 
 from __future__ import annotations
@@ -71,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "merge",
         "write the base model with the adapter merged into its weights",
-        "directory for the merged model (config, weights, tokenizer)",
+        "directory for the merged model (config, weights, tokenizer); outside the adapter and the base "
+        "model. An existing one must be empty or an earlier merge (recognised by the veralab_merged_from "
+        "entry veralab puts in its config.json), unless --overwrite",
     )
     _add_adapter_writer(
         commands,
         "export-lora",
         "write the adapter as an equivalent PEFT LoRA adapter",
-        "directory for the LoRA adapter",
+        "directory for the LoRA adapter; outside the adapter and the base model. An existing one must be "
+        "empty or an earlier export (a LoRA adapter_config.json whose weights carry veralab's "
+        "veralab_exported_from metadata), unless --overwrite",
     )
     _add_count(commands)
     return parser
@@ -140,8 +146,11 @@ def _add_finetune(commands) -> None:
         "--output",
         default=default_of(FinetuneOptions, "output"),
         metavar="DIR",
-        help="where the adapter, loss_curve.png and summary.json go (default: %(default)s)",
+        help="where the adapter, loss_curve.png and summary.json go, replaced together (default: "
+        "%(default)s); outside --model and the data files. An existing one must be empty or an earlier "
+        "fine-tune's output (a VeRA adapter_config.json next to summary.json), unless --overwrite",
     )
+    _add_overwrite(data)
 
     vera = p.add_argument_group("VeRA")
     # Not "--r": torchrun would take it for an abbreviation of one of its own options.
@@ -273,7 +282,18 @@ def _add_adapter_writer(commands, name: str, summary: str, output_help: str) -> 
     p = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
     _add_adapter_arguments(p)
     p.add_argument("--output", required=True, metavar="DIR", help=output_help)
+    _add_overwrite(p)
     p.set_defaults(run=_run_merge if name == "merge" else _run_export_lora)
+
+
+def _add_overwrite(p) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=default_of(FinetuneOptions, "overwrite"),
+        help="write into an existing --output that holds other files (the command's own files are replaced, "
+        "others are left alone); never allowed for an input",
+    )
 
 
 def _add_adapter_arguments(p: argparse.ArgumentParser) -> None:
@@ -367,25 +387,42 @@ def _run_finetune(args: argparse.Namespace) -> None:
         training=training,
         lora_r=args.lora_rank,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     finetune(options)
 
 
-def _load_adapted(args: argparse.Namespace):
-    """The base model (from --model or the adapter's config) with the saved adapter, and the tokenizer."""
-    from veralab.app.base_model import load_base_model
-    from veralab.fast import VeraModel
-
+def _adapter_inputs(args: argparse.Namespace) -> tuple[Path, str]:
+    """The adapter's config file and the base model directory (--model, else the one the adapter names)."""
     config_path = Path(args.adapter) / "adapter_config.json"
     if not config_path.is_file():
         raise ValueError(
             f"--adapter {args.adapter!r} holds no adapter_config.json; pass a directory veralab saved"
         )
-    model_dir = args.model or VeraConfig.from_json_file(config_path).base_model_name_or_path
+    if args.model is not None:
+        return config_path, args.model
+    model_dir = VeraConfig.from_json_file(config_path).base_model_name_or_path
     if model_dir is None:
         raise ValueError(f"{config_path} names no base model; pass --model DIR")
+    return config_path, model_dir
+
+
+def _check_writer_output(args: argparse.Namespace, kind: str) -> str:
+    """Check --output against the inputs of merge / export-lora before anything is loaded; the model dir."""
+    from veralab.app.outputs import check_output
+
+    _, model_dir = _adapter_inputs(args)
+    check_output(args.output, {"--adapter": args.adapter, "--model": model_dir}, kind, args.overwrite)
+    return model_dir
+
+
+def _load_adapted(args: argparse.Namespace, model_dir: str):
+    """The base model with the saved adapter, and the tokenizer."""
+    from veralab.app.base_model import load_base_model
+    from veralab.fast import VeraModel
+
     base, tokenizer = load_base_model(model_dir)
-    return VeraModel.from_pretrained(base, args.adapter), tokenizer, model_dir
+    return VeraModel.from_pretrained(base, args.adapter), tokenizer
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
@@ -396,8 +433,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} is invalid: expected a positive number")
+    _, model_dir = _adapter_inputs(args)
     examples = (read_jsonl(args.data) if args.data else alarm_task().held_out)[: args.max_eval_examples]
-    model, tokenizer, _ = _load_adapted(args)
+    model, tokenizer = _load_adapted(args, model_dir)
     result = exact_match(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
     print(
         f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on "
@@ -406,10 +444,18 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
-    model, tokenizer, model_dir = _load_adapted(args)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    from veralab.app.outputs import is_output_of, mark_merged, retired_by_merge
+    from veralab.atomic import staged_update
+
+    model_dir = _check_writer_output(args, "merge")
+    # Weight files of an earlier merge the new one does not write (stale shards) go; anyone else's stay.
+    retire = retired_by_merge if is_output_of(Path(args.output), "merge") else None
+    model, tokenizer = _load_adapted(args, model_dir)
+    merged = model.merge_and_unload(safe_merge=True)
+    mark_merged(merged.config, model_dir, args.adapter)
+    with staged_update(args.output, retire) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     print(
         f"wrote the merged model to {args.output} (base {model_dir} + adapter {args.adapter}); it loads with "
         f"AutoModelForCausalLM.from_pretrained({str(args.output)!r}) and runs at the base model's cost"
@@ -417,7 +463,8 @@ def _run_merge(args: argparse.Namespace) -> None:
 
 
 def _run_export_lora(args: argparse.Namespace) -> None:
-    model, _, _ = _load_adapted(args)
+    model_dir = _check_writer_output(args, "export-lora")
+    model, _ = _load_adapted(args, model_dir)
     model.save_as_lora(args.output)
     print(
         f"wrote a LoRA adapter computing the same function to {args.output}; it loads with "
@@ -433,6 +480,8 @@ def _run_count(args: argparse.Namespace) -> None:
     from veralab.counting import architecture_class, build_meta_model, count_adapter
     from veralab.targets import resolve_target_modules
 
+    if args.lora_rank < 1:
+        raise UsageError(f"--lora-rank {args.lora_rank} is invalid: expected a positive LoRA rank")
     source = Path(args.model) if args.model else default_model_dir()
     if not (source / "config.json").is_file() and not (source.is_file() and source.suffix == ".json"):
         raise ValueError(
@@ -473,8 +522,9 @@ def _run_count(args: argparse.Namespace) -> None:
 # Entry point
 # ---------------------------------------------------------------------------------------------------
 
-# Mistakes in what the user gave (values, paths, files, the network): one line, no traceback.
-USER_ERRORS = (UsageError, ValueError, FetchError, OSError, ImportError)
+# Mistakes in what the user gave (values, paths, files, the network), and a training that diverged
+# (veralab.app.train.NonFiniteLossError, a FloatingPointError): one line, no traceback.
+USER_ERRORS = (UsageError, ValueError, FetchError, OSError, ImportError, FloatingPointError)
 
 
 def _quiet_transformers() -> None:

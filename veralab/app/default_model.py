@@ -36,6 +36,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VERALAB_CACHE") or Path.home() / ".cache" / "veralab")
 
 
+def default_model_path(cache: Path | None = None) -> Path:
+    """Where the converted default model lives (whether it is there yet or not).
+
+    Args:
+        cache: the cache directory (default: `cache_dir()`).
+    """
+    return (cache or cache_dir()) / "models" / MODEL_NAME
+
+
 def default_model_dir(cache: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The converted default model's directory, fetching and converting it on first use.
 
@@ -43,7 +52,7 @@ def default_model_dir(cache: Path | None = None, log: Callable[[str], None] = pr
         cache: the cache directory (default: `cache_dir()`).
         log: where to say what is being done (a download and a conversion take a minute the first time).
     """
-    target = (cache or cache_dir()) / "models" / MODEL_NAME
+    target = default_model_path(cache)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,11 @@ rank 0 writes the output directory:
     <output>/adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's format
     <output>/loss_curve.png                                   the training loss per step
     <output>/summary.json                                     every number of the summary table
+
+Every option is checked, and the output directory too (`veralab.app.outputs`: never inside an input, never
+over files another program wrote unless `overwrite`), before any data or model is read. The four files
+replace an earlier run's together (`veralab.atomic`), and only after training succeeded: a run that
+fails or diverges (`NonFiniteLossError`) writes nothing.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from pathlib import Path
 
 from veralab.app.base_model import load_base_model
 from veralab.app.data import TaskData, alarm_task, read_jsonl, split_held_out
-from veralab.app.default_model import MODEL_NAME, default_model_dir
+from veralab.app.default_model import MODEL_NAME, default_model_dir, default_model_path
 from veralab.app.distributed import Cluster
 from veralab.app.evaluate import ExactMatch, exact_match
 from veralab.app.options import FinetuneOptions
+from veralab.app.outputs import SUMMARY_NAME, check_output
 from veralab.app.report import RunSummary, plot_loss_curve, summary_table
 from veralab.app.train import train
+from veralab.atomic import staged_update
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
+from veralab.fast.layout import WEIGHTS_NAME
+from veralab.fast.saving import adapter_files
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LOSS_CURVE_NAME = "loss_curve.png"
 
 
 def load_task(options: FinetuneOptions) -> TaskData:
@@ -43,11 +52,18 @@ def load_task(options: FinetuneOptions) -> TaskData:
         task = split_held_out(
             read_jsonl(options.data), options.held_out_fraction, options.training.seed, options.data
         )
-    if options.max_eval_examples < 1:
-        raise ValueError(
-            f"max_eval_examples={options.max_eval_examples} is invalid: expected a positive number"
-        )
     return TaskData(task.train, task.held_out[: options.max_eval_examples], task.source)
+
+
+def check_options(options: FinetuneOptions) -> None:
+    """Every check that needs no data and no model: the options' values and the output directory."""
+    options.check()
+    inputs = {
+        "--model": options.model if options.model is not None else default_model_path(),
+        "--data": options.data,
+        "--eval-data": options.eval_data,
+    }
+    check_output(options.output, inputs, "finetune", options.overwrite)
 
 
 def resolve_model_dir(model: str | None, cluster: Cluster, log: Callable[[str], None]) -> Path:
@@ -77,6 +93,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
     cluster = Cluster.from_environment()
     say = log if (cluster.is_main and options.progress) else _silent
     try:
+        check_options(options)
         task = load_task(options)
         options.training.validate(len(task.train), cluster.world_size)  # before any download or load
         model_dir = resolve_model_dir(options.model, cluster, say)
@@ -96,9 +113,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
         cluster.check_identical({name: p for name, p in model.named_parameters() if p.requires_grad})
 
         output = Path(options.output)
-        if cluster.is_main:
-            output.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(output)
+        files = adapter_files(model, "default") if cluster.is_main else {}
         trainable, total = model.get_nb_trainable_parameters()
         summary = RunSummary(
             model=str(model_dir),
@@ -110,7 +125,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
             r=vera.r,
             trainable_parameters=trainable,
             total_parameters=total,
-            adapter_bytes=(output / ADAPTER_WEIGHTS).stat().st_size if cluster.is_main else 0,
+            adapter_bytes=len(files[WEIGHTS_NAME]) if cluster.is_main else 0,
             projections_saved=vera.save_projection,
             lora_r=options.lora_r,
             lora_parameters=lora_parameters_for(model, options.lora_r),
@@ -126,7 +141,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> Ru
             losses=result.losses,
         )
         if cluster.is_main:
-            _write_outputs(summary, output, model_dir)
+            _write_outputs(summary, output, model_dir, files)
             _show(summary, after, output, model_dir, options, log)
         cluster.barrier()
         return summary
@@ -138,10 +153,14 @@ def _silent(message: str) -> None:
     pass
 
 
-def _write_outputs(summary: RunSummary, output: Path, model_dir: Path) -> None:
+def _write_outputs(summary: RunSummary, output: Path, model_dir: Path, files: dict[str, bytes]) -> None:
+    """The adapter, the loss curve and the summary, replacing an earlier run's all together."""
     name = MODEL_NAME if model_dir.name == MODEL_NAME else model_dir.name
-    plot_loss_curve(summary.losses, output / "loss_curve.png", title=f"VeRA on {name}: training loss")
-    (output / "summary.json").write_text(summary.to_json(), encoding="utf-8")
+    with staged_update(output) as staging:
+        for file_name, data in files.items():
+            (staging / file_name).write_bytes(data)
+        plot_loss_curve(summary.losses, staging / LOSS_CURVE_NAME, title=f"VeRA on {name}: training loss")
+        (staging / SUMMARY_NAME).write_text(summary.to_json(), encoding="utf-8")
 
 
 def _show(

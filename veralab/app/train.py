@@ -7,11 +7,15 @@ seed and takes its own share of each (`Cluster.shard`); the loss is the sum of t
 the global batch's number of answer tokens, so N processes compute exactly the gradient that one process
 computes on the whole batch, up to floating-point summation order. Gradients are averaged by
 DistributedDataParallel; the frozen projections are never broadcast (see `veralab.app.distributed`).
+
+Training stops at the first step whose loss is NaN/inf (before that step updates anything), and when the
+trained parameters end up NaN/inf, with a `NonFiniteLossError`: a diverged run produces no adapter.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +28,10 @@ from tqdm.auto import tqdm
 from veralab.app.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
 from veralab.app.distributed import Cluster
 from veralab.app.options import TrainingOptions
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a step's loss (or the trained parameters) became NaN/inf."""
 
 
 @dataclass
@@ -142,16 +150,34 @@ def train(
         dynamic_ncols=True,
     )
     start = time.perf_counter()
-    for global_batch in schedule:
+    for step, global_batch in enumerate(schedule, start=1):
         loss, tokens = _step(trained, optimizer, [tokenized[i] for i in global_batch], pad_token_id, cluster)
+        if not math.isfinite(loss):
+            bar.close()
+            raise NonFiniteLossError(
+                f"training diverged: the loss of step {step} of {steps} is {loss} (the steps before had "
+                f"{_last(result.losses)}); nothing was saved. Lower the learning rate (learning_rate="
+                f"{options.learning_rate}) or check the data"
+            )
         result.losses.append(loss)
         result.tokens += tokens
         result.seconds = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss:.4f}", tok_per_s=f"{result.tokens_per_second:,.0f}", refresh=False)
         bar.update()
     bar.close()
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if broken:
+        raise NonFiniteLossError(
+            f"training diverged: after the last step {len(broken)} trained parameter(s) hold NaN/inf (e.g. "
+            f"{broken[:2]}); nothing was saved. Lower the learning rate (learning_rate="
+            f"{options.learning_rate})"
+        )
     model.eval()
     return result
+
+
+def _last(losses: list[float]) -> str:
+    return f"a last loss of {losses[-1]:.4g}" if losses else "no steps"
 
 
 def _step(
@@ -162,14 +188,15 @@ def _step(
     cluster: Cluster,
 ) -> tuple[float, int]:
     """One optimizer step on this rank's share of the global batch; returns (global mean loss, global
-    tokens)."""
+    tokens). A step whose loss is NaN/inf (on any rank: the sum is global) changes nothing."""
     answer_tokens = sum(example.target_tokens for example in global_batch)
     batch = {k: v.to(cluster.device) for k, v in collate(cluster.shard(global_batch), pad_token_id).items()}
     labels = batch.pop("labels")
     loss_sum = answer_token_loss_sum(model(**batch).logits, labels)
     # DDP averages gradients over ranks, hence * world_size: the result is the global batch's mean.
     (loss_sum * (cluster.world_size / answer_tokens)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     loss_total, tokens = cluster.sum([loss_sum.item(), batch["attention_mask"].sum().item()])
+    if math.isfinite(loss_total):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss_total / answer_tokens, int(tokens)

@@ -28,7 +28,8 @@ class VeraEmbedding(VeraLayer):
     Args:
         base_layer: the embedding to adapt; it stays frozen. One with `max_norm` is refused: it re-normalises
             looked-up rows of its table in place on every lookup, which no adapter term can follow.
-        projections: the model's shared `vera_A` / `vera_B` (in = num_embeddings, out = embedding_dim).
+        projections: the pair adapters read unless `update_layer` is given another (in = num_embeddings,
+            out = embedding_dim).
         fan_in_fan_out: must be False (accepted for the layer factory's uniform call).
     """
 
@@ -58,13 +59,10 @@ class VeraEmbedding(VeraLayer):
 
     def adapted_forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_forward(ids, *args, **kwargs)
-        adapters = self._adapter_facts()
-        if not adapters:
-            return result
-        dropped = {a.name for a in adapters if self.training and a.dropout > 0}
-        reading_ids = tuple(a.name for a in adapters if a.name not in dropped)
-        if reading_ids:
-            result = self._add_terms(result, ids, reading_ids, keep=None)
+        adapters = [adapter for group in self._adapter_facts() for adapter in group]
+        dropped = [a.name for a in adapters if self.training and a.dropout > 0]
+        for names in self.grouped([a.name for a in adapters if a.name not in dropped]):
+            result = self._add_terms(result, ids, names, keep=None)
         for name in dropped:
             result = self._add_terms(result, ids, (name,), keep=1.0 - self._dropout_probability(name))
         return result
@@ -75,14 +73,15 @@ class VeraEmbedding(VeraLayer):
         """`base_output + h S^T` for the adapters `names`; h holds the gathered columns of A_s (with tokens
         dropped out when `keep` is given)."""
         dtype = self.adapter_dtype(ids)
+        pair = self.projections_of(names[0])
         lambda_d, lambda_b = self._stacked_lambdas(names)
-        A_s = self._projections.sliced_A(self.in_features, dtype, ids.device)
-        B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), ids.device)
+        A_s = pair.sliced_A(self.in_features, dtype, ids.device)
+        B_s = pair.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), ids.device)
         h = self.gathered(ids, A_s)
         if keep is not None:
             h = h * torch.bernoulli(torch.full((*ids.shape, 1), keep, dtype=dtype, device=ids.device)) / keep
         S = self._lambda_forms.scaled_projection(
-            B_s, lambda_d, lambda_b, self._lambda_parameters(names), dtype
+            names, B_s, lambda_d, lambda_b, self._lambda_parameters(names), dtype
         )
         return activation_space_vera(base_output, ids, h, S, A_s, B_s, lambda_d, lambda_b)
 
@@ -94,15 +93,22 @@ class VeraEmbedding(VeraLayer):
         return h
 
     def mixed_batch_forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One adapter per row of the batch (the first dimension of ids)."""
+        """One adapter per row of the batch (the first dimension of ids), one gather per group of
+        projections the batch uses."""
         result = self.base_forward(ids, *args, **kwargs)
-        A_s, B_s = self._projections.sliced(
-            self.in_features, self.out_features, self.adapter_dtype(ids), ids.device
-        )
-        h = self.gathered(ids, A_s)  # (batch, ..., r)
-        lambda_d_rows, lambda_b_rows = self._row_lambdas(h)
-        keep = self._row_keep_probabilities(h)
+        dtype = self.adapter_dtype(ids)
+        groups = self.row_groups(ids.shape[0])
+        keep = self._row_keep_probabilities(torch.empty(0, dtype=dtype, device=ids.device))
         if keep is not None:  # each row's tokens dropped with its own adapter's probability
             keep = keep.view(-1, *([1] * (ids.dim() - 1)), 1)
-            h = h * torch.bernoulli(keep.expand(*ids.shape, 1)) / keep
-        return mixed_batch_vera(result, h, B_s, lambda_d_rows, lambda_b_rows)
+            keep = torch.bernoulli(keep.expand(*ids.shape, 1)) / keep
+        for group in groups:
+            A_s, B_s = self.projections_of(group[0]).sliced(
+                self.in_features, self.out_features, dtype, ids.device
+            )
+            h = self.gathered(ids, A_s)  # (batch, ..., r)
+            if keep is not None:
+                h = h * keep
+            lambda_d_rows, lambda_b_rows = self._row_lambdas(h, group)
+            result = mixed_batch_vera(result, h, B_s, lambda_d_rows, lambda_b_rows)
+        return result

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from veralab.config import is_int
 from veralab.fast.errors import AdapterLoadError, ProjectionMismatchError
 from veralab.fast.projections import SharedProjections
 
@@ -71,24 +72,41 @@ def same_values(reference: torch.Tensor, used: torch.Tensor) -> bool:
 
 
 def stored_fingerprint(metadata: dict[str, str], weights_path: Path) -> dict[str, Any] | None:
-    """The fingerprint in a safetensors file's metadata (None when it has none).
+    """The fingerprint in a safetensors file's metadata (None when it has none), its fields checked.
 
     Raises:
-        AdapterLoadError: the metadata entry is not a fingerprint.
+        AdapterLoadError: the metadata entry is not a fingerprint (wrong JSON, fields missing or of the wrong
+            type, shapes that are not two positive ints).
     """
     raw = metadata.get(FINGERPRINT_KEY)
     if raw is None:
         return None
     try:
         fingerprint = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # invalid JSON, nested too deeply, integers too long
         fingerprint = None
-    if not isinstance(fingerprint, dict) or not set(_FIELDS) <= set(fingerprint):
+    if not _well_formed(fingerprint):
         raise AdapterLoadError(
             f"{weights_path}: the {FINGERPRINT_KEY!r} metadata is corrupted (expected a JSON object with "
-            f"{sorted(_FIELDS)}, got {raw[:80]!r}); save the adapter again"
+            f"{sorted(_FIELDS)}: a sha256 hex string, an int key and two shapes of two positive ints, got "
+            f"{raw[:80]!r}); save the adapter again"
         )
     return fingerprint
+
+
+def _well_formed(fingerprint: Any) -> bool:
+    if not isinstance(fingerprint, dict) or not set(_FIELDS) <= set(fingerprint):
+        return False
+    sha, key = fingerprint["sha256"], fingerprint["projection_prng_key"]
+    shapes = fingerprint["vera_A_shape"], fingerprint["vera_B_shape"]
+    return (
+        isinstance(sha, str)
+        and is_int(key)
+        and all(
+            isinstance(shape, list) and len(shape) == 2 and all(is_int(n) and n > 0 for n in shape)
+            for shape in shapes
+        )
+    )
 
 
 def check_regenerated(

@@ -2,7 +2,9 @@
 
 `VeraLayer` wraps a frozen base layer and holds, per adapter, the trained vectors `vera_lambda_d[name]`
 (r) and `vera_lambda_b[name]` (out) in `nn.ParameterDict`s, as PEFT does, so state-dict keys match PEFT's.
-The shared projections are referenced through one `SharedProjections` object per model. Every layer type
+Each adapter reads its pair of projections through the `SharedProjections` object of its group, which every
+layer of the model references (adapters of one group share it; a forward computes each group present on its
+own and adds the terms). Every layer type
 sees its base weight as a dense (out, in) matrix through two methods, `get_base_weight` and
 `set_base_weight`, so merge, unmerge and safe merge are written once; the layer types differ in their
 forward:
@@ -50,11 +52,13 @@ class LambdaForms:
     """
 
     def __init__(self) -> None:
-        self._scaled_projection = DerivedCache()
-        self._row_tables = DerivedCache()
+        # One cache per set of adapters computed together (per projection group, per dropout split).
+        self._scaled_projection: dict[tuple[str, ...], DerivedCache] = {}
+        self._row_tables: dict[tuple[str, ...], DerivedCache] = {}
 
     def scaled_projection(
         self,
+        names: tuple[str, ...],
         B_s: torch.Tensor,
         lambda_d: torch.Tensor,
         lambda_b: torch.Tensor,
@@ -64,7 +68,8 @@ class LambdaForms:
         """`scaled_projection(B_s, lambda_d, lambda_b)` in `dtype`.
 
         Args:
-            B_s: the layer's slice of vera_B, (out, r), in the dtype S is formed in.
+            names: the adapters computed together (they share one pair of projections).
+            B_s: the layer's slice of their vera_B, (out, r), in the dtype S is formed in.
             lambda_d: the adapters' λ_d stacked, (K, r).
             lambda_b: the adapters' λ_b stacked, (K, out).
             parameters: the λ_d and λ_b parameters the stacks were made from.
@@ -74,39 +79,47 @@ class LambdaForms:
         def build() -> torch.Tensor:
             return scaled_projection(B_s, lambda_d, lambda_b).to(dtype)
 
-        return self._kept(self._scaled_projection, [B_s, *parameters], dtype, build)
+        cache = self._scaled_projection.setdefault(names, DerivedCache())
+        return self._kept(cache, [B_s, *parameters], dtype, build)
 
     def row_tables(
         self,
         names: list[str],
+        group: tuple[str, ...],
         lambdas_d: nn.ParameterDict,
         lambdas_b: nn.ParameterDict,
         r: int,
         out_features: int,
         x: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A mixed batch's lambda tables: (len(names), r) λ_d and (len(names), out) λ_b, in x's dtype/device.
+        """A mixed batch's lambda tables for one projection group: (len(names), r) λ_d and (len(names), out)
+        λ_b, in x's dtype/device.
 
-        A name the layer lacks (the base model's rows, or an adapter only other layers have) gets zeros.
+        A name outside `group` (the base model's rows, an adapter of another group, or one only other
+        layers have) gets zeros.
 
         Args:
             names: the batch's distinct adapter names, in the order of its row index.
+            group: the layer's adapters that read the pair these tables go with.
             lambdas_d: the layer's λ_d parameters by adapter name.
             lambdas_b: the layer's λ_b parameters by adapter name.
             r: the projections' rank.
             out_features: the layer's output size.
             x: the adapter's input.
         """
-        present = [name for name in names if name in lambdas_d]
+        present = [name for name in names if name in group]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             return (
-                torch.stack([self._lambda_or_zeros(lambdas_d, name, r, x) for name in names]),
-                torch.stack([self._lambda_or_zeros(lambdas_b, name, out_features, x) for name in names]),
+                torch.stack([self._lambda_or_zeros(lambdas_d, name, present, r, x) for name in names]),
+                torch.stack(
+                    [self._lambda_or_zeros(lambdas_b, name, present, out_features, x) for name in names]
+                ),
             )
 
         sources = [*(lambdas_d[name] for name in present), *(lambdas_b[name] for name in present)]
-        return self._kept(self._row_tables, sources, (tuple(names), x.dtype, x.device), build)
+        cache = self._row_tables.setdefault(group, DerivedCache())
+        return self._kept(cache, sources, (tuple(names), x.dtype, x.device), build)
 
     @staticmethod
     def _kept(cache: DerivedCache, sources: list[torch.Tensor], key: object, build: Callable[[], object]):
@@ -116,8 +129,10 @@ class LambdaForms:
         return cache.get(sources, key=key, build=build)
 
     @staticmethod
-    def _lambda_or_zeros(table: nn.ParameterDict, name: str, size: int, x: torch.Tensor) -> torch.Tensor:
-        if name in table:
+    def _lambda_or_zeros(
+        table: nn.ParameterDict, name: str, present: list[str], size: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        if name in present:
             return table[name].to(x.dtype)
         return torch.zeros(size, dtype=x.dtype, device=x.device)
 
@@ -130,7 +145,7 @@ class VeraLayer(nn.Module):
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
-        projections: the model's shared `vera_A` / `vera_B`.
+        projections: the pair of projections adapters read unless `update_layer` is given another.
         in_features: the columns of the base weight seen as a matrix.
         out_features: its rows (λ_b has one entry per row).
     """
@@ -151,15 +166,36 @@ class VeraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         # Plain attributes, not submodules: shared by every layer, and not part of any layer's state dict.
-        self._projections = projections
+        self._default_pair = projections
+        self._pairs: dict[str, SharedProjections] = {}
         self.row_adapters: RowAdapters | None = None
         self._lambda_forms = LambdaForms()
 
     # ------------------------------------------------------------------ adapters
 
-    def update_layer(self, adapter_name: str, config: VeraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Create the lambdas of `adapter_name` (λ_b = 0, λ_d = d_initial unless init_weights=False)."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: VeraConfig,
+        low_cpu_mem_usage: bool = False,
+        projections: SharedProjections | None = None,
+    ) -> None:
+        """Create the lambdas of `adapter_name` (λ_b = 0, λ_d = d_initial unless init_weights=False).
+
+        Args:
+            adapter_name: the adapter's name.
+            config: its config.
+            low_cpu_mem_usage: create the lambdas on the meta device.
+            projections: the pair it reads (default: the layer's); rank `config.r`, covering this layer.
+        """
+        pair = self._default_pair if projections is None else projections
         r = config.r
+        if pair.r != r or not pair.fits(self.in_features, self.out_features):
+            raise ValueError(
+                f"adapter {adapter_name!r} (r={r}) cannot read projections vera_A ({pair.r} x {pair.max_in}) "
+                f"/ vera_B ({pair.max_out} x {pair.r}) in a ({self.out_features} x {self.in_features}) "
+                "layer: the rank must match and the pair must cover the layer"
+            )
         device = torch.device("meta") if low_cpu_mem_usage else self._base_device()
         if config.init_weights:
             lambda_d = torch.full((r,), float(config.d_initial), device=device)
@@ -173,11 +209,24 @@ class VeraLayer(nn.Module):
             nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
         )
         self.r[adapter_name] = r
+        self._pairs[adapter_name] = pair
+
+    def projections_of(self, adapter_name: str) -> SharedProjections:
+        """The pair of projections adapter `adapter_name` reads."""
+        return self._pairs[adapter_name]
+
+    def grouped(self, names: list[str] | tuple[str, ...]) -> list[tuple[str, ...]]:
+        """`names` split by the pair each reads, in order of first appearance (one group when they share)."""
+        groups: dict[SharedProjections, list[str]] = {}
+        for name in names:
+            groups.setdefault(self._pairs[name], []).append(name)
+        return [tuple(group) for group in groups.values()]
 
     def delete_adapter(self, adapter_name: str) -> None:
         for container in (self.vera_lambda_d, self.vera_lambda_b, self.vera_dropout):
             del container[adapter_name]
         del self.r[adapter_name]
+        del self._pairs[adapter_name]
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def set_adapter(self, adapter_names: list[str]) -> None:
@@ -210,7 +259,8 @@ class VeraLayer(nn.Module):
         """
         lambda_d = self.vera_lambda_d[adapter_name].detach().to(device, torch.float32)
         lambda_b = self.vera_lambda_b[adapter_name].detach().to(device, torch.float32)
-        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, torch.float32, device)
+        pair = self._pairs[adapter_name]
+        A_s, B_s = pair.sliced(self.in_features, self.out_features, torch.float32, device)
         return lambda_d[:, None] * A_s, lambda_b[:, None] * B_s  # (r, in), (out, r)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -264,6 +314,17 @@ class VeraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as stored: models read it through the adapted layer (ViT reads its
+        patch embedding's dtype, T5 its `wo.weight`), as PEFT's adapter layers allow."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None where it has none)."""
+        return getattr(self.base_layer, "bias", None)
+
     # ------------------------------------------------------------------ forward
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -293,15 +354,34 @@ class VeraLayer(nn.Module):
         """`base(x)` plus, for every row of the batch, the term of that row's adapter (`row_adapters`)."""
         raise NotImplementedError
 
-    def _adapter_facts(self) -> list[AdapterFacts]:
-        """The active, unmerged adapters, as the plan of a forward reads them."""
+    def plans(self, x: torch.Tensor, extra_arguments: bool = False) -> list[ForwardPlan]:
+        """How `forward` computes the adapters' terms, one plan per pair of projections (layer types that
+        choose between computation paths)."""
+        raise NotImplementedError(f"{type(self).__name__} computes its adapters' terms one way only")
+
+    def plan(self, x: torch.Tensor, extra_arguments: bool = False) -> ForwardPlan:
+        """The first of `plans`: the whole plan when the active adapters share one pair of projections."""
+        return self.plans(x, extra_arguments)[0]
+
+    def _adapter_facts(self) -> list[list[AdapterFacts]]:
+        """The active, unmerged adapters as the plan of a forward reads them, one list per pair of
+        projections they read (a single empty list when there are none: the base layer still runs)."""
+        unmerged = [name for name in self.active_adapters if name not in self.merged_adapters]
         return [
-            AdapterFacts(
-                name, self._dropout_probability(name), (self.vera_lambda_d[name], self.vera_lambda_b[name])
-            )
-            for name in self.active_adapters
-            if name not in self.merged_adapters
-        ]
+            [
+                AdapterFacts(
+                    name,
+                    self._dropout_probability(name),
+                    (self.vera_lambda_d[name], self.vera_lambda_b[name]),
+                )
+                for name in group
+            ]
+            for group in self.grouped(unmerged)
+        ] or [[]]
+
+    def _pair_r(self, adapters: list[AdapterFacts]) -> int:
+        """The rank of the pair `adapters` read (any rank when there are none: nothing is computed)."""
+        return self._pairs[adapters[0].name].r if adapters else self._default_pair.r
 
     def _dropout_probability(self, adapter_name: str) -> float:
         dropout = self.vera_dropout[adapter_name]
@@ -323,19 +403,31 @@ class VeraLayer(nn.Module):
         # S and the lambda gradients are formed in at least float32, whatever the activations' dtype.
         return torch.promote_types(lambda_d.dtype, torch.float32)
 
-    def _row_lambdas(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's (batch, r) λ_d and (batch, out) λ_b, in x's dtype (zeros where a row uses none here)."""
+    def row_groups(self, batch_rows: int) -> list[tuple[str, ...]]:
+        """The layer's adapters used by some row of the mixed batch, split by the pair they read: each group
+        costs one pair of thin matmuls, whatever the number of its adapters.
+
+        Args:
+            batch_rows: the rows of the batch (checked against the number of adapter names).
+        """
         rows = self.row_adapters
-        if rows.index.shape[0] != x.shape[0]:
+        if rows.index.shape[0] != batch_rows:
             raise ValueError(
-                f"adapter_names has {rows.index.shape[0]} entries but the batch has {x.shape[0]} rows; give "
+                f"adapter_names has {rows.index.shape[0]} entries but the batch has {batch_rows} rows; give "
                 "exactly one adapter name per row"
             )
+        return self.grouped([name for name in rows.names if name in self._pairs])
+
+    def _row_lambdas(self, x: torch.Tensor, group: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's (batch, r) λ_d and (batch, out) λ_b for the pair `group` reads, in x's dtype (zeros
+        where a row uses no adapter of the group here)."""
+        rows = self.row_adapters
         lambda_d_table, lambda_b_table = self._lambda_forms.row_tables(
             rows.names,
+            group,
             self.vera_lambda_d,
             self.vera_lambda_b,
-            r=self._projections.r,
+            r=self._pairs[group[0]].r,
             out_features=self.out_features,
             x=x,
         )
@@ -368,7 +460,7 @@ class VeraLinear(VeraLayer):
 
     Args:
         base_layer: the layer to adapt; it stays frozen.
-        projections: the model's shared `vera_A` / `vera_B`.
+        projections: the pair of projections adapters read unless `update_layer` is given another.
         fan_in_fan_out: the base weight is stored as (in, out), as in `Conv1D`.
     """
 
@@ -397,33 +489,44 @@ class VeraLinear(VeraLayer):
         )
 
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """`base(x)` plus the active adapters' terms, computed as `plan` decides."""
-        return self._run(self.plan(x, extra_arguments=bool(args or kwargs)), x, *args, **kwargs)
+        """`base(x)` plus the active adapters' terms, computed as `plans` decides."""
+        result = None
+        for plan in self.plans(x, extra_arguments=bool(args or kwargs)):
+            result = self._run(plan, x, result, *args, **kwargs)
+        return result
 
-    def plan(self, x: torch.Tensor, extra_arguments: bool = False) -> ForwardPlan:
-        """How `forward` computes the active, unmerged adapters' terms for input `x` (see `plan_forward`).
+    def plans(self, x: torch.Tensor, extra_arguments: bool = False) -> list[ForwardPlan]:
+        """How `forward` computes the active, unmerged adapters' terms for input `x` (see `plan_forward`):
+        one plan per pair of projections they read. Only the first may fold its adapters into the weight
+        (replacing the base call); the others add their terms in activation space.
 
         Args:
             x: the input, (..., in).
             extra_arguments: the base layer is called with more than x (only its own forward can honor them).
         """
-        return plan_forward(
-            x,
-            self._adapter_facts(),
-            in_features=self.in_features,
-            out_features=self.out_features,
-            r=self._projections.r,
-            base_weight=self.base_layer.weight,
-            base_is_plain_dense=self.base_is_plain_dense(),
-            training=self.training,
-            extra_arguments=extra_arguments,
-        )
+        return [
+            plan_forward(
+                x,
+                adapters,
+                in_features=self.in_features,
+                out_features=self.out_features,
+                r=self._pair_r(adapters),
+                base_weight=self.base_layer.weight,
+                base_is_plain_dense=self.base_is_plain_dense() and index == 0,
+                training=self.training,
+                extra_arguments=extra_arguments,
+            )
+            for index, adapters in enumerate(self._adapter_facts())
+        ]
 
-    def _run(self, plan: ForwardPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Carry `plan` out: the base call (or the weight-space matmul replacing it), then the terms added."""
+    def _run(
+        self, plan: ForwardPlan, x: torch.Tensor, result: torch.Tensor | None, *args, **kwargs
+    ) -> torch.Tensor:
+        """Carry `plan` out: the base call (or the weight-space matmul replacing it) unless `result` holds
+        it already, then the terms added."""
         if plan.weight_space:
             result = self._weight_space_forward(x, plan.weight_space, with_h=plan.lambdas_train)
-        else:
+        elif result is None:
             result = self.base_forward(x, *args, **kwargs)
         if plan.activation_space:
             result = self._activation_space_forward(result, x, plan.activation_space)
@@ -434,41 +537,48 @@ class VeraLinear(VeraLayer):
 
     def _weight_space_forward(self, x: torch.Tensor, names: tuple[str, ...], with_h: bool) -> torch.Tensor:
         weight = self.get_base_weight()
-        A_s = self._projections.sliced_A(self.in_features, weight.dtype, weight.device)
-        B_s = self._projections.sliced_B(self.out_features, weight.dtype, weight.device)
+        pair = self._pairs[names[0]]
+        A_s = pair.sliced_A(self.in_features, weight.dtype, weight.device)
+        B_s = pair.sliced_B(self.out_features, weight.dtype, weight.device)
         lambda_d, lambda_b = self._stacked_lambdas(names)
-        h = self._projections.hidden(x, A_s) if with_h else None  # only the lambda gradients read h
+        h = pair.hidden(x, A_s) if with_h else None  # only the lambda gradients read h
         parameters = self._lambda_parameters(names)
-        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, weight.dtype)
+        S = self._lambda_forms.scaled_projection(names, B_s, lambda_d, lambda_b, parameters, weight.dtype)
         return weight_space_vera(x, h, S, weight, self.base_layer.bias, A_s, B_s, lambda_d, lambda_b)
 
     def _activation_space_forward(
         self, base_output: torch.Tensor, x: torch.Tensor, names: tuple[str, ...]
     ) -> torch.Tensor:
         dtype = self.adapter_dtype(x)
+        pair = self._pairs[names[0]]
         lambda_d, lambda_b = self._stacked_lambdas(names)
-        A_s = self._projections.sliced_A(self.in_features, dtype, x.device)
-        B_s = self._projections.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
-        h = self._projections.hidden(x, A_s)
+        A_s = pair.sliced_A(self.in_features, dtype, x.device)
+        B_s = pair.sliced_B(self.out_features, self._lambda_compute_dtype(lambda_d), x.device)
+        h = pair.hidden(x, A_s)
         parameters = self._lambda_parameters(names)
-        S = self._lambda_forms.scaled_projection(B_s, lambda_d, lambda_b, parameters, dtype)
+        S = self._lambda_forms.scaled_projection(names, B_s, lambda_d, lambda_b, parameters, dtype)
         return activation_space_vera(base_output, x, h, S, A_s, B_s, lambda_d, lambda_b)
 
     def mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One adapter per row: gather each row's lambdas (zeros where a row uses none here)."""
+        """One adapter per row: gather each row's lambdas (zeros where a row uses none here), one pair of
+        thin matmuls per group of projections the batch uses."""
         result = self.base_forward(x, *args, **kwargs)
+        groups = self.row_groups(x.shape[0])
         x_adapter = x.to(self.adapter_dtype(x))
-        lambda_d_rows, lambda_b_rows = self._row_lambdas(x_adapter)
-        A_s, B_s = self._projections.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
         keep = self._row_keep_probabilities(x_adapter)
         if keep is not None:  # dropout with each row's own adapter probability
             keep = keep.view(-1, *([1] * (x.dim() - 1)))  # (batch, 1, ..., 1)
             x_adapter = x_adapter * torch.bernoulli(keep.expand_as(x_adapter)) / keep
-        if torch.is_grad_enabled() and x_adapter.requires_grad:
-            h = F.linear(x_adapter, A_s)  # the input gradient flows through this h
-        else:
-            h = self._projections.hidden(x_adapter, A_s)
-        return mixed_batch_vera(result, h, B_s, lambda_d_rows, lambda_b_rows)
+        for group in groups:
+            pair = self._pairs[group[0]]
+            lambda_d_rows, lambda_b_rows = self._row_lambdas(x_adapter, group)
+            A_s, B_s = pair.sliced(self.in_features, self.out_features, x_adapter.dtype, x.device)
+            if torch.is_grad_enabled() and x_adapter.requires_grad:
+                h = F.linear(x_adapter, A_s)  # the input gradient flows through this h
+            else:
+                h = pair.hidden(x_adapter, A_s)
+            result = mixed_batch_vera(result, h, B_s, lambda_d_rows, lambda_b_rows)
+        return result
 
 
 def is_fan_in_fan_out(base_layer: nn.Module) -> bool:

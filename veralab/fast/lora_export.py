@@ -7,27 +7,35 @@ serve a VeRA adapter (at LoRA's size on disk).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
 
+from veralab.atomic import update_files
 from veralab.fast.conv import VeraConv
 from veralab.fast.embedding import VeraEmbedding
 from veralab.fast.layer import VeraLayer
 from veralab.fast.layout import CONFIG_NAME, DEFAULT_ADAPTER, PEFT_PREFIX, WEIGHTS_NAME
-from veralab.fast.saving import adapter_tensors, base_model_name, config_json, write_files_atomically
+from veralab.fast.saving import adapter_tensors, base_model_name, check_finite, config_json
 from veralab.targets import name_matches_entry, named_modules
 
 if TYPE_CHECKING:
     from veralab.fast.model import VeraModel
 
 LORA_BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}
+# Safetensors metadata marking a LoRA adapter as veralab's export (PEFT ignores metadata): which VeRA adapter
+# it computes. `veralab export-lora` replaces an existing output only when it carries this mark.
+EXPORT_KEY = "veralab_exported_from"
 
 
 def save_as_lora(
-    model: VeraModel, save_directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+    model: VeraModel,
+    save_directory: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    allow_non_finite: bool = False,
 ) -> None:
     """Write adapter `adapter_name` as a PEFT LoRA adapter with the same outputs (see the module docstring).
 
@@ -35,8 +43,9 @@ def save_as_lora(
 
     Args:
         model: the VeraModel.
-        save_directory: the directory to write (replaced atomically, like `save_pretrained`).
+        save_directory: the directory to write (updated atomically, like `save_pretrained`).
         adapter_name: the adapter to export.
+        allow_non_finite: write tensors holding NaN/inf instead of refusing them.
     """
     if adapter_name not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(model.peft_config)}")
@@ -66,10 +75,13 @@ def save_as_lora(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    write_files_atomically(
+    if not allow_non_finite:
+        check_finite(tensors, f"the LoRA export of adapter {adapter_name!r}")
+    metadata = {"format": "pt", EXPORT_KEY: json.dumps({"adapter_name": adapter_name, "peft_type": "VERA"})}
+    update_files(
         save_directory,
         {
-            WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+            WEIGHTS_NAME: safetensors.torch.save(tensors, metadata=metadata),
             CONFIG_NAME: config_json(lora_config),
         },
     )

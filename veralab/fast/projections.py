@@ -1,8 +1,8 @@
-"""The one pair of shared projections, and the caches of the forms layers read from it.
+"""A pair of shared projections, and the caches of the forms layers read from it.
 
-Every adapted layer of a model holds a reference to the same `SharedProjections` object, so `vera_A` and
-`vera_B` exist once in memory whatever the number of layers and adapters. Nothing is re-sliced, re-cast or
-recomputed on every forward:
+Every adapted layer of a model holds a reference to the same `SharedProjections` object for each group of
+adapters reading the same pair, so `vera_A` and `vera_B` exist once in memory whatever the number of layers
+and adapters. Nothing is re-sliced, re-cast or recomputed on every forward:
 
 - `SharedProjections.sliced_A/sliced_B/sliced` return cached contiguous slices in the dtype and on the device
   asked for, shared by every layer of the same shape, rebuilt only when the pair changes (moved, cast, or
@@ -87,6 +87,13 @@ class SharedProjections:
 
     def fits(self, in_features: int, out_features: int) -> bool:
         return in_features <= self.max_in and out_features <= self.max_out
+
+    def holds(self, tensors: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether this pair is exactly `tensors` (vera_A, vera_B), compared in its dtype, on its device."""
+        return all(
+            held.shape == given.shape and torch.equal(held, given.detach().to(held.device, held.dtype))
+            for held, given in zip((self.vera_A, self.vera_B), tensors, strict=True)
+        )
 
     def sliced(
         self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device

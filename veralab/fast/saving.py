@@ -1,23 +1,21 @@
 """Saving adapters in PEFT's format (`veralab.fast.layout`), each adapter's files replaced atomically.
 
-Files are written to a staging directory and renamed into place, so a failed save leaves the previous adapter
-intact. Only safetensors is written, never pickle. Projections left out of the file (`save_projection=False`)
-are fingerprinted in its metadata (`veralab.fast.fingerprint`).
+An adapter's two files are staged, committed and moved into place together (`veralab.atomic`), so a
+failed or killed save leaves the previous adapter intact, or the new one complete. Only safetensors is
+written, never pickle. Projections left out of the file (`save_projection=False`) are fingerprinted in its
+metadata (`veralab.fast.fingerprint`). Tensors holding NaN/inf are refused unless explicitly allowed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
+from veralab.atomic import update_files
 from veralab.config import VeraConfig
 from veralab.fast.fingerprint import (
     FINGERPRINT_KEY,
@@ -25,7 +23,14 @@ from veralab.fast.fingerprint import (
     regenerate_projections,
     same_values,
 )
-from veralab.fast.layout import CONFIG_NAME, WEIGHTS_NAME, adapter_directory, adapter_layout, model_tensors
+from veralab.fast.layout import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_directory,
+    adapter_layout,
+    model_tensors,
+    projections_in_file,
+)
 from veralab.targets import resolve_target_modules
 
 if TYPE_CHECKING:
@@ -33,14 +38,20 @@ if TYPE_CHECKING:
 
 
 def save_pretrained(
-    model: VeraModel, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
+    model: VeraModel,
+    save_directory: str | os.PathLike,
+    selected_adapters: list[str] | None = None,
+    allow_non_finite: bool = False,
 ) -> None:
-    """Save adapters in PEFT's layout, each adapter's files replaced atomically.
+    """Save adapters in PEFT's layout, each adapter's directory updated atomically.
+
+    Every adapter's files are built and checked before anything is written.
 
     Args:
         model: the VeraModel.
         save_directory: the directory; adapter "default" goes into it, others into `save_directory/<name>`.
         selected_adapters: adapters to save (default: all of them).
+        allow_non_finite: save tensors holding NaN/inf instead of refusing them.
     """
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
@@ -48,22 +59,57 @@ def save_pretrained(
         raise ValueError(
             f"selected_adapters has unknown adapter(s) {unknown}; this model has {list(model.peft_config)}"
         )
-    for name in names:
-        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, name))}
-        directory = adapter_directory(save_directory, name)
-        files = {
-            WEIGHTS_NAME: safetensors.torch.save(adapter_tensors(model, name), metadata=metadata),
-            # Replaced last: the config says which weights it goes with.
-            CONFIG_NAME: config_json(config_for_file(model, model.peft_config[name])),
-        }
+    prepared = {
+        adapter_directory(save_directory, name): adapter_files(model, name, allow_non_finite)
+        for name in names
+    }
+    for (directory, files), name in zip(prepared.items(), names, strict=True):
         try:
-            write_files_atomically(directory, files)
+            update_files(directory, files)
         except OSError as e:
             raise OSError(
                 e.errno,
                 f"could not save adapter {name!r} to {directory}: {e.strerror or e}; any adapter already "
                 "there is unchanged (check the directory is writable and the disk has space)",
             ) from e
+
+
+def adapter_files(model: VeraModel, adapter_name: str, allow_non_finite: bool = False) -> dict[str, bytes]:
+    """{file name: bytes} of one adapter's directory: its weights (with the fingerprint) and its config.
+
+    Args:
+        model: the VeraModel.
+        adapter_name: the adapter.
+        allow_non_finite: accept tensors holding NaN/inf.
+
+    Raises:
+        ValueError: a tensor holds NaN/inf and `allow_non_finite` is False.
+    """
+    plan = model.plan_adapter(adapter_name, model.peft_config[adapter_name], existing=True)
+    tensors = adapter_tensors(model, adapter_name)
+    if not allow_non_finite:
+        check_finite(tensors, f"adapter {adapter_name!r}")
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_fingerprint_for_file(model, adapter_name))}
+    return {
+        WEIGHTS_NAME: safetensors.torch.save(tensors, metadata=metadata),
+        CONFIG_NAME: config_json(config_for_file(model, plan.config, projections_in_file(model, plan))),
+    }
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse tensors holding NaN/inf, naming them and the opt-in.
+
+    Args:
+        tensors: {file key: tensor} about to be written.
+        what: what is being saved, for the message (e.g. "adapter 'default'").
+    """
+    broken = sorted(key for key, tensor in tensors.items() if not torch.isfinite(tensor).all())
+    if broken:
+        raise ValueError(
+            f"{what} has NaN/inf values in {len(broken)} tensor(s), e.g. {broken[:3]}; it would only produce "
+            "NaN/inf outputs (did training diverge?), so it is not saved. Pass allow_non_finite=True to save "
+            "it anyway, e.g. to inspect it."
+        )
 
 
 def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -76,10 +122,19 @@ def adapter_tensors(model: VeraModel, adapter_name: str) -> dict[str, torch.Tens
     }
 
 
-def config_for_file(model: VeraModel, config: VeraConfig) -> dict:
-    """The config as PEFT writes it: inference_mode true, the base model's name, explicit default targets."""
+def config_for_file(model: VeraModel, config: VeraConfig, projections_in_file: bool = False) -> dict:
+    """The config as PEFT writes it: inference_mode true, the base model's name, explicit default targets.
+
+    Args:
+        model: the VeraModel.
+        config: the adapter's config.
+        projections_in_file: the file carries vera_A / vera_B (`veralab.fast.layout.projections_in_file`);
+            the config then says save_projection=true, so PEFT loads them (and refuses a pair it cannot
+            hold) instead of drawing another.
+    """
     data = config.to_dict()
     data["inference_mode"] = True
+    data["save_projection"] = config.save_projection or projections_in_file
     if data["target_modules"] is None:
         data["target_modules"] = resolve_target_modules(model.model, config)
     data["base_model_name_or_path"] = base_model_name(model, config)
@@ -101,55 +156,15 @@ def _fingerprint_for_file(model: VeraModel, adapter_name: str) -> dict[str, Any]
     """The fingerprint of the projections the adapter works with: the model's, which a file without them
     must be able to regenerate."""
     config = model.peft_config[adapter_name]
-    vera_A, vera_B = model.vera_A, model.vera_B
+    pair = model.projections_of(adapter_name)
+    vera_A, vera_B = pair.vera_A, pair.vera_B
     if not config.save_projection:
         vera_A, vera_B = regenerate_projections(vera_A.shape, vera_B.shape, config.projection_prng_key)
-        if not same_values(vera_A, model.vera_A) or not same_values(vera_B, model.vera_B):
+        if not same_values(vera_A, pair.vera_A) or not same_values(vera_B, pair.vera_B):
             raise ValueError(
-                f"adapter {adapter_name!r} has save_projection=False, but the model's vera_A/vera_B are not "
+                f"adapter {adapter_name!r} has save_projection=False, but the vera_A/vera_B it reads are not "
                 f"what projection_prng_key={config.projection_prng_key} regenerates, so a file without them "
                 f"would load with other projections. Set model.peft_config[{adapter_name!r}].save_projection "
                 "= True to save them."
             )
     return projection_fingerprint(vera_A, vera_B, config.projection_prng_key)
-
-
-# ----------------------------------------------------------------------------------------- safe writes
-
-
-def write_files_atomically(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Write `files` ({name: bytes}) into `directory` so that a failure leaves its previous files intact.
-
-    Everything is written and fsynced in a staging directory next to `directory` first. A new directory is
-    then renamed into place in one step; in an existing one (which may hold other files, e.g. a Trainer
-    checkpoint) each file replaces its predecessor atomically, in the order given.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # Staged on the same filesystem, so the renames below are atomic.
-    staging_parent = directory if directory.is_dir() else directory.parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=staging_parent))
-    try:
-        for name, data in files.items():
-            with open(staging / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if not directory.exists():
-            with contextlib.suppress(OSError):  # created meanwhile: fall through to per-file replacement
-                staging.rename(directory)
-                return
-        for name in files:
-            os.replace(staging / name, directory / name)
-        _fsync_directory(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
