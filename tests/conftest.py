@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from fault_catalog import AREAS, faults_from_items, render_markdown
-from site_build import SITE_BUILD, start_site_build
+from site_build import SITE_BUILD, SITE_SCREENSHOTS, start_site_build
 
 
 def pytest_configure(config):
@@ -52,12 +52,16 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     # The site's build executes the notebooks: started now, it runs beside the unit tests (see site_build.py).
     if any(is_site_test(item) for item in session.items):
-        # One core for the build while the other tests run on the other; both when it runs alone.
-        alone = all(is_site_test(item) for item in session.items)
-        session.config.stash[SITE_BUILD] = start_site_build(workers=2 if alone else 1)
+        session.config.stash[SITE_BUILD] = start_site_build(workers=1)
 
 
 def pytest_sessionfinish(session):
     build = session.config.stash.get(SITE_BUILD, None)
     if build is not None:
         build.remove()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    screenshots = config.stash.get(SITE_SCREENSHOTS, None)
+    if screenshots is not None:
+        terminalreporter.write_line(f"screenshots of the site's pages (kept for CI): {screenshots}")

@@ -58,9 +58,10 @@ class SiteBuild:
 
 
 SITE_BUILD = pytest.StashKey[SiteBuild]()
+SITE_SCREENSHOTS = pytest.StashKey[Path]()  # the browser test's screenshots, named in the terminal summary
 
 
-def start_site_build(workers: int = 2) -> SiteBuild:
+def start_site_build(workers: int = 1) -> SiteBuild:
     """Start `mkdocs build --strict` (notebooks executed) into a new temporary folder.
 
     Args:

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from site_build import SITE_BUILD, start_site_build
+from site_build import SITE_BUILD, SITE_SCREENSHOTS, start_site_build
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_STEMS = sorted(path.stem for path in (ROOT / "notebooks").glob("*.ipynb"))
@@ -118,15 +118,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def screenshots(request):
-    """A folder, kept after the run, for CI to collect: its path is written to the terminal at the end."""
+    """A folder, kept after the run, for CI to collect: the terminal summary names it (tests/conftest.py)."""
     folder = Path(tempfile.mkdtemp(prefix="veralab-site-screenshots-"))
-    yield folder
-    message = f"screenshots of the site's pages: {folder}"
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        print(message)
-    else:  # past pytest's output capture, so that it shows without -s
-        reporter.write_line(message)
+    request.config.stash[SITE_SCREENSHOTS] = folder
+    return folder
 
 
 PAGE_STATE = """
