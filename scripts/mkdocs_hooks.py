@@ -45,8 +45,9 @@ WIDGET_NOTE = (
 )
 # A cell may compute for a while (notebook 06 fine-tunes a small model); a hanging cell still ends.
 CELL_TIMEOUT_S = 600
-# One notebook at a time unless asked: with two at once, one of the first two notebooks has now and then
-# stalled here (its kernel idle, the client waiting), a cause not yet found.
+# One notebook at a time unless asked. Known problem, not yet solved: now and then a notebook with widgets
+# (01, 02 or 03 so far) stalls here, its kernel idle and nbclient waiting, with one worker or two; nbval
+# runs the same notebooks without it. The cell timeout below ends such a stall as a failed build.
 WORKERS = int(os.environ.get("VERALAB_DOCS_WORKERS", "1"))
 
 _executed: dict[str, Path] = {}
