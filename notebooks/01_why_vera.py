@@ -48,7 +48,11 @@ from veralab.counting import (
     vera_trainable_parameters,
 )
 from veralab.fast import get_model
-from veralab.reference import find_max_dims, lora_trainable_per_layer, vera_trainable_per_layer
+from veralab.reference import (
+    find_max_dims,
+    lora_trainable_per_layer,
+    vera_trainable_per_layer,
+)
 
 # %% [markdown]
 # ## 1. One layer
@@ -70,18 +74,41 @@ ranks = [1, 4, 16, 64, 256, 1024, 4096]
 for r in ranks:
     lora = lora_trainable_parameters(q_proj, r)
     vera = vera_trainable_parameters(q_proj, r)
-    print(f"r = {r:5d}   LoRA {lora:>12,d}   VeRA {vera:>7,d}   LoRA / VeRA = {lora / vera:8.1f}")
+    print(
+        f"r = {r:5d}   LoRA {lora:>12,d}   VeRA {vera:>7,d}   LoRA / VeRA = "
+        f"{lora / vera:8.1f}"
+    )
 
 # %%
-assert lora_trainable_parameters(q_proj, r=8) == 8 * (4096 + 4096) == lora_trainable_per_layer(4096, 4096, 8)
-assert vera_trainable_parameters(q_proj, r=1024) == 1024 + 4096 == vera_trainable_per_layer(4096, r=1024)
+assert (
+    lora_trainable_parameters(q_proj, r=8)
+    == 8 * (4096 + 4096)
+    == lora_trainable_per_layer(4096, 4096, 8)
+)
+assert (
+    vera_trainable_parameters(q_proj, r=1024)
+    == 1024 + 4096
+    == vera_trainable_per_layer(4096, r=1024)
+)
 # VeRA at rank 1024 trains fewer numbers than LoRA at rank 1.
-assert vera_trainable_parameters(q_proj, r=1024) < lora_trainable_parameters(q_proj, r=1)
+assert vera_trainable_parameters(q_proj, r=1024) < lora_trainable_parameters(
+    q_proj, r=1
+)
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4))
-ax.loglog(ranks, [lora_trainable_parameters(q_proj, r) for r in ranks], "o-", label="LoRA: r (in + out)")
-ax.loglog(ranks, [vera_trainable_parameters(q_proj, r) for r in ranks], "s-", label="VeRA: r + out")
+ax.loglog(
+    ranks,
+    [lora_trainable_parameters(q_proj, r) for r in ranks],
+    "o-",
+    label="LoRA: r (in + out)",
+)
+ax.loglog(
+    ranks,
+    [vera_trainable_parameters(q_proj, r) for r in ranks],
+    "s-",
+    label="VeRA: r + out",
+)
 ax.set_xlabel("rank r")
 ax.set_ylabel("trainable parameters of one layer")
 ax.set_title("LLaMA 7B q_proj (4096 × 4096)")
@@ -107,7 +134,8 @@ print(f"{'model':<14}{'layers':>7}{'VeRA r':>8}{'VeRA':>12}{'printed':>9}", end=
 print(f"{'LoRA r':>8}{'LoRA':>14}{'printed':>9}")
 for row in rows:
     print(
-        f"{row.label:<14}{row.adapted_layers:>7}{row.vera_r:>8}{row.vera_computed:>12,d}{row.paper_vera:>9}"
+        f"{row.label:<14}{row.adapted_layers:>7}{row.vera_r:>8}"
+        f"{row.vera_computed:>12,d}{row.paper_vera:>9}"
         f"{row.lora_r:>8}{row.lora_computed:>14,d}{row.paper_lora:>9}"
     )
 print()
@@ -122,10 +150,16 @@ for row in rows:
 
 # %%
 assert len(rows) == len(PAPER_TABLE) == 8
-assert all(row.vera_matches for row in rows), [row.label for row in rows if not row.vera_matches]
+assert all(row.vera_matches for row in rows), [
+    row.label for row in rows if not row.vera_matches
+]
 assert all(row.lora_matches or row.note for row in rows)
-assert [row.label for row in rows if not row.lora_matches] == ["GPT-2 medium", "GPT-2 large"]
-# VeRA trains at least 4x fewer parameters than LoRA everywhere, and about 100x fewer on LLaMA.
+assert [row.label for row in rows if not row.lora_matches] == [
+    "GPT-2 medium",
+    "GPT-2 large",
+]
+# VeRA trains at least 4x fewer parameters than LoRA everywhere, and about 100x fewer on
+# LLaMA.
 ratios = {row.label: row.lora_computed / row.vera_computed for row in rows}
 assert min(ratios.values()) >= 4
 assert ratios["LLaMA 7B"] > 100 and ratios["LLaMA 13B"] > 100
@@ -145,7 +179,9 @@ def bars_per_model(series, ylabel, title):
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, (label, values) in enumerate(series.items()):
-        ax.bar(positions + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+        ax.bar(
+            positions + (i - (len(series) - 1) / 2) * width, values, width, label=label
+        )
     ax.set_yscale("log")
     ax.set_xticks(positions, labels, fontsize=9)
     ax.set_xlabel("model, with the ranks used in the paper: LoRA | VeRA")
@@ -158,7 +194,10 @@ def bars_per_model(series, ylabel, title):
 
 
 ax = bars_per_model(
-    {"LoRA": [row.lora_computed for row in rows], "VeRA": [row.vera_computed for row in rows]},
+    {
+        "LoRA": [row.lora_computed for row in rows],
+        "VeRA": [row.vera_computed for row in rows],
+    },
     "trainable parameters (log scale)",
     "The VeRA paper's models: LoRA trains this many times more parameters than VeRA",
 )
@@ -190,31 +229,46 @@ plt.show()
 # %%
 bert = BertModel(
     BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
     )
 )
 targets = ["query", "value"]
 shapes = adapted_layer_shapes(bert, targets)
-lora_model = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=8, target_modules=targets))
+lora_model = peft.get_peft_model(
+    copy.deepcopy(bert), peft.LoraConfig(r=8, target_modules=targets)
+)
 vera_model = get_model(bert, VeraConfig(r=32, target_modules=targets))
 
 
 def adapter_file_bytes(save_pretrained, directory):
-    """Save an adapter; return (file size, header size, tensor bytes) of its adapter_model.safetensors."""
+    """Save an adapter; return (file size, header size, tensor bytes) of its
+    adapter_model.safetensors."""
     save_pretrained(directory)
     path = os.path.join(directory, "adapter_model.safetensors")
     with open(path, "rb") as f:
-        (header_bytes,) = struct.unpack("<Q", f.read(8))  # little-endian u64: the JSON header's length
+        # little-endian u64: the JSON header's length
+        (header_bytes,) = struct.unpack("<Q", f.read(8))
     file_bytes = os.path.getsize(path)
     return file_bytes, 8 + header_bytes, file_bytes - 8 - header_bytes
 
 
 sizes = {}
 with tempfile.TemporaryDirectory() as directory:
-    sizes["VeRA r=32, λ + A, B"] = adapter_file_bytes(vera_model.save_pretrained, f"{directory}/vera")
-    vera_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
-    sizes["VeRA r=32, λ only"] = adapter_file_bytes(vera_model.save_pretrained, f"{directory}/vera_lambdas")
-    sizes["LoRA r=8 (PEFT)"] = adapter_file_bytes(lora_model.save_pretrained, f"{directory}/lora")
+    sizes["VeRA r=32, λ + A, B"] = adapter_file_bytes(
+        vera_model.save_pretrained, f"{directory}/vera"
+    )
+    # the same adapter, saved without the pair
+    vera_model.peft_config["default"].save_projection = False
+    sizes["VeRA r=32, λ only"] = adapter_file_bytes(
+        vera_model.save_pretrained, f"{directory}/vera_lambdas"
+    )
+    sizes["LoRA r=8 (PEFT)"] = adapter_file_bytes(
+        lora_model.save_pretrained, f"{directory}/lora"
+    )
 for label, (file_bytes, header_bytes, tensor_bytes) in sizes.items():
     print(f"{label:<22}{file_bytes:>8,d} bytes on disk = ", end="")
     print(f"{header_bytes:>5,d} header + {tensor_bytes:>6,d} tensor bytes")
@@ -237,31 +291,49 @@ assert sizes["LoRA r=8 (PEFT)"][2] == 4 * lora_trainable_parameters(shapes, r=8)
 MB = 1e6
 table = {}
 for paper_row, row in zip(PAPER_TABLE, rows, strict=True):
-    row_shapes = adapted_layer_shapes(build_meta_model(paper_row.config), paper_row.target_modules)
-    dims = find_max_dims((out, in_) for _, out, in_ in row_shapes)  # from (out, in) shapes: (max_in, max_out)
+    row_shapes = adapted_layer_shapes(
+        build_meta_model(paper_row.config), paper_row.target_modules
+    )
+    # from (out, in) shapes: (max_in, max_out)
+    dims = find_max_dims((out, in_) for _, out, in_ in row_shapes)
     projections = paper_row.vera_r * dims.max_in + dims.max_out * paper_row.vera_r
-    table[row.label] = (4 * row.vera_computed, 4 * (row.vera_computed + projections), 4 * row.lora_computed)
-print(f"{'model':<14}{'VeRA λ only':>14}{'VeRA λ + A, B':>16}{'LoRA':>12}   (MB, float32)")
+    table[row.label] = (
+        4 * row.vera_computed,
+        4 * (row.vera_computed + projections),
+        4 * row.lora_computed,
+    )
+print(
+    f"{'model':<14}{'VeRA λ only':>14}{'VeRA λ + A, B':>16}{'LoRA':>12}   (MB, float32)"
+)
 for label, (lambdas_only, with_projections, lora) in table.items():
-    print(f"{label:<14}{lambdas_only / MB:>14.2f}{with_projections / MB:>16.2f}{lora / MB:>12.2f}")
+    print(
+        f"{label:<14}{lambdas_only / MB:>14.2f}{with_projections / MB:>16.2f}"
+        f"{lora / MB:>12.2f}"
+    )
 
 # %%
 columns = ("VeRA, λ only", "VeRA, λ + A, B", "LoRA")
 bars_per_model(
-    {kind: [sizes[column] / MB for sizes in table.values()] for column, kind in enumerate(columns)},
+    {
+        kind: [sizes[column] / MB for sizes in table.values()]
+        for column, kind in enumerate(columns)
+    },
     "adapter file size, MB (log scale)",
-    "Adapter file sizes (float32): the shared projections can outweigh the whole LoRA adapter",
+    "Adapter file sizes (float32): the shared projections can outweigh the whole LoRA "
+    "adapter",
 )
 plt.show()
 
 # %%
-# LLaMA 7B: VeRA's vectors are 6.4 MB against LoRA's 640 MB; the shared projections add 90 MB once.
+# LLaMA 7B: VeRA's vectors are 6.4 MB against LoRA's 640 MB; the shared projections add
+# 90 MB once.
 lambdas_only, with_projections, lora = table["LLaMA 7B"]
 assert round(lambdas_only / MB, 1) == 6.4 and round(lora / MB) == 640
 assert round((with_projections - lambdas_only) / MB) == 90
 # The λ vectors alone are always smaller than LoRA's matrices ...
 assert all(lambdas_only < lora for lambdas_only, _, lora in table.values())
-# ... but the projections are sized by the largest layer: on a small model at r=1024 they outweigh LoRA.
+# ... but the projections are sized by the largest layer: on a small model at r=1024
+# they outweigh LoRA.
 lambdas_only, with_projections, lora = table["RoBERTa-base"]
 assert with_projections > 5 * lora
 assert sum(with_projections > lora for _, with_projections, lora in table.values()) == 4
@@ -274,3 +346,99 @@ assert sum(with_projections > lora for _, with_projections, lora in table.values
 # r = 1024, five times larger — while on LLaMA 7B it is still 6.6 times smaller. The projections are the same
 # for every adapter of a model, so they pay off when one base model serves many adapters, or when they are
 # regenerated from their seed instead of stored: notebook 02 shows how that works and what it risks.
+
+# %% [markdown]
+# ## 4. Try it: the rank, the width and the number of layers
+#
+# Move the rank, the width of a model's square layers (its hidden size) and how many of them
+# are adapted: the bars are the trainable parameters of LoRA and VeRA, from §1 of
+# `veralab.reference`. The figure is drawn once at the default values (LLaMA 7B's 64 `q_proj`
+# and `v_proj` layers at r = 256), which is what the documentation site shows; in Jupyter the
+# controls below it redraw it.
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_counts(r=256, width=4096, layers=64):
+    """LoRA's and VeRA's trainable parameters over `layers` square layers, as bars.
+
+    Args:
+        r: the rank, the same for both methods.
+        width: each layer's in and out features.
+        layers: how many layers are adapted.
+
+    Returns:
+        (LoRA's count, VeRA's count).
+    """
+    lora = layers * lora_trainable_per_layer(width, width, r)
+    vera = layers * vera_trainable_per_layer(width, r)
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    ax.barh(["VeRA", "LoRA"], [vera, lora], color=["tab:orange", "tab:blue"])
+    ax.set_xscale("log")
+    ax.set_xlim(1e2, 1e10)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_title(
+        f"{layers} layers of {width} × {width} at r = {r}: LoRA trains "
+        f"{lora / vera:,.1f}× VeRA's"
+    )
+    fig.tight_layout()
+    plt.show()
+    return lora, vera
+
+
+draw_counts()
+
+# %%
+rank_slider = widgets.SelectionSlider(
+    options=[2**k for k in range(13)], value=256, description="rank r"
+)
+width_choice = widgets.Dropdown(
+    options=[768, 1024, 2048, 4096, 8192], value=4096, description="width"
+)
+counts_control = widgets.interactive(
+    draw_counts,
+    r=rank_slider,
+    width=width_choice,
+    layers=widgets.IntSlider(value=64, min=2, max=160, step=2, description="layers"),
+)
+display(counts_control)
+
+# %%
+# Moving a control calls draw_counts again: its result is the new pair of counts.
+rank_slider.value = 1024
+width_choice.value = 8192
+assert counts_control.result == (64 * 1024 * (8192 + 8192), 64 * (1024 + 8192))
+# VeRA at rank 1024 still trains fewer numbers than LoRA at rank 8.
+rank_slider.value, width_choice.value = 8, 4096
+lora_at_8, _ = counts_control.result
+assert 64 * (1024 + 8192) < lora_at_8
+
+# %% [markdown]
+# ## Exercise: predict a model's trainable parameters
+#
+# BERT-base has 12 layers; adapt `query` and `value` (both 768 × 768) in each. How many
+# numbers does VeRA train at r = 256, and how many does LoRA train at r = 8? Work it out by
+# hand, write your numbers in the cell below (a worked solution is there, collapsed: try
+# first, then compare), and run the checker after it: it says what is right or what is off.
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the numbers with your own and run the checker below.
+bert_layers = [(768, 768)] * 24  # (out, in) of 12 × (query, value)
+my_vera = 24 * (256 + 768)  # λ_d (r) + λ_b (out), per layer
+my_lora = 24 * 8 * (768 + 768)  # A (r × in) + B (out × r), per layer
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_trainable_parameters(bert_layers, 256, vera=my_vera)
+print(feedback)
+assert feedback
+feedback = exercises.check_trainable_parameters(bert_layers, 8, lora=my_lora)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [02 · The shared random projections](02_shared_random_projections.ipynb): where
+# `A` and `B` come from, and how a seed can stand in for them.

@@ -71,12 +71,17 @@ def kaiming_bound(fan_in):
 
 
 bound_A, bound_B = kaiming_bound(max_in), kaiming_bound(r)
-print(f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = {bound_A:.5f}")
+print(
+    f"vera_A ({r} x {max_in}):  fan_in = {max_in:4d}   bound = √6 / √{max_in} = "
+    f"{bound_A:.5f}"
+)
 print(f"vera_B ({max_out} x {r}): fan_in = {r:4d}   bound = √6 / √{r}  = {bound_B:.5f}")
 
-default_linear = torch.nn.Linear(max_in, r)  # nn.Linear's own init of a weight shaped like vera_A
+# nn.Linear's own init of a weight shaped like vera_A
+default_linear = torch.nn.Linear(max_in, r)
 assert default_linear.weight.abs().max() <= 1 / math.sqrt(max_in)  # ±1/√fan_in
-assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))  # VeRA's bound: √6 times wider
+# VeRA's bound: √6 times wider
+assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))
 
 # %% [markdown]
 # Now draw `A` by hand: a CPU generator seeded with the key, and `uniform_` on an empty tensor. The
@@ -86,7 +91,9 @@ assert math.isclose(bound_A, math.sqrt(6) / math.sqrt(max_in))  # VeRA's bound: 
 generator = torch.Generator(device="cpu").manual_seed(prng_key)
 A_by_hand = torch.empty(r, max_in).uniform_(-bound_A, bound_A, generator=generator)
 
-A_reference = ref.kaiming_init((r, max_in), torch.Generator(device="cpu").manual_seed(prng_key))
+A_reference = ref.kaiming_init(
+    (r, max_in), torch.Generator(device="cpu").manual_seed(prng_key)
+)
 assert torch.equal(A_by_hand, A_reference)
 
 # %% [markdown]
@@ -105,7 +112,9 @@ for ax, (name, matrix, bound) in zip(
 ):
     values = matrix.flatten().numpy()
     ax.hist(values, bins=60, density=True, alpha=0.75, label="drawn values")
-    ax.hlines(1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density")
+    ax.hlines(
+        1 / (2 * bound), -bound, bound, colors="black", label="U(-bound, bound) density"
+    )
     for edge in (-bound, bound):
         ax.axvline(edge, color="red", linestyle="--")
     ax.set_title(f"{name} {tuple(matrix.shape)}: bound = {bound:.4f}")
@@ -121,7 +130,8 @@ plt.show()
 for matrix, bound in [(vera_A, bound_A), (vera_B, bound_B)]:
     assert matrix.abs().max() <= bound  # never outside the bound
     assert matrix.abs().max() > 0.999 * bound  # and the draws reach it
-    assert abs(matrix.std().item() / (bound / math.sqrt(3)) - 1) < 0.01  # std of U(-b, b) is b / √3
+    # std of U(-b, b) is b / √3
+    assert abs(matrix.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
     assert abs(matrix.mean().item()) < 0.01 * bound
 
 # %% [markdown]
@@ -180,22 +190,41 @@ targets = ["q_proj", "v_proj", "down_proj"]
 key = 1234
 
 veralab_model = get_model(
-    copy.deepcopy(llama), VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+    copy.deepcopy(llama),
+    VeraConfig(r=16, target_modules=targets, projection_prng_key=key),
 )
 peft_model = peft.get_peft_model(
-    copy.deepcopy(llama), peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key)
+    copy.deepcopy(llama),
+    peft.VeraConfig(r=16, target_modules=targets, projection_prng_key=key),
 )
 peft_A = peft_model.base_model.vera_A["default"]
 peft_B = peft_model.base_model.vera_B["default"]
 
-# The pair is sized for the largest in (down_proj: 80) and the largest out (q_proj: 32) of the targets.
-reference_A, reference_B = ref.init_projections(r=16, max_in=80, max_out=32, prng_key=key)
-print("veralab vera_A", tuple(veralab_model.vera_A.shape), " PEFT vera_A", tuple(peft_A.shape))
-print("veralab vera_B", tuple(veralab_model.vera_B.shape), " PEFT vera_B", tuple(peft_B.shape))
+# The pair is sized for the largest in (down_proj: 80) and the largest out (q_proj: 32)
+# of the targets.
+reference_A, reference_B = ref.init_projections(
+    r=16, max_in=80, max_out=32, prng_key=key
+)
+print(
+    "veralab vera_A",
+    tuple(veralab_model.vera_A.shape),
+    " PEFT vera_A",
+    tuple(peft_A.shape),
+)
+print(
+    "veralab vera_B",
+    tuple(veralab_model.vera_B.shape),
+    " PEFT vera_B",
+    tuple(peft_B.shape),
+)
 
 # %%
-assert torch.equal(veralab_model.vera_A, peft_A) and torch.equal(veralab_model.vera_B, peft_B)
-assert torch.equal(veralab_model.vera_A, reference_A) and torch.equal(veralab_model.vera_B, reference_B)
+assert torch.equal(veralab_model.vera_A, peft_A) and torch.equal(
+    veralab_model.vera_B, peft_B
+)
+assert torch.equal(veralab_model.vera_A, reference_A) and torch.equal(
+    veralab_model.vera_B, reference_B
+)
 
 # %% [markdown]
 # ## 4. `save_projection=False`: what it saves, what it risks
@@ -225,7 +254,8 @@ lambda_numbers, _ = veralab_model.get_nb_trainable_parameters()
 projection_numbers = veralab_model.vera_A.numel() + veralab_model.vera_B.numel()
 with tempfile.TemporaryDirectory() as directory:
     veralab_model.save_pretrained(f"{directory}/with_projections")
-    veralab_model.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+    # the same adapter, saved without the pair
+    veralab_model.peft_config["default"].save_projection = False
     veralab_model.save_pretrained(f"{directory}/without_projections")
     bytes_with = weights_file_bytes(f"{directory}/with_projections")
     bytes_without = weights_file_bytes(f"{directory}/without_projections")
@@ -234,7 +264,8 @@ print(f"file with projections {bytes_with:,d} bytes, without {bytes_without:,d} 
 
 # %%
 assert projection_numbers == 16 * (80 + 32) and projection_numbers > lambda_numbers
-# The difference is the projections' float32 bytes, plus their two entries in the file's header.
+# The difference is the projections' float32 bytes, plus their two entries in the file's
+# header.
 assert 0 < (bytes_with - bytes_without) - 4 * projection_numbers < 256
 
 # %% [markdown]
@@ -271,16 +302,20 @@ narrow_targets = ["q_proj", "v_proj"]
 
 
 def two_adapters(library, get):
-    """A copy of the Llama with `wide` and then `narrow` (random λ: as if trained), in one library."""
+    """A copy of the Llama with `wide` and then `narrow` (random λ: as if trained), in
+    one library."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the save_projection=False warning, seen above
+        # the save_projection=False warning, seen above
+        warnings.simplefilter("ignore", UserWarning)
         config = dict(r=16, projection_prng_key=key, save_projection=False)
         model = get(
             copy.deepcopy(llama),
             library.VeraConfig(target_modules=targets, **config),
             adapter_name="wide",
         )
-        narrow = library.VeraConfig(target_modules=narrow_targets, init_weights=False, **config)
+        narrow = library.VeraConfig(
+            target_modules=narrow_targets, init_weights=False, **config
+        )
         model.add_adapter("narrow", narrow)
     model.set_adapter("narrow")
     return model
@@ -301,10 +336,13 @@ def adapter_contribution(model):
 
 
 def reloaded_alone(model, loader):
-    """`narrow` saved without projections, then loaded alone into a fresh copy of the base model."""
+    """`narrow` saved without projections, then loaded alone into a fresh copy of the
+    base model."""
     with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model.save_pretrained(directory)  # "narrow" goes into directory/narrow, as in PEFT
+        model.save_pretrained(
+            directory
+        )  # "narrow" goes into directory/narrow, as in PEFT
         return loader(copy.deepcopy(llama), f"{directory}/narrow")
 
 
@@ -313,10 +351,16 @@ def relative_error(reloaded, trained):
 
 
 peft_trained = adapter_contribution(trained_in_peft)
-peft_reloaded = adapter_contribution(reloaded_alone(trained_in_peft, peft.PeftModel.from_pretrained))
+peft_reloaded = adapter_contribution(
+    reloaded_alone(trained_in_peft, peft.PeftModel.from_pretrained)
+)
 veralab_trained = adapter_contribution(trained_in_veralab)
-veralab_in_peft = adapter_contribution(reloaded_alone(trained_in_veralab, peft.PeftModel.from_pretrained))
-veralab_in_veralab = adapter_contribution(reloaded_alone(trained_in_veralab, VeraModel.from_pretrained))
+veralab_in_peft = adapter_contribution(
+    reloaded_alone(trained_in_veralab, peft.PeftModel.from_pretrained)
+)
+veralab_in_veralab = adapter_contribution(
+    reloaded_alone(trained_in_veralab, VeraModel.from_pretrained)
+)
 error_peft = relative_error(peft_reloaded, peft_trained)
 print(
     "narrow's pair while training: PEFT",
@@ -376,13 +420,17 @@ assert tuple(trained_in_peft.base_model.vera_A["narrow"].shape) == (16, 80)
 assert tuple(trained_in_veralab.projections_of("narrow").vera_A.shape) == (16, 32)
 torch.testing.assert_close(veralab_in_veralab, veralab_trained)
 torch.testing.assert_close(veralab_in_peft, veralab_trained)
-assert error_peft > 0.5  # PEFT's reload is off by more than half of what the adapter does
+# PEFT's reload is off by more than half of what the adapter does
+assert error_peft > 0.5
 
 with tempfile.TemporaryDirectory() as directory:
     trained_in_veralab.save_pretrained(directory)
     with open(os.path.join(directory, "narrow", "adapter_config.json")) as f:
-        assert json.load(f)["save_projection"] is True  # narrow's file carries its (16, 32) pair
-    beside_wide = peft.PeftModel.from_pretrained(copy.deepcopy(llama), f"{directory}/wide")
+        # narrow's file carries its (16, 32) pair
+        assert json.load(f)["save_projection"] is True
+    beside_wide = peft.PeftModel.from_pretrained(
+        copy.deepcopy(llama), f"{directory}/wide"
+    )
     try:
         beside_wide.load_adapter(f"{directory}/narrow", "narrow")
         peft_refused = None
@@ -422,3 +470,89 @@ assert isinstance(refused, ProjectionMismatchError)
 #   fingerprint turns a mismatch into an error rather than a silently different model, but a refused file is
 #   still a file you cannot use on that machine, and PEFT (which ignores the fingerprint) will load it either
 #   way.
+
+# %% [markdown]
+# ## Try it: the seed and the shared pair
+#
+# Pick a `projection_prng_key` and a rank: the heatmaps are the pair
+# `init_projections(r, max_in=48, max_out=32, prng_key)` draws. The same key always gives the
+# same pair; any other key gives an unrelated one. (The figure is drawn once at key 0 and
+# r = 8; in Jupyter the controls below redraw it.)
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_pair(prng_key=0, r=8):
+    """Draw the pair for a key and a rank as heatmaps; returns (vera_A, vera_B)."""
+    vera_A, vera_B = ref.init_projections(r, max_in=48, max_out=32, prng_key=prng_key)
+    fig, (ax_B, ax_A) = plt.subplots(
+        1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 3]}
+    )
+    bound = math.sqrt(6 / r)  # vera_B's bound; vera_A's, √(6 / 48), is narrower
+    ax_B.imshow(vera_B, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax_A.imshow(vera_A, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax_B.set_title(f"vera_B ({32} × {r})", fontsize=9)
+    ax_A.set_title(f"vera_A ({r} × {48}), prng_key = {prng_key}", fontsize=9)
+    fig.tight_layout()
+    plt.show()
+    return vera_A, vera_B
+
+
+draw_pair()
+
+# %%
+key_slider = widgets.IntSlider(value=0, min=0, max=100, description="prng_key")
+pair_control = widgets.interactive(
+    draw_pair,
+    prng_key=key_slider,
+    r=widgets.Dropdown(options=[4, 8, 16, 32], value=8, description="rank r"),
+)
+display(pair_control)
+
+# %%
+# Moving the key redraws the pair: the same key gives the same bits, another key
+# another pair.
+key_slider.value = 7
+pair_at_7 = pair_control.result
+assert all(
+    torch.equal(drawn, expected)
+    for drawn, expected in zip(
+        pair_at_7, ref.init_projections(8, 48, 32, 7), strict=True
+    )
+)
+key_slider.value = 0
+assert not torch.equal(pair_control.result[0], pair_at_7[0])
+
+# %% [markdown]
+# ## Exercise: draw the pair yourself
+#
+# Write `my_init_projections(r, max_in, max_out, prng_key)` that returns `(vera_A, vera_B)`
+# exactly as PEFT draws them, without calling `veralab.reference`: one CPU generator seeded
+# with the key, `vera_A (r × max_in)` first, then `vera_B (max_out × r)`, each uniform on
+# `±√(6 / fan_in)`. The checker compares your draw with PEFT's for three keys and shapes and
+# says which matrix differs, and why it might.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_init_projections(r, max_in, max_out, prng_key):
+    generator = torch.Generator().manual_seed(prng_key)
+    bound_A = math.sqrt(6 / max_in)  # vera_A's fan_in is max_in
+    vera_A = torch.empty(r, max_in).uniform_(-bound_A, bound_A, generator=generator)
+    bound_B = math.sqrt(6 / r)  # vera_B's fan_in is r; drawn after vera_A
+    vera_B = torch.empty(max_out, r).uniform_(-bound_B, bound_B, generator=generator)
+    return vera_A, vera_B
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_projections(my_init_projections)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [03 · One pair for every shape](03_max_dim_slicing.ipynb): how one pair serves
+# layers of every shape.

@@ -31,6 +31,7 @@
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 from matplotlib.patches import Rectangle
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -56,7 +57,9 @@ llama = LlamaForCausalLM(
     )
 )
 r = 16
-model = get_model(llama, VeraConfig(r=r, target_modules="all-linear", init_weights=False))
+model = get_model(
+    llama, VeraConfig(r=r, target_modules="all-linear", init_weights=False)
+)
 
 layer_shapes = {}  # short name -> (out, in), from the first decoder layer
 for name, layer in model.vera_layers():
@@ -78,9 +81,15 @@ print("vera_A", tuple(model.vera_A.shape), "  vera_B", tuple(model.vera_B.shape)
 # %%
 max_in, max_out = ref.find_max_dims(layer_shapes.values())
 assert (max_in, max_out) == (80, 80)
-assert tuple(model.vera_A.shape) == (r, max_in) and tuple(model.vera_B.shape) == (max_out, r)
+assert tuple(model.vera_A.shape) == (r, max_in) and tuple(model.vera_B.shape) == (
+    max_out,
+    r,
+)
 dims = ref.find_max_dims([(100, 20), (80, 50)])  # PEFT's example, (out, in) each
-assert dims == ref.MaxDims(max_in=50, max_out=100) and (dims.max_in, dims.max_out) == (50, 100)
+assert dims == ref.MaxDims(max_in=50, max_out=100) and (dims.max_in, dims.max_out) == (
+    50,
+    100,
+)
 
 # %% [markdown]
 # ## 2. The top-left corners
@@ -92,7 +101,9 @@ assert dims == ref.MaxDims(max_in=50, max_out=100) and (dims.max_in, dims.max_ou
 
 # %%
 def draw_slices(fig, name, out_features, in_features, r, prng_key=0):
-    """Draw vera_B (left), vera_A (top) and vera_B @ vera_A: one layer's slices bright, the rest faded.
+    """Draw vera_B (left), vera_A (top) and vera_B @ vera_A.
+
+    One layer's slices are bright, the rest faded.
 
     Args:
         fig: the matplotlib figure (or subfigure) to draw in.
@@ -104,7 +115,12 @@ def draw_slices(fig, name, out_features, in_features, r, prng_key=0):
     vera_A, vera_B = ref.init_projections(r, max_in, max_out, prng_key)
     A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
     grid = fig.add_gridspec(
-        2, 2, width_ratios=[r, max_in], height_ratios=[r, max_out], wspace=0.04, hspace=0.04
+        2,
+        2,
+        width_ratios=[r, max_in],
+        height_ratios=[r, max_out],
+        wspace=0.04,
+        hspace=0.04,
     )
     ax_label, ax_A = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_B, ax_product = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
@@ -117,28 +133,49 @@ def draw_slices(fig, name, out_features, in_features, r, prng_key=0):
         style = dict(cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.imshow(full, alpha=0.2, **style)
         rows, cols = used.shape
-        # imshow centres pixels on integers, so a block of k cells spans -0.5 .. k - 0.5.
+        # imshow centres pixels on integers, so a block of k cells spans -0.5 .. k -
+        # 0.5.
         ax.imshow(used, extent=(-0.5, cols - 0.5, rows - 0.5, -0.5), **style)
-        ax.add_patch(Rectangle((-0.5, -0.5), cols, rows, fill=False, edgecolor="black", linewidth=2))
+        ax.add_patch(
+            Rectangle(
+                (-0.5, -0.5), cols, rows, fill=False, edgecolor="black", linewidth=2
+            )
+        )
         ax.set_xlim(-0.5, full.shape[1] - 0.5)
         ax.set_ylim(full.shape[0] - 0.5, -0.5)
         ax.set_xticks([])
         ax.set_yticks([])
     ax_label.axis("off")
-    ax_label.text(0.5, 0.5, f"{name}\n{out_features} × {in_features}", ha="center", va="center", fontsize=10)
-    ax_A.set_title(f"A_s = vera_A[:, :{in_features}]   (vera_A is {r} × {max_in})", fontsize=9)
-    ax_B.set_ylabel(f"B_s = vera_B[:{out_features}, :]   (vera_B is {max_out} × {r})", fontsize=9)
-    ax_product.set_xlabel(f"B_s A_s = (vera_B @ vera_A)[:{out_features}, :{in_features}]", fontsize=9)
+    ax_label.text(
+        0.5,
+        0.5,
+        f"{name}\n{out_features} × {in_features}",
+        ha="center",
+        va="center",
+        fontsize=10,
+    )
+    ax_A.set_title(
+        f"A_s = vera_A[:, :{in_features}]   (vera_A is {r} × {max_in})", fontsize=9
+    )
+    ax_B.set_ylabel(
+        f"B_s = vera_B[:{out_features}, :]   (vera_B is {max_out} × {r})", fontsize=9
+    )
+    ax_product.set_xlabel(
+        f"B_s A_s = (vera_B @ vera_A)[:{out_features}, :{in_features}]", fontsize=9
+    )
 
 
-distinct_layers = {}  # the first layer of each distinct shape: q_proj, k_proj, gate_proj, down_proj
+# the first layer of each distinct shape: q_proj, k_proj, gate_proj, down_proj
+distinct_layers = {}
 for short_name, shape in layer_shapes.items():
     if shape not in distinct_layers.values():
         distinct_layers[short_name] = shape
 
 fig = plt.figure(figsize=(11, 10))
 for subfigure, (short_name, (out_features, in_features)) in zip(
-    fig.subfigures(2, 2, wspace=0.05, hspace=0.05).flat, distinct_layers.items(), strict=True
+    fig.subfigures(2, 2, wspace=0.05, hspace=0.05).flat,
+    distinct_layers.items(),
+    strict=True,
 ):
     draw_slices(subfigure, short_name, out_features, in_features, r=r)
 plt.show()
@@ -161,7 +198,8 @@ product = vera_B @ vera_A
 for out_features, in_features in layer_shapes.values():
     A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
     assert A_s.shape == (r, in_features) and B_s.shape == (out_features, r)
-    assert A_s.data_ptr() == vera_A.data_ptr() and B_s.data_ptr() == vera_B.data_ptr()  # views
+    # views
+    assert A_s.data_ptr() == vera_A.data_ptr() and B_s.data_ptr() == vera_B.data_ptr()
     torch.testing.assert_close(B_s @ A_s, product[:out_features, :in_features])
 
 # %% [markdown]
@@ -184,24 +222,69 @@ with torch.no_grad():
             layer.vera_lambda_b["default"],
         )
         torch.testing.assert_close(layer(x_layer), expected)
-print(f"{sum(1 for _ in model.vera_layers())} adapted layers checked against the reference")
+print(
+    f"{sum(1 for _ in model.vera_layers())} adapted layers checked against the "
+    "reference"
+)
 
 # %% [markdown]
 # ## 4. Try it: pick a layer and a rank
 #
-# Move the controls to outline one layer's slices on a pair of any rank. (In the rendered documentation the
-# widget is not live; the figure in section 2 shows every distinct shape.)
+# Pick a layer and a rank: the figure outlines that layer's slices of a pair of that rank. It
+# is drawn once for `k_proj` at r = 16, which is what the documentation site shows; in Jupyter
+# the controls below redraw it.
 
 
 # %%
-def draw_one_layer(layer, rank):
+def draw_one_layer(layer="k_proj", rank=16):
+    """Draw one layer's slices of a pair of rank `rank`; returns A_s's, B_s's shapes."""
+    out_features, in_features = layer_shapes[layer]
     fig = plt.figure(figsize=(6, 6))
-    draw_slices(fig, layer, *layer_shapes[layer], r=rank)
+    draw_slices(fig, layer, out_features, in_features, r=rank)
     plt.show()
+    vera_A, vera_B = ref.init_projections(rank, max_in, max_out, prng_key=0)
+    A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
+    return tuple(A_s.shape), tuple(B_s.shape)
 
 
-controls = widgets.interact(
-    draw_one_layer,
-    layer=widgets.Dropdown(options=list(layer_shapes), value="k_proj", description="layer"),
-    rank=widgets.IntSlider(value=16, min=4, max=64, step=4, description="rank r"),
+draw_one_layer()
+
+# %%
+layer_choice = widgets.Dropdown(
+    options=list(layer_shapes), value="k_proj", description="layer"
 )
+rank_slider = widgets.IntSlider(value=16, min=4, max=64, step=4, description="rank r")
+slices_control = widgets.interactive(
+    draw_one_layer, layer=layer_choice, rank=rank_slider
+)
+display(slices_control)
+
+# %%
+# Moving a control redraws the figure; the callback returns the slices' shapes.
+layer_choice.value, rank_slider.value = "down_proj", 32
+assert slices_control.result == ((32, 80), (32, 32))  # A_s (r, in), B_s (out, r)
+
+# %% [markdown]
+# ## Exercise: slice the pair for one layer
+#
+# Write `my_slice(vera_A, vera_B, in_features, out_features)` that returns the `(A_s, B_s)` a
+# layer of that shape uses. They must be *views* of the shared pair, not copies: the checker
+# tests the values, the shapes and that your slices share the pair's memory.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_slice(vera_A, vera_B, in_features, out_features):
+    return vera_A[:, :in_features], vera_B[:out_features, :]
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_slicing(my_slice)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [04 · Lambda scaling](04_lambda_scaling_forward.ipynb): the forward pass, one
+# equation at a time.

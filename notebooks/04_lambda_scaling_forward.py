@@ -48,7 +48,9 @@ from veralab.fast import get_model
 torch.manual_seed(0)
 in_features, out_features, r = 24, 40, 8
 base_layer = nn.Linear(in_features, out_features)
-vera_A, vera_B = ref.init_projections(r, max_in=in_features, max_out=out_features, prng_key=0)
+vera_A, vera_B = ref.init_projections(
+    r, max_in=in_features, max_out=out_features, prng_key=0
+)
 lambda_d = torch.randn(r)
 lambda_b = torch.randn(out_features)
 x = torch.randn(5, in_features)  # a batch of 5 inputs
@@ -56,12 +58,12 @@ x = torch.randn(5, in_features)  # a batch of 5 inputs
 # %% [markdown]
 # | step | equation | shape |
 # |---|---|---|
-# | slice the shared pair | `A_s = A[:, :in]`, `B_s = B[:out, :]` | `(r, in)`, `(out, r)` |
-# | project into the random subspace | `h = x A_sᵀ` | `(N, r)` |
-# | scale each random direction (trained) | `h_d = λ_d ⊙ h` | `(N, r)` |
-# | lift back with the random `B` | `u = h_d B_sᵀ` | `(N, out)` |
-# | scale each output feature (trained) | `δ = λ_b ⊙ u` | `(N, out)` |
-# | add to the frozen layer | `y = x W_0ᵀ + b + δ` | `(N, out)` |
+# | slice the shared pair | $A_s = A_{[:, :\mathrm{in}]}$, $B_s = B_{[:\mathrm{out}, :]}$ | `(r, in)`, `(out, r)` |
+# | project into the random subspace | $h = x A_s^\top$ | `(N, r)` |
+# | scale each random direction (trained) | $h_d = \lambda_d \odot h$ | `(N, r)` |
+# | lift back with the random `B` | $u = h_d B_s^\top$ | `(N, out)` |
+# | scale each output feature (trained) | $\delta = \lambda_b \odot u$ | `(N, out)` |
+# | add to the frozen layer | $y = x W_0^\top + b + \delta$ | `(N, out)` |
 
 # %%
 A_s, B_s = ref.slice_projections(vera_A, vera_B, in_features, out_features)
@@ -74,8 +76,11 @@ for name, tensor in [("h", h), ("h_d", h_d), ("u", u), ("delta", delta), ("y", y
     print(f"{name:<6}{tuple(tensor.shape)}")
 
 # %%
-y_reference = ref.vera_forward(x, base_layer.weight, base_layer.bias, vera_A, vera_B, lambda_d, lambda_b)
-assert torch.equal(y, y_reference)  # the same operations in the same order: the same bits
+y_reference = ref.vera_forward(
+    x, base_layer.weight, base_layer.bias, vera_A, vera_B, lambda_d, lambda_b
+)
+# the same operations in the same order: the same bits
+assert torch.equal(y, y_reference)
 
 # %% [markdown]
 # Without dropout the adapter is linear in `x`, so it folds into one weight:
@@ -84,9 +89,13 @@ assert torch.equal(y, y_reference)  # the same operations in the same order: the
 # rather than bit for bit. (Notebook 05 builds merging on this.)
 
 # %%
-delta_W = ref.delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)
+delta_W = ref.delta_weight(
+    vera_A, vera_B, lambda_d, lambda_b, in_features, out_features
+)
 assert delta_W.shape == (out_features, in_features)
-torch.testing.assert_close(nn.functional.linear(x, base_layer.weight + delta_W, base_layer.bias), y)
+torch.testing.assert_close(
+    nn.functional.linear(x, base_layer.weight + delta_W, base_layer.bias), y
+)
 
 # %% [markdown]
 # ## 2. `λ_b = 0`: the adapter starts as the identity
@@ -96,7 +105,8 @@ torch.testing.assert_close(nn.functional.linear(x, base_layer.weight + delta_W, 
 # Training starts from the pretrained model, not from a perturbed one.
 
 # %%
-projections = ref.SharedProjections(vera_A, vera_B)  # the one pair every adapted layer reads
+# the one pair every adapted layer reads
+projections = ref.SharedProjections(vera_A, vera_B)
 adapted = ref.VeraLinear(base_layer, projections, d_initial=0.1)
 assert torch.equal(adapted.vera_lambda_b, torch.zeros(out_features))
 assert torch.equal(adapted(x), base_layer(x))  # exactly, not approximately
@@ -138,7 +148,8 @@ def first_gradient_of_lambda_b(d_initial):
 d_values = [1e-3, 1e-2, 1e-1, 1.0]
 gradients = {d: first_gradient_of_lambda_b(d) for d in d_values}
 for d, gradient in gradients.items():
-    torch.testing.assert_close(gradient, d * gradients[1.0])  # proportional to d_initial
+    # proportional to d_initial
+    torch.testing.assert_close(gradient, d * gradients[1.0])
 
 # %% [markdown]
 # What does that do to training? With an adaptive optimiser such as Adam, less than you might think: Adam
@@ -155,7 +166,13 @@ teacher_lambda_d, teacher_lambda_b = torch.randn(r), 0.1 * torch.randn(out_featu
 inputs = torch.randn(256, in_features)
 with torch.no_grad():
     targets = ref.vera_forward(
-        inputs, base_layer.weight, base_layer.bias, vera_A, vera_B, teacher_lambda_d, teacher_lambda_b
+        inputs,
+        base_layer.weight,
+        base_layer.bias,
+        vera_A,
+        vera_B,
+        teacher_lambda_d,
+        teacher_lambda_b,
     )
 
 
@@ -183,7 +200,10 @@ ax.legend()
 ax.grid(True, which="both", alpha=0.3)
 plt.show()
 for d, losses in curves.items():
-    print(f"d_initial = {d:<6g} loss after 20 steps {losses[19]:.2e}   after 200 steps {losses[-1]:.2e}")
+    print(
+        f"d_initial = {d:<6g} loss after 20 steps {losses[19]:.2e}   after 200 steps "
+        f"{losses[-1]:.2e}"
+    )
 
 # %% [markdown]
 # `0.001`, `0.01` and `0.1` give almost the same curve: from a small start, `λ_d` reaches the scale and the
@@ -209,8 +229,11 @@ assert curves[1.0][-1] > 100 * max(curves[d][-1] for d in (1e-3, 1e-2, 1e-1))
 
 # %%
 module = nn.Sequential(OrderedDict(proj=base_layer))
-model = get_model(module, VeraConfig(r=r, target_modules=["proj"], projection_prng_key=0))
-fast_layer = module.proj  # get_model swapped the nn.Linear for a veralab.fast.VeraLinear
+model = get_model(
+    module, VeraConfig(r=r, target_modules=["proj"], projection_prng_key=0)
+)
+# get_model swapped the nn.Linear for a veralab.fast.VeraLinear
+fast_layer = module.proj
 with torch.no_grad():
     fast_layer.vera_lambda_d["default"].copy_(lambda_d)
     fast_layer.vera_lambda_b["default"].copy_(lambda_b)
@@ -226,7 +249,13 @@ reference_lambda_d = lambda_d.clone().requires_grad_(True)
 reference_lambda_b = lambda_b.clone().requires_grad_(True)
 x_reference = x.clone().requires_grad_(True)
 y_reference = ref.vera_forward(
-    x_reference, base_layer.weight, base_layer.bias, vera_A, vera_B, reference_lambda_d, reference_lambda_b
+    x_reference,
+    base_layer.weight,
+    base_layer.bias,
+    vera_A,
+    vera_B,
+    reference_lambda_d,
+    reference_lambda_b,
 )
 y_reference.pow(2).sum().backward()
 
@@ -239,8 +268,12 @@ y_reference.pow(2).sum().backward()
 # %%
 fp32_sums = {"rtol": 1e-5, "atol": 1e-5}
 torch.testing.assert_close(y_fast, y_reference)
-torch.testing.assert_close(fast_layer.vera_lambda_d["default"].grad, reference_lambda_d.grad, **fp32_sums)
-torch.testing.assert_close(fast_layer.vera_lambda_b["default"].grad, reference_lambda_b.grad, **fp32_sums)
+torch.testing.assert_close(
+    fast_layer.vera_lambda_d["default"].grad, reference_lambda_d.grad, **fp32_sums
+)
+torch.testing.assert_close(
+    fast_layer.vera_lambda_b["default"].grad, reference_lambda_b.grad, **fp32_sums
+)
 torch.testing.assert_close(x_fast.grad, x_reference.grad, **fp32_sums)
 print("fast and reference agree: outputs, both λ gradients and the input gradient")
 
@@ -248,3 +281,81 @@ print("fast and reference agree: outputs, both λ gradients and the input gradie
 # The comparison uses float32 tolerances (`torch.testing.assert_close`): the fast path may order its
 # floating-point operations differently (it uses `F.linear` on cached contiguous slices), so the last bits can
 # differ, but never more than float32 rounding allows.
+
+# %% [markdown]
+# ## Try it: d_initial and the learning rate
+#
+# Train the layer of section 3 against the same teacher with your own `d_initial` and Adam
+# learning rate: the curve is the mean squared error over 200 steps, next to the default
+# (`d_initial = 0.1`, `lr = 1e-2`, in gray). The figure is drawn once at the defaults; in
+# Jupyter the controls below retrain and redraw it (a fraction of a second a run).
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_training(d_initial=0.1, lr=1e-2):
+    """Train with `d_initial` and `lr`, plot the loss; returns the final loss."""
+    losses = train(d_initial, lr=lr)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.semilogy(curves[0.1], color="lightgray", linewidth=3, label="default")
+    ax.semilogy(losses, linewidth=2, label=f"d_initial = {d_initial:g}, lr = {lr:g}")
+    ax.set_xlabel("Adam step")
+    ax.set_ylabel("mean squared error to the teacher")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    plt.show()
+    return losses[-1]
+
+
+draw_training()
+
+# %%
+d_slider = widgets.SelectionSlider(
+    options=[1e-3, 1e-2, 1e-1, 0.5, 1.0, 2.0], value=0.1, description="d_initial"
+)
+lr_slider = widgets.SelectionSlider(
+    options=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], value=1e-2, description="lr"
+)
+training_control = widgets.interactive(draw_training, d_initial=d_slider, lr=lr_slider)
+display(training_control)
+
+# %%
+# Moving a control retrains: d_initial = 1 is slow at lr = 1e-2 (section 3) ...
+d_slider.value = 1.0
+assert training_control.result > 100 * curves[0.1][-1]
+# ... and a ten times smaller learning rate is slow from the default start, too.
+d_slider.value, lr_slider.value = 0.1, 1e-3
+assert training_control.result > 100 * curves[0.1][-1]
+
+# %% [markdown]
+# ## Exercise: write the forward pass
+#
+# Write `my_forward(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b)`, the adapted layer's
+# output for an input `x (..., in)`, step by step as in section 1: slice the pair, project,
+# scale by `λ_d`, lift back, scale by `λ_b`, add the base layer. The checker runs it on
+# batched inputs with and without a bias, with non-zero λ vectors, and compares with the
+# reference to float32 rounding.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_forward(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b):
+    out_features, in_features = weight.shape
+    A_s, B_s = vera_A[:, :in_features], vera_B[:out_features, :]
+    h = x @ A_s.T  # (..., r)
+    u = (lambda_d * h) @ B_s.T  # (..., out)
+    return nn.functional.linear(x, weight, bias) + lambda_b * u
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_forward(my_forward)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [05 · Merge and unmerge](05_merge_and_unmerge.ipynb): folding the adapter into the
+# weight, and back.

@@ -48,17 +48,23 @@ from veralab.fast import VeraLinear, get_model
 torch.manual_seed(0)
 base_layer = nn.Linear(48, 32)
 vera_A, vera_B = ref.init_projections(r=16, max_in=48, max_out=32, prng_key=0)
-layer = ref.VeraLinear(base_layer, ref.SharedProjections(vera_A, vera_B), init_weights=False)
+layer = ref.VeraLinear(
+    base_layer, ref.SharedProjections(vera_A, vera_B), init_weights=False
+)
 x = torch.randn(10, 48)
 
 W0 = base_layer.weight.detach().clone()
 unmerged_output = layer(x).detach()
-layer.merge()  # W0 + ΔW written into base_layer.weight; forward is now just the base layer
+# W0 + ΔW written into base_layer.weight; forward is now just the base layer
+layer.merge()
 merged_output = layer(x).detach()
 layer.unmerge()  # (W0 + ΔW) - ΔW
 restored = base_layer.weight.detach()
 
-print("max |merged - unmerged| output:", (merged_output - unmerged_output).abs().max().item())
+print(
+    "max |merged - unmerged| output:",
+    (merged_output - unmerged_output).abs().max().item(),
+)
 print("max |restored - W0| weight:    ", (restored - W0).abs().max().item())
 
 # %% [markdown]
@@ -71,7 +77,9 @@ print("max |restored - W0| weight:    ", (restored - W0).abs().max().item())
 torch.testing.assert_close(merged_output, unmerged_output)
 eps = torch.finfo(torch.float32).eps
 merged_weight = (W0 + layer.delta_weight()).detach()
-assert ((restored - W0).abs() <= eps * torch.maximum(merged_weight.abs(), W0.abs())).all()
+assert (
+    (restored - W0).abs() <= eps * torch.maximum(merged_weight.abs(), W0.abs())
+).all()
 
 # %% [markdown]
 # ## 2. A whole model, with `veralab.fast`
@@ -89,10 +97,13 @@ config = LlamaConfig(
     num_attention_heads=4,
     num_key_value_heads=4,
 )
-model = get_model(LlamaForCausalLM(config).eval(), VeraConfig(r=256, target_modules="all-linear"))
+model = get_model(
+    LlamaForCausalLM(config).eval(), VeraConfig(r=256, target_modules="all-linear")
+)
 with torch.no_grad():
     for _, vera_layer in model.vera_layers():
-        vera_layer.vera_lambda_b["default"].normal_(std=0.05)  # λ_d keeps d_initial = 0.1
+        # λ_d keeps d_initial = 0.1
+        vera_layer.vera_lambda_b["default"].normal_(std=0.05)
 input_ids = torch.randint(0, config.vocab_size, (8, 64))  # batch 8, 64 tokens
 
 
@@ -102,7 +113,10 @@ def logits():
 
 
 def base_weights():
-    return {name: vera_layer.get_base_weight().clone() for name, vera_layer in model.vera_layers()}
+    return {
+        name: vera_layer.get_base_weight().clone()
+        for name, vera_layer in model.vera_layers()
+    }
 
 
 with model.disable_adapter():
@@ -115,17 +129,29 @@ merged_logits = logits()
 model.unmerge_adapter()
 weights_after = base_weights()
 
-print("adapter's effect on the logits:  ", (unmerged_logits - base_logits).abs().max().item())
-print("max |merged - unmerged| logits:   ", (merged_logits - unmerged_logits).abs().max().item())
+print(
+    "adapter's effect on the logits:  ",
+    (unmerged_logits - base_logits).abs().max().item(),
+)
+print(
+    "max |merged - unmerged| logits:   ",
+    (merged_logits - unmerged_logits).abs().max().item(),
+)
 print(
     "max |unmerged - original| weights:",
-    max((weights_after[n] - weights_before[n]).abs().max().item() for n in weights_before),
+    max(
+        (weights_after[n] - weights_before[n]).abs().max().item()
+        for n in weights_before
+    ),
 )
 
 # %%
-# The adapter changes the logits a thousand times more than merging does, and merging stays within float32
+# The adapter changes the logits a thousand times more than merging does, and merging
+# stays within float32
 # tolerance of the unmerged model.
-assert (unmerged_logits - base_logits).abs().max() > 1000 * (merged_logits - unmerged_logits).abs().max()
+assert (unmerged_logits - base_logits).abs().max() > 1000 * (
+    merged_logits - unmerged_logits
+).abs().max()
 torch.testing.assert_close(merged_logits, unmerged_logits)
 for name, weight in weights_before.items():
     torch.testing.assert_close(weights_after[name], weight)
@@ -139,7 +165,11 @@ for name, weight in weights_before.items():
 
 # %%
 plain = model.merge_and_unload()
-print(type(plain).__name__, "| VeRA layers left:", sum(isinstance(m, VeraLinear) for m in plain.modules()))
+print(
+    type(plain).__name__,
+    "| VeRA layers left:",
+    sum(isinstance(m, VeraLinear) for m in plain.modules()),
+)
 with torch.no_grad():
     plain_logits = plain(input_ids=input_ids).logits
 assert type(plain) is LlamaForCausalLM
@@ -161,10 +191,13 @@ torch.testing.assert_close(plain_logits, unmerged_logits)
 # statements to the FLOP.
 
 # %%
-model = get_model(LlamaForCausalLM(config).eval(), VeraConfig(r=256, target_modules="all-linear"))
+model = get_model(
+    LlamaForCausalLM(config).eval(), VeraConfig(r=256, target_modules="all-linear")
+)
 tokens = input_ids.numel()
 adapter_flops = sum(
-    2 * tokens * 256 * (layer.in_features + layer.out_features) for _, layer in model.vera_layers()
+    2 * tokens * 256 * (layer.in_features + layer.out_features)
+    for _, layer in model.vera_layers()
 )
 
 
@@ -180,12 +213,17 @@ flops_unmerged = forward_flops()
 model.merge_adapter()
 flops_merged = forward_flops()
 model.unmerge_adapter()
-for state, flops in [("base", flops_base), ("unmerged", flops_unmerged), ("merged", flops_merged)]:
+for state, flops in [
+    ("base", flops_base),
+    ("unmerged", flops_unmerged),
+    ("merged", flops_merged),
+]:
     print(f"{state:<9}{flops / 1e9:.3f} GFLOP per forward")
 
 # %%
 assert flops_merged == flops_base  # merged inference costs exactly the base model
-# unmerged costs more than the base, and at most the activation-space 2·N·r·(in + out) per layer on top
+# unmerged costs more than the base, and at most the activation-space 2·N·r·(in + out)
+# per layer on top
 assert flops_base < flops_unmerged <= flops_base + adapter_flops
 
 # %% [markdown]
@@ -225,9 +263,16 @@ ax_flops.bar(
     color=["gray", "tab:red", "tab:green"],
 )
 ax_flops.set_ylabel("GFLOP per forward (counted)")
-ax_time.bar(labels, [1e3 * best[label] for label in labels], color=["gray", "tab:red", "tab:green"])
+ax_time.bar(
+    labels,
+    [1e3 * best[label] for label in labels],
+    color=["gray", "tab:red", "tab:green"],
+)
 ax_time.set_ylabel("ms per forward (best of 7)")
-fig.suptitle("Llama, 2 layers of width 128, all linear layers adapted at r = 256; batch 8 × 64 tokens")
+fig.suptitle(
+    "Llama, 2 layers of width 128, all linear layers adapted at r = 256; batch 8 × 64 "
+    "tokens"
+)
 fig.tight_layout()
 plt.show()
 
@@ -236,3 +281,109 @@ plt.show()
 # pass costs what the base model costs. So: train unmerged (the λ vectors need their gradients), merge for
 # inference, and unmerge (or keep the unmerged copy) to train further or switch adapters. When many
 # adapters must serve one batch at once, merging is not an option; that is the topic of a later notebook.
+
+# %% [markdown]
+# ## Try it: the weight's dtype and merge rounding
+#
+# Merging writes `W0 + ΔW` into the weight's own dtype, and unmerging writes `W - ΔW` back:
+# each write rounds once. Pick a dtype and the adapter's size: the histogram shows how far
+# each restored weight is from `W0`, in units of that dtype's rounding step,
+# `eps · (|W0| + |ΔW|)`. Merging and unmerging never lose more than that one unit: a float32
+# or float64 model gets its weights back almost exactly, a bf16 or fp16 one to its own (coarse)
+# precision. (The figure shows bfloat16 at the defaults; in Jupyter the controls redraw it.)
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+rounding_weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(5)) / 10
+rounding_A, rounding_B = ref.init_projections(r=32, max_in=96, max_out=64, prng_key=0)
+rounding_lambda_d = torch.full((32,), 0.1)
+rounding_lambda_b = torch.randn(64, generator=torch.Generator().manual_seed(6))
+
+
+def draw_merge_rounding(dtype="bfloat16", adapter_scale=0.1):
+    """Merge and unmerge in `dtype`; plot |restored - W0|; returns its largest value.
+
+    The errors are in units of `dtype`'s rounding step, eps · (|W0| + |ΔW|).
+
+    Args:
+        dtype: the weight's dtype, a name of torch's.
+        adapter_scale: multiplies λ_b, so ΔW's size relative to W0.
+    """
+    torch_dtype = getattr(torch, dtype)
+    weight = rounding_weight.to(torch_dtype)  # W0 as the model stores it
+    # The adapter in float64, so that only the two writes into `dtype` round.
+    adapter = (
+        rounding_A.double(),
+        rounding_B.double(),
+        rounding_lambda_d.double(),
+        adapter_scale * rounding_lambda_b.double(),
+    )
+    merged = ref.merge(weight.double(), *adapter).to(torch_dtype)
+    restored = ref.unmerge(merged.double(), *adapter).to(torch_dtype)
+    delta = ref.delta_weight(*adapter, in_features=96, out_features=64)
+    step = torch.finfo(torch_dtype).eps * (weight.double().abs() + delta.abs())
+    units = ((restored.double() - weight.double()).abs() / step).flatten()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(units.numpy(), bins=40, range=(0, 1.25), color="tab:purple")
+    ax.axvline(1.0, color="black", linestyle="--", label="one rounding step")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"|unmerge(merge(W0)) - W0| / (eps · (|W0| + |ΔW|)), {dtype}")
+    ax.set_ylabel("weights")
+    ax.legend()
+    plt.show()
+    return float(units.max())
+
+
+draw_merge_rounding()
+
+# %%
+dtype_choice = widgets.Dropdown(
+    options=["float64", "float32", "bfloat16", "float16"],
+    value="bfloat16",
+    description="dtype",
+)
+merge_control = widgets.interactive(
+    draw_merge_rounding,
+    dtype=dtype_choice,
+    adapter_scale=widgets.FloatLogSlider(value=0.1, base=10, min=-3, max=1),
+)
+display(merge_control)
+
+# %%
+# Each dtype, through the control: a merge and an unmerge cost at most one rounding
+# step.
+worst = {}
+for dtype in dtype_choice.options:
+    dtype_choice.value = dtype
+    worst[dtype] = merge_control.result
+    assert worst[dtype] <= 1.0, (dtype, worst[dtype])
+assert worst["bfloat16"] > 0 and worst["float16"] > 0  # and it does round
+
+# %% [markdown]
+# ## Exercise: write ΔW
+#
+# Write `my_delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)`: the
+# `ΔW` that merging adds to a linear layer's weight, shape `(out, in)`, from the slices of the
+# shared pair and the two λ vectors. The checker tries two layer shapes with non-zero λ
+# vectors and compares with the reference to float32 rounding.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_delta_weight(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features):
+    A_s, B_s = vera_A[:, :in_features], vera_B[:out_features, :]
+    return (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, r) @ (r, in)
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_delta_weight(my_delta_weight)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [06 · Fine-tuning a real model](06_finetune_a_real_model.ipynb): VeRA against LoRA
+# on a pretrained sentence encoder.

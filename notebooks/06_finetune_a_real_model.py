@@ -24,7 +24,8 @@
 # %%
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never reach for a hub
+# everything below is local; never reach for a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import random
 import tempfile
@@ -56,13 +57,23 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 # - **new words**: sentences whose subject or adjective never appears in training at all.
 
 # %%
-FOOD = ["the " + word for word in "pasta soup steak dessert pizza salad bread curry fish coffee".split()]
+FOOD = [
+    "the " + word
+    for word in "pasta soup steak dessert pizza salad bread curry fish coffee".split()
+]
 SERVICE = [
     "the " + word
-    for word in "waiter staff service hostess bartender manager cashier sommelier delivery reception".split()
+    for word in (
+        "waiter staff service hostess bartender manager cashier sommelier delivery "
+        "reception"
+    ).split()
 ]
-POSITIVE = "good great excellent wonderful lovely superb fantastic pleasant amazing nice".split()
-NEGATIVE = "bad awful terrible poor horrible dreadful disappointing mediocre lousy unpleasant".split()
+POSITIVE = (
+    "good great excellent wonderful lovely superb fantastic pleasant amazing nice"
+).split()
+NEGATIVE = (
+    "bad awful terrible poor horrible dreadful disappointing mediocre lousy unpleasant"
+).split()
 TEMPLATES = [  # (template, negates the adjective)
     ("{subject} was {adjective}.", False),
     ("honestly, {subject} was {adjective}.", False),
@@ -72,11 +83,14 @@ TEMPLATES = [  # (template, negates the adjective)
     ("{subject} wasn't {adjective}.", True),
 ]
 CLASSES = ["food positive", "food negative", "service positive", "service negative"]
-SEEN_WORDS = 8  # the first 8 subjects and adjectives of each list can appear in training; the last 2 never do
+# the first 8 subjects and adjectives of each list can appear in training; the last 2
+# never do
+SEEN_WORDS = 8
 
 
 def pairs(words):
-    """Every (aspect, subject, polarity, adjective) with subjects and adjectives among the first `words`."""
+    """Every (aspect, subject, polarity, adjective) with subjects and adjectives among
+    the first `words`."""
     return [
         (aspect, subject, polarity, adjective)
         for aspect, subjects in enumerate([FOOD, SERVICE])
@@ -87,7 +101,8 @@ def pairs(words):
 
 
 def sentences(pairs):
-    """(text, label, negated) for every pair in every template; label = 2 * aspect + sentiment."""
+    """(text, label, negated) for every pair in every template; label = 2 * aspect +
+    sentiment."""
     return [
         (
             template.format(subject=subject, adjective=adjective).capitalize(),
@@ -102,7 +117,10 @@ def sentences(pairs):
 rng = random.Random(0)
 seen_pairs = pairs(SEEN_WORDS)
 rng.shuffle(seen_pairs)
-held_out_pairs, train_pairs = seen_pairs[: len(seen_pairs) // 5], seen_pairs[len(seen_pairs) // 5 :]
+held_out_pairs, train_pairs = (
+    seen_pairs[: len(seen_pairs) // 5],
+    seen_pairs[len(seen_pairs) // 5 :],
+)
 new_word_pairs = [p for p in pairs(len(FOOD)) if p not in set(seen_pairs)]
 
 train = sentences(train_pairs)
@@ -111,7 +129,8 @@ test_sets = {
     "new words": rng.sample(sentences(new_word_pairs), 160),
 }
 print(
-    f"{len(train)} training sentences; held out: " + ", ".join(f"{len(v)} {k}" for k, v in test_sets.items())
+    f"{len(train)} training sentences; held out: "
+    + ", ".join(f"{len(v)} {k}" for k, v in test_sets.items())
 )
 for text, label, _ in train[:6]:
     print(f"  {CLASSES[label]:<17} {text}")
@@ -119,9 +138,12 @@ for text, label, _ in train[:6]:
 # %%
 train_texts = {text for text, _, _ in train}
 assert not train_texts & {text for test in test_sets.values() for text, _, _ in test}
-train_words = {word for _, subject, _, adjective in train_pairs for word in (subject, adjective)}
+train_words = {
+    word for _, subject, _, adjective in train_pairs for word in (subject, adjective)
+}
 assert all(
-    subject not in train_words or adjective not in train_words for _, subject, _, adjective in new_word_pairs
+    subject not in train_words or adjective not in train_words
+    for _, subject, _, adjective in new_word_pairs
 )
 
 # %% [markdown]
@@ -136,8 +158,14 @@ assert all(
 # comparison at the end measures how much.)
 
 # %%
-PROTOTYPE_TEXTS = ["The food was good.", "The food was bad.", "The service was good.", "The service was bad."]
-TEMPERATURE = 0.05  # cosine similarities are in [-1, 1]; logits = cosine / 0.05 for a sharp softmax
+PROTOTYPE_TEXTS = [
+    "The food was good.",
+    "The food was bad.",
+    "The service was good.",
+    "The service was bad.",
+]
+# cosine similarities are in [-1, 1]; logits = cosine / 0.05 for a sharp softmax
+TEMPERATURE = 0.05
 
 
 def embed(encoder, texts):
@@ -163,12 +191,14 @@ def embeddings(encoder, examples):
 
 
 def nearest_prototype(embedded):
-    """The predicted class of each embedded example: the prototype with the highest cosine similarity."""
+    """The predicted class of each embedded example: the prototype with the highest
+    cosine similarity."""
     return (embedded @ prototypes.T).argmax(-1)
 
 
 def scores(predictions, examples):
-    """Accuracy overall, on the aspect alone, and on the sentiment alone (plain and negated sentences)."""
+    """Accuracy overall, on the aspect alone, and on the sentiment alone (plain and
+    negated sentences)."""
     labels = torch.tensor([label for _, label, _ in examples])
     negated = torch.tensor([negates for _, _, negates in examples])
     sentiment_right = predictions % 2 == labels % 2
@@ -183,15 +213,24 @@ def scores(predictions, examples):
 def print_scores(results):
     print(
         f"{'':<19}{'test set':<18}"
-        + "".join(f"{column:>20}" for column in next(iter(next(iter(results.values())).values())))
+        + "".join(
+            f"{column:>20}"
+            for column in next(iter(next(iter(results.values())).values()))
+        )
     )
     for method, by_test in results.items():
         for test_name, values in by_test.items():
-            print(f"{method:<19}{test_name:<18}" + "".join(f"{value:>20.0%}" for value in values.values()))
+            print(
+                f"{method:<19}{test_name:<18}"
+                + "".join(f"{value:>20.0%}" for value in values.values())
+            )
 
 
 base_embeddings = {name: embeddings(base, test) for name, test in test_sets.items()}
-zero_shot = {name: scores(nearest_prototype(base_embeddings[name]), test) for name, test in test_sets.items()}
+zero_shot = {
+    name: scores(nearest_prototype(base_embeddings[name]), test)
+    for name, test in test_sets.items()
+}
 print_scores({"zero-shot": zero_shot})
 
 # %% [markdown]
@@ -236,13 +275,17 @@ def fine_tune(model, learning_rate):
     batches = random.Random(1)  # the same batches for every method
     torch.manual_seed(0)  # the same dropout masks too
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+        [p for p in model.parameters() if p.requires_grad],
+        lr=learning_rate,
+        weight_decay=0.0,
     )
     model.train()
     losses = []
     for _ in range(STEPS):
         batch = batches.sample(train, BATCH)
-        logits = embed(model, [text for text, _, _ in batch]) @ prototypes.T / TEMPERATURE
+        logits = (
+            embed(model, [text for text, _, _ in batch]) @ prototypes.T / TEMPERATURE
+        )
         loss = F.cross_entropy(logits, torch.tensor([label for _, label, _ in batch]))
         optimizer.zero_grad()
         loss.backward()
@@ -253,7 +296,9 @@ def fine_tune(model, learning_rate):
 
 torch.manual_seed(0)  # LoRA draws its A matrices from the global generator
 vera = get_model(load_encoder(), VeraConfig(r=256, target_modules=["query", "value"]))
-lora = get_peft_model(load_encoder(), LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"]))
+lora = get_peft_model(
+    load_encoder(), LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"])
+)
 losses = {"VeRA": fine_tune(vera, 5e-2), "LoRA": fine_tune(lora, 5e-3)}
 
 # %%
@@ -290,15 +335,21 @@ for _ in range(300):
 
 
 with torch.no_grad():
-    head_predictions = {name: head(embedded).argmax(-1) for name, embedded in base_embeddings.items()}
+    head_predictions = {
+        name: head(embedded).argmax(-1) for name, embedded in base_embeddings.items()
+    }
 results = {
     "zero-shot": zero_shot,
-    "trained head only": {name: scores(head_predictions[name], test) for name, test in test_sets.items()},
+    "trained head only": {
+        name: scores(head_predictions[name], test) for name, test in test_sets.items()
+    },
     "VeRA": {
-        name: scores(nearest_prototype(embeddings(vera, test)), test) for name, test in test_sets.items()
+        name: scores(nearest_prototype(embeddings(vera, test)), test)
+        for name, test in test_sets.items()
     },
     "LoRA": {
-        name: scores(nearest_prototype(embeddings(lora, test)), test) for name, test in test_sets.items()
+        name: scores(nearest_prototype(embeddings(lora, test)), test)
+        for name, test in test_sets.items()
     },
 }
 print_scores(results)
@@ -322,7 +373,8 @@ trainable = {
     "LoRA": lora.get_nb_trainable_parameters()[0],
 }
 with_projections = adapter_file_bytes(vera.save_pretrained)
-vera.peft_config["default"].save_projection = False  # the same adapter, saved without the pair
+# the same adapter, saved without the pair
+vera.peft_config["default"].save_projection = False
 adapter_bytes = {
     "VeRA": adapter_file_bytes(vera.save_pretrained),
     "VeRA + vera_A, vera_B": with_projections,
@@ -335,23 +387,33 @@ for name, size in adapter_bytes.items():
     print(f"adapter file, {name:<30}{size / 1024:8.1f} KiB")
 
 # %%
-fig, (ax_accuracy, ax_bytes) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=[3, 2])
+fig, (ax_accuracy, ax_bytes) = plt.subplots(
+    1, 2, figsize=(12, 4.2), width_ratios=[3, 2]
+)
 methods = list(results)
 width = 0.38
 for offset, test_name in zip((-width / 2, width / 2), test_sets, strict=True):
     values = [100 * results[method][test_name]["overall"] for method in methods]
     bars = ax_accuracy.bar(
-        [i + offset for i in range(len(methods))], values, width, label=f"held out: {test_name}"
+        [i + offset for i in range(len(methods))],
+        values,
+        width,
+        label=f"held out: {test_name}",
     )
     ax_accuracy.bar_label(bars, fmt="%.0f", fontsize=8)
 ax_accuracy.axhline(25, color="gray", linestyle=":", label="chance (4 classes)")
 ax_accuracy.set_xticks(
     range(len(methods)),
-    [f"{method}\n{trainable[method]:,d} trained" if method in trainable else method for method in methods],
+    [
+        f"{method}\n{trainable[method]:,d} trained" if method in trainable else method
+        for method in methods
+    ],
 )
 ax_accuracy.set_ylabel("accuracy (%)")
 ax_accuracy.set_ylim(0, 122)
-ax_accuracy.set_title("Held-out accuracy, frozen cosine head (except 'trained head only')")
+ax_accuracy.set_title(
+    "Held-out accuracy, frozen cosine head (except 'trained head only')"
+)
 ax_accuracy.legend(loc="upper left", ncols=3, fontsize=8)
 bars = ax_bytes.barh(
     list(adapter_bytes),
@@ -395,3 +457,31 @@ assert adapter_bytes["VeRA + vera_A, vera_B"] > adapter_bytes["LoRA"]
 head_only = results["trained head only"]
 assert head_only["new combinations"]["overall"] > 0.85
 assert head_only["new words"]["overall"] < results["VeRA"]["new words"]["overall"]
+
+# %% [markdown]
+# ## Exercise: predict the trainable parameters of this configuration
+#
+# all-MiniLM-L6-v2 has 6 layers of width 384. Adapting `query` and `value` at r = 256, how
+# many numbers does VeRA train? And LoRA at r = 8? Write your numbers below (the worked
+# solution is collapsed) and run the checker; `print_trainable_parameters()` on the model of
+# this notebook gives the same figure for VeRA.
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the numbers with your own and run the checker below.
+minilm_layers = [(384, 384)] * 12  # (out, in) of 6 × (query, value)
+my_vera = 12 * (256 + 384)
+my_lora = 12 * 8 * (384 + 384)
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_trainable_parameters(minilm_layers, 256, vera=my_vera)
+print(feedback)
+assert feedback
+feedback = exercises.check_trainable_parameters(minilm_layers, 8, lora=my_lora)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [07 · Quantized bases](07_quantized_bases.ipynb): VeRA over 8-bit and 4-bit
+# weights, and what stays exact.

@@ -32,7 +32,8 @@
 # %%
 import logging
 
-# bitsandbytes logs that its int8 matmul rounds inputs to fp16 (section 2 says so) and, on some CPUs, that an
+# bitsandbytes logs that its int8 matmul rounds inputs to fp16 (section 2 says so) and,
+# on some CPUs, that an
 # optional kernel package is missing: neither changes a result here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -50,7 +51,8 @@ from veralab import reference as ref
 from veralab.fast import get_model
 from veralab.fast.backends.bnb import Linear4bit, Linear8bitLt
 
-U16 = torch.finfo(torch.float16).eps / 2  # unit roundoff: a rounding to fp16 errs by at most u16 · |value|
+# unit roundoff: a rounding to fp16 errs by at most u16 · |value|
+U16 = torch.finfo(torch.float16).eps / 2
 U32 = torch.finfo(torch.float32).eps / 2
 
 # %% [markdown]
@@ -91,13 +93,16 @@ def quantized(linear, scheme):
         scheme: "int8", "nf4" or "fp4".
     """
     if scheme == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, has_fp16_weights=False
+        )
     else:
         layer = bnb.nn.Linear4bit(
             linear.in_features,
             linear.out_features,
             compute_dtype=torch.float32,
-            compress_statistics=False,  # no double quantization: one exact fp32 scale per block
+            # no double quantization: one exact fp32 scale per block
+            compress_statistics=False,
             quant_type=scheme,
         )
     layer.load_state_dict(linear.state_dict())
@@ -107,26 +112,38 @@ def quantized(linear, scheme):
 def dequantized(layer):
     """The dense float32 (out, in) weight a bitsandbytes layer stands for."""
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return bnb.functional.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        return bnb.functional.int8_vectorwise_dequant(
+            layer.weight.data, layer.weight.SCB
+        )
+    return bnb.functional.dequantize_4bit(
+        layer.weight.data, layer.weight.quant_state
+    ).float()
 
 
 def quantization_bound(weight, layer):
-    """Elementwise bound on |Q(weight) - weight| for the scheme of `layer`, derived from how it rounds.
+    """Elementwise bound on |Q(weight) - weight| for the scheme of `layer`.
+
+    The bound is derived from how the scheme rounds.
 
     Args:
         weight: the float32 (out, in) weight being quantized.
-        layer: a bitsandbytes layer holding Q(weight) (it gives the scheme, its code values and block size).
+        layer: a bitsandbytes layer holding Q(weight) (it gives the scheme, its code
+            values and block size).
     """
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        rowmax = weight.abs().amax(dim=1, keepdim=True) * (1 + U16)  # the scale, taken after the fp16 cast
+        # the scale, taken after the fp16 cast
+        rowmax = weight.abs().amax(dim=1, keepdim=True) * (1 + U16)
         bound = rowmax / 254 + U16 * weight.abs()
     else:
         state = layer.weight.quant_state
         code = state.code.sort().values
         half_gap = (code[1:] - code[:-1]).max() / 2
         blocks = weight.reshape(-1, state.blocksize)  # (blocks, 64)
-        bound = (blocks.abs().amax(dim=1, keepdim=True) * half_gap).expand_as(blocks).reshape(weight.shape)
+        bound = (
+            (blocks.abs().amax(dim=1, keepdim=True) * half_gap)
+            .expand_as(blocks)
+            .reshape(weight.shape)
+        )
     return bound * (1 + 4 * U32)  # and the float32 rounding of dequantizing
 
 
@@ -135,24 +152,35 @@ errors = {scheme: (dequantized(layer) - W).abs() for scheme, layer in layers.ite
 bounds = {scheme: quantization_bound(W, layer) for scheme, layer in layers.items()}
 stored_bytes = {
     scheme: layer.weight.data.nbytes
-    + (layer.weight.SCB.nbytes if scheme == "int8" else layer.weight.quant_state.absmax.nbytes)
+    + (
+        layer.weight.SCB.nbytes
+        if scheme == "int8"
+        else layer.weight.quant_state.absmax.nbytes
+    )
     for scheme, layer in layers.items()
 }
 for scheme in SCHEMES:
     print(
-        f"{scheme}: {stored_bytes[scheme]:>7,d} bytes (fp32: {W.nbytes:,d})   |error| mean "
-        f"{errors[scheme].mean():.2e}  max {errors[scheme].max():.2e}   max error / bound "
+        f"{scheme}: {stored_bytes[scheme]:>7,d} bytes (fp32: {W.nbytes:,d})   |error| "
+        "mean "
+        f"{errors[scheme].mean():.2e}  max {errors[scheme].max():.2e}   max error / "
+        "bound "
         f"{(errors[scheme] / bounds[scheme]).max():.3f}"
     )
 
 # %%
 out_features, in_features = W.shape
-assert stored_bytes["int8"] == out_features * in_features + 4 * out_features  # a byte a weight, a scale a row
+# a byte a weight, a scale a row
+assert stored_bytes["int8"] == out_features * in_features + 4 * out_features
 for scheme in ("nf4", "fp4"):  # half a byte a weight, a float32 scale per 64 weights
-    assert stored_bytes[scheme] == out_features * in_features // 2 + 4 * (out_features * in_features // 64)
+    assert stored_bytes[scheme] == out_features * in_features // 2 + 4 * (
+        out_features * in_features // 64
+    )
 for scheme in SCHEMES:
-    assert (errors[scheme] <= bounds[scheme]).all(), scheme  # every element within its scheme's bound
-# For normally distributed weights, nf4's normal quantiles beat fp4's grid, and 8 bits beat both.
+    # every element within its scheme's bound
+    assert (errors[scheme] <= bounds[scheme]).all(), scheme
+# For normally distributed weights, nf4's normal quantiles beat fp4's grid, and 8 bits
+# beat both.
 mean_error = {scheme: errors[scheme].mean().item() for scheme in SCHEMES}
 assert mean_error["int8"] < mean_error["nf4"] < mean_error["fp4"]
 assert mean_error["nf4"] > 5 * mean_error["int8"]
@@ -160,7 +188,11 @@ assert mean_error["nf4"] > 5 * mean_error["int8"]
 # %%
 nf4_code = layers["nf4"].weight.quant_state.code.sort().values.numpy()
 fp4_code = layers["fp4"].weight.quant_state.code.sort().values.numpy()
-block_scaled = (W.reshape(-1, 64) / W.reshape(-1, 64).abs().amax(dim=1, keepdim=True)).reshape(-1).numpy()
+block_scaled = (
+    (W.reshape(-1, 64) / W.reshape(-1, 64).abs().amax(dim=1, keepdim=True))
+    .reshape(-1)
+    .numpy()
+)
 
 fig, (ax_error, ax_code) = plt.subplots(1, 2, figsize=(12, 4))
 bins = np.logspace(-8, -1.5, 60)
@@ -181,9 +213,14 @@ ax_error.set_ylabel("weights")
 ax_error.set_title("Quantization error of a 256 → 512 layer, weights ~ N(0, 0.02²)")
 ax_error.legend(loc="upper left")
 
-ax_code.hist(block_scaled, bins=80, color="lightgray", density=True, label="W / block absmax")
+ax_code.hist(
+    block_scaled, bins=80, color="lightgray", density=True, label="W / block absmax"
+)
 ax_code.eventplot(
-    [nf4_code, fp4_code], lineoffsets=[2.2, 1.4], linelengths=0.6, colors=[colors["nf4"], colors["fp4"]]
+    [nf4_code, fp4_code],
+    lineoffsets=[2.2, 1.4],
+    linelengths=0.6,
+    colors=[colors["nf4"], colors["fp4"]],
 )
 ax_code.text(-1.0, 2.6, "nf4 codes", color=colors["nf4"])
 ax_code.text(-1.0, 1.8, "fp4 codes", color=colors["fp4"])
@@ -241,7 +278,10 @@ for linear in (up, down):
 config = VeraConfig(r=64, target_modules=["up", "down"])
 models = {"fp32": get_model(Block(up, down), config)}
 models.update(
-    {scheme: get_model(Block(quantized(up, scheme), quantized(down, scheme)), config) for scheme in SCHEMES}
+    {
+        scheme: get_model(Block(quantized(up, scheme), quantized(down, scheme)), config)
+        for scheme in SCHEMES
+    }
 )
 generator = torch.Generator().manual_seed(2)
 trained_lambdas = {
@@ -258,7 +298,9 @@ def set_lambdas(model, scale=1.0):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "vera_lambda_" in name:
-                param.copy_(trained_lambdas[name] * (scale if "vera_lambda_b" in name else 1.0))
+                param.copy_(
+                    trained_lambdas[name] * (scale if "vera_lambda_b" in name else 1.0)
+                )
 
 
 for model in models.values():
@@ -275,9 +317,12 @@ adapter_effect = ((adapted_output - base_output).norm() / base_output.norm()).it
 print(f"the adapter moves the float32 block's output by {adapter_effect:.1%}")
 
 # %%
-assert 0.02 < adapter_effect < 0.2  # a trained adapter's size: it changes the output, it does not replace it
+# a trained adapter's size: it changes the output, it does not replace it
+assert 0.02 < adapter_effect < 0.2
 assert isinstance(models["int8"].model.up, Linear8bitLt)
-assert isinstance(models["nf4"].model.up, Linear4bit) and isinstance(models["fp4"].model.down, Linear4bit)
+assert isinstance(models["nf4"].model.up, Linear4bit) and isinstance(
+    models["fp4"].model.down, Linear4bit
+)
 for model in models.values():  # one and the same shared pair everywhere
     assert torch.equal(model.vera_A, models["fp32"].vera_A) and torch.equal(
         model.vera_B, models["fp32"].vera_B
@@ -296,13 +341,22 @@ for model in models.values():  # one and the same shared pair everywhere
 # adds a rounding of each one's size.
 
 # %%
-x = {"up": torch.randn(16, 256, generator=generator), "down": torch.randn(16, 512, generator=generator)}
+x = {
+    "up": torch.randn(16, 256, generator=generator),
+    "down": torch.randn(16, 512, generator=generator),
+}
 
 
 def reference_adapter_term(layer, vera_A, vera_B, x, absolute=False):
-    """The adapter term by `veralab.reference`; with `absolute`, Σ|terms| (the size of what was summed)."""
-    A_s, B_s = ref.slice_projections(vera_A, vera_B, layer.in_features, layer.out_features)
-    lambda_d, lambda_b = layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach()
+    """The adapter term by `veralab.reference`; with `absolute`, Σ|terms| (the size of
+    what was summed)."""
+    A_s, B_s = ref.slice_projections(
+        vera_A, vera_B, layer.in_features, layer.out_features
+    )
+    lambda_d, lambda_b = (
+        layer.vera_lambda_d["default"].detach(),
+        layer.vera_lambda_b["default"].detach(),
+    )
     tensors = (x, A_s, B_s, lambda_d, lambda_b)
     if absolute:
         tensors = tuple(t.abs() for t in tensors)
@@ -323,7 +377,9 @@ for scheme in SCHEMES:
             output, base_output = layer(x[layer_name]), layer.base_layer(x[layer_name])
             exact_base_output = exact_base(x[layer_name])
         term = reference_adapter_term(layer, model.vera_A, model.vera_B, x[layer_name])
-        magnitude = reference_adapter_term(layer, model.vera_A, model.vera_B, x[layer_name], absolute=True)
+        magnitude = reference_adapter_term(
+            layer, model.vera_A, model.vera_B, x[layer_name], absolute=True
+        )
         bound = (layer.in_features + layer.r["default"] + 2) * U32 * magnitude
         bound = bound + 2 * U32 * (output.abs() + base_output.abs())
         rows.append(
@@ -331,22 +387,30 @@ for scheme in SCHEMES:
                 "scheme": scheme,
                 "layer": layer_name,
                 "adapter error": ((output - base_output) - term).abs().max().item(),
-                "adapter within bound": bool((((output - base_output) - term).abs() <= bound).all()),
+                "adapter within bound": bool(
+                    (((output - base_output) - term).abs() <= bound).all()
+                ),
                 "base error": (base_output - exact_base_output).abs().max().item(),
                 "adapter size": term.abs().max().item(),
             }
         )
-print(f"{'':<12}{'|adapter term - reference|':>28}{'|base - fp32 base|':>20}{'|adapter term|':>16}")
+print(
+    f"{'':<12}{'|adapter term - reference|':>28}{'|base - fp32 base|':>20}"
+    f"{'|adapter term|':>16}"
+)
 for row in rows:
     print(
-        f"{row['scheme']:<5}{row['layer']:<7}{row['adapter error']:>28.2e}{row['base error']:>20.2e}"
+        f"{row['scheme']:<5}{row['layer']:<7}{row['adapter error']:>28.2e}"
+        f"{row['base error']:>20.2e}"
         f"{row['adapter size']:>16.2e}"
     )
 
 # %%
 for row in rows:
-    assert row["adapter within bound"], row  # the adapter term is the reference's, to float32 rounding
-    assert row["base error"] > 1000 * row["adapter error"], row  # the base is quantization-approximate
+    # the adapter term is the reference's, to float32 rounding
+    assert row["adapter within bound"], row
+    # the base is quantization-approximate
+    assert row["base error"] > 1000 * row["adapter error"], row
 
 # %% [markdown]
 # The adapter term is the reference's to the last few bits; the base output is off by `x (Q(W) − W)ᵀ`, the
@@ -380,14 +444,17 @@ for scheme in SCHEMES:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.merge_adapter()
-    merge_rows[scheme] = {"warned": any("requantizes" in str(w.message) for w in caught)}
+    merge_rows[scheme] = {
+        "warned": any("requantizes" in str(w.message) for w in caught)
+    }
     for name, layer in model.vera_layers():
         merged_weight = layer.get_base_weight().float()
         with torch.no_grad():
             merged = layer(x[name])
         merge_rows[scheme][name] = {
             "weight error / bound": (
-                (merged_weight - targets[name]).abs() / quantization_bound(targets[name], layer.base_layer)
+                (merged_weight - targets[name]).abs()
+                / quantization_bound(targets[name], layer.base_layer)
             )
             .max()
             .item(),
@@ -398,7 +465,8 @@ for scheme in SCHEMES:
         f"{scheme}: warned={merge_rows[scheme]['warned']}  "
         + "  ".join(
             f"{name}: max |merged W - (W̃ + ΔW)| / bound "
-            f"{merge_rows[scheme][name]['weight error / bound']:.3f}, max |merged - unmerged| output "
+            f"{merge_rows[scheme][name]['weight error / bound']:.3f}, max |merged - "
+            "unmerged| output "
             f"{merge_rows[scheme][name]['output error']:.2e}"
             for name in ("up", "down")
         )
@@ -408,9 +476,11 @@ for scheme in SCHEMES:
 for scheme in SCHEMES:
     assert merge_rows[scheme]["warned"]
     for name in ("up", "down"):
-        assert merge_rows[scheme][name]["weight error / bound"] <= 1  # requantized within the scheme's bound
+        # requantized within the scheme's bound
+        assert merge_rows[scheme][name]["weight error / bound"] <= 1
         row = next(r for r in rows if r["scheme"] == scheme and r["layer"] == name)
-        assert merge_rows[scheme][name]["output error"] > 1000 * row["adapter error"]  # not float32 rounding
+        # not float32 rounding
+        assert merge_rows[scheme][name]["output error"] > 1000 * row["adapter error"]
 
 # %% [markdown]
 # How much that matters depends on how large `ΔW` is next to the quantization step. A trained adapter's `ΔW`
@@ -447,7 +517,9 @@ for scheme in SCHEMES:
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for scheme in SCHEMES:
-    ax.loglog(scales, relative_merge_error[scheme], "o-", color=colors[scheme], label=scheme)
+    ax.loglog(
+        scales, relative_merge_error[scheme], "o-", color=colors[scheme], label=scheme
+    )
 ax.axhline(1, color="gray", ls=":", label="merged = base (adapter lost)")
 ax.axvline(1, color="black", lw=0.8)
 ax.text(1.15, 1.3, "the adapter of sections 2 and 3", fontsize=9)
@@ -462,11 +534,19 @@ plt.show()
 # %%
 as_trained = list(scales).index(1.0)
 for scheme in SCHEMES:
-    assert relative_merge_error[scheme][0] > 0.9  # an adapter 100 times smaller is rounded away
-    assert relative_merge_error[scheme][-1] < 0.25  # one 100 times larger mostly survives
-# The adapter of sections 2-3: a merge into int8 keeps most of it, a merge into 4 bits loses most of it.
+    # an adapter 100 times smaller is rounded away
+    assert relative_merge_error[scheme][0] > 0.9
+    # one 100 times larger mostly survives
+    assert relative_merge_error[scheme][-1] < 0.25
+# The adapter of sections 2-3: a merge into int8 keeps most of it, a merge into 4 bits
+# loses most of it.
 assert relative_merge_error["int8"][as_trained] < 0.5
-assert min(relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][as_trained]) > 0.8
+assert (
+    min(
+        relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][as_trained]
+    )
+    > 0.8
+)
 
 # %% [markdown]
 # Slightly above 1 on the left: a tiny `ΔW` is rounded away, and requantizing also moves the grid a little, so
@@ -490,7 +570,8 @@ assert min(relative_merge_error["nf4"][as_trained], relative_merge_error["fp4"][
 
 # %%
 state = models["nf4"].model.up.base_layer.weight.quant_state
-assert not getattr(state, "packing_format_for_cpu", False)  # still bitsandbytes' standard layout
+# still bitsandbytes' standard layout
+assert not getattr(state, "packing_format_for_cpu", False)
 
 # %% [markdown]
 # ## 4. Beyond bitsandbytes: torchao, Quanto and HQQ on one model
@@ -533,7 +614,9 @@ llama_config = LlamaConfig(
 model_dir = tempfile.mkdtemp()
 LlamaForCausalLM(llama_config).save_pretrained(model_dir)
 ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
-available = ["float32"] + [q for q in QUANTIZATIONS if unavailable_reason(QUANTIZATIONS[q][0]) is None]
+available = ["float32"] + [
+    q for q in QUANTIZATIONS if unavailable_reason(QUANTIZATIONS[q][0]) is None
+]
 print("schemes measured here:", available)
 for q in QUANTIZATIONS:
     if q not in available:
@@ -543,14 +626,20 @@ for q in QUANTIZATIONS:
 # %%
 def compare(scheme: str) -> dict:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT-compatible notices, the requantization warning
+        warnings.simplefilter(
+            "ignore"
+        )  # PEFT-compatible notices, the requantization warning
         base = load_model(model_dir, None if scheme == "float32" else scheme)
         row = {"scheme": scheme, "weights (MB)": weight_bytes(base) / 2**20}
-        model = get_model(base, VeraConfig(r=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+        model = get_model(
+            base, VeraConfig(r=64, target_modules=["q_proj", "v_proj", "down_proj"])
+        )
         for _, layer in model.vera_layers():
             with torch.no_grad():
                 layer.vera_lambda_b["default"].normal_(0, 0.1)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-3
+        )
         for _ in range(3):  # the first step warms up
             start = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
@@ -558,14 +647,23 @@ def compare(scheme: str) -> dict:
             optimizer.zero_grad()
             row["step (ms)"] = (time.perf_counter() - start) * 1000
         layer = model.model.model.layers[0].self_attn.q_proj
-        x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(2))
-        A_s, B_s = ref.slice_projections(model.vera_A, model.vera_B, layer.in_features, layer.out_features)
-        lambdas = (layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach())
+        x = torch.randn(
+            8, layer.in_features, generator=torch.Generator().manual_seed(2)
+        )
+        A_s, B_s = ref.slice_projections(
+            model.vera_A, model.vera_B, layer.in_features, layer.out_features
+        )
+        lambdas = (
+            layer.vera_lambda_d["default"].detach(),
+            layer.vera_lambda_b["default"].detach(),
+        )
         with torch.no_grad():
             term = layer(x) - layer.base_layer(x)
             zero = torch.zeros(layer.out_features, layer.in_features)
             reference_term = ref.vera_forward(x, zero, None, A_s, B_s, *lambdas)
-            row["adapter term error"] = ((term - reference_term).norm() / reference_term.norm()).item()
+            row["adapter term error"] = (
+                (term - reference_term).norm() / reference_term.norm()
+            ).item()
             target = layer.get_base_weight().float() + layer.delta_weight("default")
             delta = layer.delta_weight("default")
             unmerged, base_output = layer(x), layer.base_layer(x)
@@ -585,21 +683,42 @@ comparison = [compare(scheme) for scheme in available]
 columns = list(comparison[0])
 print(" | ".join(f"{c:>20}" for c in columns))
 for row in comparison:
-    print(" | ".join(f"{row[c]:>20}" if isinstance(row[c], str) else f"{row[c]:>20.4g}" for c in columns))
+    print(
+        " | ".join(
+            f"{row[c]:>20}" if isinstance(row[c], str) else f"{row[c]:>20.4g}"
+            for c in columns
+        )
+    )
 
 # %%
 by_scheme = {row["scheme"]: row for row in comparison}
 for row in comparison:
-    assert row["adapter term error"] < 1e-5  # exact over every base: float32 rounding only
+    assert (
+        row["adapter term error"] < 1e-5
+    )  # exact over every base: float32 rounding only
     if row["scheme"] == "float32":
         assert row["delta lost in merge"] < 1e-5
     else:
-        assert row["weights (MB)"] < by_scheme["float32"]["weights (MB)"]  # the point of quantizing
-        assert row["delta lost in merge"] > 1e-3  # a merge into a quantized weight rounds
-int8_rows = [row for name, row in by_scheme.items() if name.endswith("8bit") or name.endswith("int8")]
-int4_rows = [row for name, row in by_scheme.items() if name.endswith("4bit") or name.endswith("int4")]
+        assert (
+            row["weights (MB)"] < by_scheme["float32"]["weights (MB)"]
+        )  # the point of quantizing
+        assert (
+            row["delta lost in merge"] > 1e-3
+        )  # a merge into a quantized weight rounds
+int8_rows = [
+    row
+    for name, row in by_scheme.items()
+    if name.endswith("8bit") or name.endswith("int8")
+]
+int4_rows = [
+    row
+    for name, row in by_scheme.items()
+    if name.endswith("4bit") or name.endswith("int4")
+]
 if int8_rows and int4_rows:  # a coarser grid loses more of the delta
-    assert max(r["delta lost in merge"] for r in int8_rows) < min(r["delta lost in merge"] for r in int4_rows)
+    assert max(r["delta lost in merge"] for r in int8_rows) < min(
+        r["delta lost in merge"] for r in int4_rows
+    )
 
 # %% [markdown]
 # What the table says, scheme by scheme (step times vary with the machine; the tests pin the rest):
@@ -621,3 +740,29 @@ if int8_rows and int4_rows:  # a coarser grid loses more of the delta
 #   (`pip install 'veralab[gptq]'`) come out of a calibrated quantization that
 #   one layer cannot redo: there `merge_adapter()` raises `MergeNotSupportedError` before anything changes,
 #   and the adapter keeps working unmerged.
+
+# %% [markdown]
+# ## Exercise: int8 row-wise quantization, and its error bound
+#
+# Write `my_int8_roundtrip(weight)`: quantize an `(out, in)` float32 weight the way
+# `Linear8bitLt` stores it (each row scaled so that its largest magnitude maps to 127,
+# rounded to integers) and dequantize it back to float32. Every weight should come back
+# within `rowmax / 254` of where it was. The checker uses rows of very different scales.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_int8_roundtrip(weight):
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127  # one scale per row
+    return torch.round(weight / scale) * scale
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_int8_roundtrip(my_int8_roundtrip)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [08 · Many adapters](08_many_adapters.ipynb): one model, one batch, many users.

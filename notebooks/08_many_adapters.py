@@ -27,7 +27,8 @@
 # %%
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never reach for a hub
+# everything below is local; never reach for a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
 import tempfile
@@ -44,7 +45,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from veralab import VeraConfig
 from veralab.fast import get_model
 
-# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
+# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act
+# on here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 # %% [markdown]
@@ -67,7 +69,8 @@ llama_config = LlamaConfig(
     num_key_value_heads=4,
 )
 base_model = LlamaForCausalLM(llama_config).eval()
-pristine_base = copy.deepcopy(base_model)  # for PEFT in section 3: get_model adapts the model in place
+# for PEFT in section 3: get_model adapts the model in place
+pristine_base = copy.deepcopy(base_model)
 users = [f"user{k:02d}" for k in range(32)]
 vera_config = VeraConfig(r=64, target_modules=["q_proj", "v_proj"], init_weights=False)
 model = get_model(base_model, vera_config, adapter_name=users[0]).eval()
@@ -77,8 +80,14 @@ adapter_parameters = sum(
     layer.vera_lambda_d[users[0]].numel() + layer.vera_lambda_b[users[0]].numel()
     for _, layer in model.vera_layers()
 )
-print(f"{len(model.peft_config)} adapters; one adapter trains {adapter_parameters:,d} numbers")
-print(f"shared pair: vera_A {tuple(model.vera_A.shape)}, vera_B {tuple(model.vera_B.shape)}")
+print(
+    f"{len(model.peft_config)} adapters; one adapter trains {adapter_parameters:,d} "
+    "numbers"
+)
+print(
+    f"shared pair: vera_A {tuple(model.vera_A.shape)}, vera_B "
+    f"{tuple(model.vera_B.shape)}"
+)
 
 # %%
 assert list(model.peft_config) == users
@@ -93,7 +102,16 @@ assert adapter_parameters == 4 * (64 + 128)  # 2 layers × (q_proj, v_proj) × (
 # %%
 generator = torch.Generator().manual_seed(1)
 input_ids = torch.randint(0, llama_config.vocab_size, (8, 24), generator=generator)
-row_adapters = ["user03", "__base__", "user17", "user03", "user31", "user00", "__base__", "user09"]
+row_adapters = [
+    "user03",
+    "__base__",
+    "user17",
+    "user03",
+    "user31",
+    "user00",
+    "__base__",
+    "user09",
+]
 
 
 def logits(ids, **kwargs):
@@ -148,7 +166,9 @@ assert all((mixed[row] - base_logits[row]).abs().max() > 0.1 for row in adapted_
 # of the model goes (a `TorchFunctionMode` sees each call).
 
 # %%
-batch_input_ids = torch.randint(0, llama_config.vocab_size, (32, 24), generator=generator)
+batch_input_ids = torch.randint(
+    0, llama_config.vocab_size, (32, 24), generator=generator
+)
 distinct_counts = [1, 2, 4, 8, 16, 32]
 
 
@@ -210,19 +230,32 @@ two_thin_matmuls = sum(
     2 * tokens * layer.r[users[0]] * (layer.in_features + layer.out_features)
     for _, layer in model.vera_layers()
 )
-print(f"base model: {base_flops / 1e6:.1f} MFLOP, {base_linears} linear calls; ", end="")
+print(
+    f"base model: {base_flops / 1e6:.1f} MFLOP, {base_linears} linear calls; ", end=""
+)
 print(f"two thin matmuls in every adapted layer: {two_thin_matmuls / 1e6:.1f} MFLOP")
-print(f"{'K':>3}{'mixed batch: MFLOP':>20}{'linear calls':>14}{'one pass per user: linear calls':>33}")
+print(
+    f"{'K':>3}{'mixed batch: MFLOP':>20}{'linear calls':>14}"
+    f"{'one pass per user: linear calls':>33}"
+)
 for k, c in counts.items():
-    print(f"{k:>3}{c['mixed flops'] / 1e6:>20.1f}{c['mixed linears']:>14}{c['separate linears']:>33}")
+    print(
+        f"{k:>3}{c['mixed flops'] / 1e6:>20.1f}{c['mixed linears']:>14}"
+        f"{c['separate linears']:>33}"
+    )
 
 # %%
 for k, c in counts.items():
-    # A mixed batch does the same work whatever K: the base model plus at most two thin matmuls per layer...
-    assert c["mixed flops"] == counts[1]["mixed flops"] and c["mixed linears"] == counts[1]["mixed linears"]
+    # A mixed batch does the same work whatever K: the base model plus at most two thin
+    # matmuls per layer...
+    assert (
+        c["mixed flops"] == counts[1]["mixed flops"]
+        and c["mixed linears"] == counts[1]["mixed linears"]
+    )
     assert base_flops < c["mixed flops"] <= base_flops + two_thin_matmuls
     assert c["mixed linears"] < 2 * base_linears  # ...in one pass over the model;
-    assert c["separate linears"] >= k * base_linears  # one pass per user runs every layer K times
+    # one pass per user runs every layer K times
+    assert c["separate linears"] >= k * base_linears
 
 # %% [markdown]
 # One pass per user computes the same tokens, so it does about the same arithmetic, but in `K` passes over
@@ -239,12 +272,16 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
-best = {(way, k): float("inf") for way in ("mixed", "separate") for k in distinct_counts}
+best = {
+    (way, k): float("inf") for way in ("mixed", "separate") for k in distinct_counts
+}
 run_mixed(1)  # warm-up
 for _ in range(5):
     for k in distinct_counts:
         best["mixed", k] = min(best["mixed", k], seconds(lambda k=k: run_mixed(k)))
-        best["separate", k] = min(best["separate", k], seconds(lambda k=k: run_separately(k)))
+        best["separate", k] = min(
+            best["separate", k], seconds(lambda k=k: run_separately(k))
+        )
 for k in distinct_counts:
     print(
         f"K = {k:>2}: mixed batch {1e3 * best['mixed', k]:6.1f} ms   one pass per user "
@@ -252,9 +289,17 @@ for k in distinct_counts:
     )
 
 fig, ax = plt.subplots(figsize=(7, 4))
-ax.plot(distinct_counts, [1e3 * best["mixed", k] for k in distinct_counts], "o-", label="one mixed batch")
 ax.plot(
-    distinct_counts, [1e3 * best["separate", k] for k in distinct_counts], "s-", label="one pass per user"
+    distinct_counts,
+    [1e3 * best["mixed", k] for k in distinct_counts],
+    "o-",
+    label="one mixed batch",
+)
+ax.plot(
+    distinct_counts,
+    [1e3 * best["separate", k] for k in distinct_counts],
+    "s-",
+    label="one pass per user",
 )
 ax.set_xticks(distinct_counts)
 ax.set_xlabel("distinct adapters in a batch of 32 rows × 24 tokens")
@@ -290,7 +335,8 @@ plt.show()
 
 # %%
 def tensor_bytes(directory):
-    """Bytes of the tensors in an adapter directory's adapter_model.safetensors (the file less its header)."""
+    """Bytes of the tensors in an adapter directory's adapter_model.safetensors (the
+    file less its header)."""
     path = os.path.join(directory, "adapter_model.safetensors")
     with open(path, "rb") as f:
         header = int.from_bytes(
@@ -303,7 +349,9 @@ exported_user = "user17"
 with tempfile.TemporaryDirectory() as directory:
     model.save_pretrained(f"{directory}/with_pair", selected_adapters=[exported_user])
     model.peft_config[exported_user].save_projection = False
-    model.save_pretrained(f"{directory}/lambdas_only", selected_adapters=[exported_user])
+    model.save_pretrained(
+        f"{directory}/lambdas_only", selected_adapters=[exported_user]
+    )
     model.peft_config[exported_user].save_projection = True
     model.save_as_lora(f"{directory}/as_lora", adapter_name=exported_user)
     sizes = {
@@ -313,9 +361,15 @@ with tempfile.TemporaryDirectory() as directory:
     }
     print(sorted(os.listdir(f"{directory}/as_lora")))
 
-    # PEFT loads the export as an ordinary LoRA adapter, onto its own copy of the base model.
-    lora_model = peft.PeftModel.from_pretrained(pristine_base, f"{directory}/as_lora").eval()
-    print(type(lora_model.base_model).__name__, lora_model.peft_config["default"].peft_type)
+    # PEFT loads the export as an ordinary LoRA adapter, onto its own copy of the base
+    # model.
+    lora_model = peft.PeftModel.from_pretrained(
+        pristine_base, f"{directory}/as_lora"
+    ).eval()
+    print(
+        type(lora_model.base_model).__name__,
+        lora_model.peft_config["default"].peft_type,
+    )
 
 model.set_adapter(exported_user)
 vera_logits = logits(batch_input_ids)
@@ -323,25 +377,38 @@ with torch.no_grad():
     lora_logits = lora_model(input_ids=batch_input_ids).logits
 for label, size in sizes.items():
     print(f"{label:<24}{size:>9,d} tensor bytes")
-print("max |LoRA export - VeRA| logits:", (lora_logits - vera_logits).abs().max().item())
+print(
+    "max |LoRA export - VeRA| logits:", (lora_logits - vera_logits).abs().max().item()
+)
 
 # %%
-layer_shapes = [(layer.out_features, layer.in_features) for _, layer in model.vera_layers()]
+layer_shapes = [
+    (layer.out_features, layer.in_features) for _, layer in model.vera_layers()
+]
 r = 64
 assert sizes["VeRA, λ only"] == 4 * sum(r + out for out, _ in layer_shapes)
 assert sizes["VeRA, λ + shared pair"] == sizes["VeRA, λ only"] + 4 * (
     model.vera_A.numel() + model.vera_B.numel()
 )
-assert sizes["as LoRA (r = 64)"] == 4 * sum(r * (in_ + out) for out, in_ in layer_shapes)
+assert sizes["as LoRA (r = 64)"] == 4 * sum(
+    r * (in_ + out) for out, in_ in layer_shapes
+)
 assert isinstance(lora_model.peft_config["default"], peft.LoraConfig)
-torch.testing.assert_close(lora_logits, vera_logits)  # the export computes the same function
+# the export computes the same function
+torch.testing.assert_close(lora_logits, vera_logits)
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3))
 labels = list(sizes)
-ax.barh(labels, [sizes[label] / 1024 for label in labels], color=["tab:gray", "tab:green", "tab:orange"])
+ax.barh(
+    labels,
+    [sizes[label] / 1024 for label in labels],
+    color=["tab:gray", "tab:green", "tab:orange"],
+)
 for position, label in enumerate(labels):
-    ax.text(sizes[label] / 1024, position, f" {sizes[label] / 1024:.1f} KiB", va="center")
+    ax.text(
+        sizes[label] / 1024, position, f" {sizes[label] / 1024:.1f} KiB", va="center"
+    )
 ax.set_xlabel("tensor KiB per user (float32)")
 ax.set_title(f"One user's adapter on disk (4 layers, r = {r})")
 ax.set_xlim(right=1.25 * max(sizes.values()) / 1024)
@@ -355,3 +422,97 @@ plt.show()
 # for
 # reach, not for size: it lets a VeRA adapter run wherever LoRA adapters run, with the same outputs to float32
 # rounding.
+
+# %% [markdown]
+# ## Try it: how many users share a batch
+#
+# Pick how many users share a batch and how many rows it has: the bars count the calls to
+# `torch.nn.functional.linear` of one mixed batch and of one forward pass per user, and the
+# title gives the mixed batch's matmul FLOPs, which do not move with the number of users.
+# (The figure is drawn once for 4 users over 32 rows; in Jupyter the controls redraw it.)
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_mixed_batch(users_in_batch=4, rows=32):
+    """Count one mixed batch against one pass per user, as bars.
+
+    Args:
+        users_in_batch: how many distinct users take the rows, in turn.
+        rows: the batch's rows (of the 32 prepared above).
+
+    Returns:
+        (mixed batch FLOPs, mixed batch linear calls, one-pass-per-user linear calls).
+    """
+    names = [users[row % users_in_batch] for row in range(rows)]
+    ids = batch_input_ids[:rows]
+
+    def mixed():
+        logits(ids, adapter_names=names)
+
+    def separately():
+        for user in users[:users_in_batch]:
+            chosen = [row for row, name in enumerate(names) if name == user]
+            if chosen:
+                model.set_adapter(user)
+                logits(ids[chosen])
+
+    counted = (matmul_flops(mixed), linear_calls(mixed), linear_calls(separately))
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    ax.barh(["one pass per user", "one mixed batch"], [counted[2], counted[1]])
+    ax.set_xlabel("calls to torch.nn.functional.linear")
+    ax.set_title(
+        f"{users_in_batch} users over {rows} rows: the mixed batch does "
+        f"{counted[0] / 1e6:.1f} MFLOP of matmuls"
+    )
+    fig.tight_layout()
+    plt.show()
+    return counted
+
+
+draw_mixed_batch()
+
+# %%
+users_slider = widgets.IntSlider(value=4, min=1, max=32, description="users")
+rows_slider = widgets.IntSlider(value=32, min=1, max=32, description="rows")
+mixed_control = widgets.interactive(
+    draw_mixed_batch, users_in_batch=users_slider, rows=rows_slider
+)
+display(mixed_control)
+
+# %%
+# Moving the users slider recounts: the mixed batch's work is that of section 2 for any
+# number of users, while one pass per user runs the model once per user.
+users_slider.value = 16
+flops, mixed_linears, separate_linears = mixed_control.result
+assert flops == counts[1]["mixed flops"] and mixed_linears == counts[1]["mixed linears"]
+assert separate_linears >= 16 * base_linears
+
+# %% [markdown]
+# ## Exercise: export a VeRA layer as LoRA
+#
+# Write `my_lora_export(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features)`: the
+# `(lora_A, lora_B)` pair, `(r × in)` and `(out × r)`, whose product `lora_B @ lora_A` is the
+# layer's `ΔW` (LoRA's alpha equal to r, so its scaling is 1). The checker compares the product
+# with the reference's `delta_weight`.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_lora_export(vera_A, vera_B, lambda_d, lambda_b, in_features, out_features):
+    A_s, B_s = vera_A[:, :in_features], vera_B[:out_features, :]
+    return lambda_d[:, None] * A_s, lambda_b[:, None] * B_s
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_lora_export(my_lora_export)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [09 · Performance](09_performance.ipynb): the cost model against the clock and the
+# memory.

@@ -30,7 +30,8 @@
 # %%
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never reach for a hub
+# everything below is local; never reach for a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
 import statistics
@@ -52,12 +53,23 @@ from veralab import VeraConfig
 from veralab import reference as ref
 from veralab.fast import get_model
 from veralab.fast.diagnostics import layers_sharing_inputs, saved_activation_bytes
-from veralab.fast.dispatch import ACTIVATION_SPACE, WEIGHT_SPACE, choose_path, path_costs
-from veralab.fast.functional import activation_space_vera, scaled_projection, weight_space_vera
+from veralab.fast.dispatch import (
+    ACTIVATION_SPACE,
+    WEIGHT_SPACE,
+    choose_path,
+    path_costs,
+)
+from veralab.fast.functional import (
+    activation_space_vera,
+    scaled_projection,
+    weight_space_vera,
+)
 
-# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
+# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act
+# on here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-# One thread: the cost model counts work, not parallelism, and one thread times more steadily on a shared
+# One thread: the cost model counts work, not parallelism, and one thread times more
+# steadily on a shared
 # machine.
 torch.set_num_threads(1)
 
@@ -93,7 +105,8 @@ r = 256
 
 
 def peft_macs(tokens):
-    """PEFT's extra multiply-adds per training step: two thin matmuls forward, two backward."""
+    """PEFT's extra multiply-adds per training step: two thin matmuls forward, two
+    backward."""
     return 2 * tokens * r * (in_features + out_features)
 
 
@@ -109,11 +122,15 @@ def veralab_path(tokens):
 
 
 token_axis = np.unique(np.logspace(0, 4.2, 400).astype(int))  # 1 to 15,848 tokens
-costs = [path_costs(int(n), in_features, out_features, r, needs_grad=True) for n in token_axis]
+costs = [
+    path_costs(int(n), in_features, out_features, r, needs_grad=True)
+    for n in token_axis
+]
 activation_per_token = np.array([c[ACTIVATION_SPACE] for c in costs]) / token_axis
 weight_per_token = np.array([c[WEIGHT_SPACE] for c in costs]) / token_axis
 chosen_per_token = (
-    np.array([c[veralab_path(int(n))] for c, n in zip(costs, token_axis, strict=True)]) / token_axis
+    np.array([c[veralab_path(int(n))] for c, n in zip(costs, token_axis, strict=True)])
+    / token_axis
 )
 
 # %% [markdown]
@@ -123,32 +140,47 @@ chosen_per_token = (
 # these are about `2·in/3` and `in` tokens.
 
 # %%
-tie_with_activation = 2 * out_features * in_features * (r + 1) / (r * (in_features + 2 * out_features))
-tie_with_peft = 2 * out_features * in_features * (r + 1) / (r * (in_features + out_features))
-crossover = int(tie_with_activation) + 1  # the first N at which weight space is strictly cheaper
+tie_with_activation = (
+    2 * out_features * in_features * (r + 1) / (r * (in_features + 2 * out_features))
+)
+tie_with_peft = (
+    2 * out_features * in_features * (r + 1) / (r * (in_features + out_features))
+)
+# the first N at which weight space is strictly cheaper
+crossover = int(tie_with_activation) + 1
 below_peft = int(tie_with_peft) + 1
 print(
-    f"weight space is cheaper than activation space from N = {crossover} (the two tie at "
+    f"weight space is cheaper than activation space from N = {crossover} (the two tie "
+    "at "
     f"{tie_with_activation})"
 )
-print(f"weight space is cheaper than PEFT's computation from N = {below_peft} (tie at {tie_with_peft})")
+print(
+    f"weight space is cheaper than PEFT's computation from N = {below_peft} (tie at "
+    f"{tie_with_peft})"
+)
 
 # %%
 # choose_path switches exactly there, and the layer veralab builds switches with it.
-assert [veralab_path(n) for n in (crossover - 1, crossover)] == [ACTIVATION_SPACE, WEIGHT_SPACE]
+assert [veralab_path(n) for n in (crossover - 1, crossover)] == [
+    ACTIVATION_SPACE,
+    WEIGHT_SPACE,
+]
 assert next(n for n in range(1, 10_000) if veralab_path(n) == WEIGHT_SPACE) == crossover
 
 torch.manual_seed(0)
 layer_model = get_model(
     nn.Sequential(OrderedDict(proj=nn.Linear(in_features, out_features))),
-    VeraConfig(r=r, target_modules=["proj"], init_weights=False),  # random non-zero λ, as if trained
+    # random non-zero λ, as if trained
+    VeraConfig(r=r, target_modules=["proj"], init_weights=False),
 )
 _, layer = next(layer_model.vera_layers())
 for n, path in [(crossover - 1, ACTIVATION_SPACE), (crossover, WEIGHT_SPACE)]:
     assert layer.plan(torch.empty(n, in_features, requires_grad=True)).path == path
 
-# Weight space costs a fixed part (the two ΔW builds) plus a part in N that is exactly half of PEFT's;
-# activation space costs (2·in + 3·out) / (2·(in + out)) of PEFT's: 5/4 for a square layer.
+# Weight space costs a fixed part (the two ΔW builds) plus a part in N that is exactly
+# half of PEFT's;
+# activation space costs (2·in + 3·out) / (2·(in + out)) of PEFT's: 5/4 for a square
+# layer.
 fixed = path_costs(0, in_features, out_features, r, needs_grad=True)[WEIGHT_SPACE]
 assert fixed == 2 * out_features * in_features * (r + 1)
 for n in (1, crossover, 4096):
@@ -165,8 +197,20 @@ ax.axhline(
     label="(for scale: the frozen base's own cost)",
 )
 ax.axhline(peft_macs(1), color="tab:red", label="PEFT (activation space)")
-ax.plot(token_axis, activation_per_token, color="tab:blue", linestyle="--", label="veralab, activation space")
-ax.plot(token_axis, weight_per_token, color="tab:orange", linestyle="--", label="veralab, weight space")
+ax.plot(
+    token_axis,
+    activation_per_token,
+    color="tab:blue",
+    linestyle="--",
+    label="veralab, activation space",
+)
+ax.plot(
+    token_axis,
+    weight_per_token,
+    color="tab:orange",
+    linestyle="--",
+    label="veralab, weight space",
+)
 ax.plot(
     token_axis,
     chosen_per_token,
@@ -185,14 +229,19 @@ ax.annotate(
 )
 ax.axvline(below_peft, color="tab:red", linewidth=1, linestyle=":")
 ax.annotate(
-    f"below PEFT\nfrom N = {below_peft}", (below_peft, 2e6), xytext=(4, 0), textcoords="offset points"
+    f"below PEFT\nfrom N = {below_peft}",
+    (below_peft, 2e6),
+    xytext=(4, 0),
+    textcoords="offset points",
 )
 ax.set_xscale("log")
 ax.set_yscale("log")
 ax.set_ylim(2e5, 1e7)
 ax.set_xlabel("tokens N in the step")
 ax.set_ylabel("extra multiply-adds per token")
-ax.set_title(f"One training step of a {in_features} → {out_features} layer, VeRA r = {r}")
+ax.set_title(
+    f"One training step of a {in_features} → {out_features} layer, VeRA r = {r}"
+)
 ax.grid(True, which="both", alpha=0.3)
 ax.legend(loc="lower left", fontsize=9)
 plt.show()
@@ -227,8 +276,11 @@ lambda_d, lambda_b = layer.vera_lambda_d["default"], layer.vera_lambda_b["defaul
 
 
 def peft_vera(x):
-    """PEFT's VeRA forward for one adapter: base + λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A_s), B_s)."""
-    return F.linear(x, W, bias) + lambda_b * F.linear(lambda_d * F.linear(x, vera_A), vera_B)
+    """PEFT's VeRA forward for one adapter: base + λ_b ⊙ F.linear(λ_d ⊙ F.linear(x,
+    A_s), B_s)."""
+    return F.linear(x, W, bias) + lambda_b * F.linear(
+        lambda_d * F.linear(x, vera_A), vera_B
+    )
 
 
 def frozen_base(x):
@@ -236,8 +288,10 @@ def frozen_base(x):
 
 
 def training_step_flops(forward, n):
-    """FLOPs of one forward and backward (to x, and to the λ vectors where they are used) over n tokens."""
-    x = torch.randn(n, in_features, requires_grad=True)  # a fresh input: veralab caches h per input tensor
+    """FLOPs of one forward and backward (to x, and to the λ vectors where they are
+    used) over n tokens."""
+    # a fresh input: veralab caches h per input tensor
+    x = torch.randn(n, in_features, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         forward(x).backward(torch.randn(n, out_features))
     lambda_d.grad = lambda_b.grad = None
@@ -246,12 +300,14 @@ def training_step_flops(forward, n):
 
 print(
     f"{'N':>6}  "
-    f"{'path':<17}{'veralab extra FLOPs':>21}{'2·(path_costs ± exact terms)':>30}{'PEFT extra FLOPs':>18}"
+    f"{'path':<17}{'veralab extra FLOPs':>21}{'2·(path_costs ± exact terms)':>30}"
+    f"{'PEFT extra FLOPs':>18}"
 )
 for n in (64, crossover - 1, crossover, 2048):
     path = layer.plan(torch.empty(n, in_features, requires_grad=True)).path
     base_flops = training_step_flops(frozen_base, n)
-    assert base_flops == 2 * 2 * n * in_features * out_features  # forward and input gradient
+    # forward and input gradient
+    assert base_flops == 2 * 2 * n * in_features * out_features
     veralab_extra = training_step_flops(layer, n) - base_flops
     peft_extra = training_step_flops(peft_vera, n) - base_flops
     predicted = 2 * path_costs(n, in_features, out_features, r, needs_grad=True)[path]
@@ -286,7 +342,9 @@ def veralab_activation_space(x):
         h = F.linear(x, vera_A)  # (N, r): the only activation kept for the backward
     lambdas = lambda_d[None], lambda_b[None]  # (K = 1, r), (K = 1, out)
     S = scaled_projection(vera_B, *lambdas)  # (out, r)
-    return activation_space_vera(F.linear(x, W, bias), x, h, S, vera_A, vera_B, *lambdas)
+    return activation_space_vera(
+        F.linear(x, W, bias), x, h, S, vera_A, vera_B, *lambdas
+    )
 
 
 def veralab_weight_space(x):
@@ -307,14 +365,18 @@ variants = {
 token_counts = [32, 64, 128, 256, 512, 1024, 2048]
 generator = torch.Generator().manual_seed(1)
 batches = {
-    n: (torch.randn(n, in_features, generator=generator), torch.randn(n, out_features, generator=generator))
+    n: (
+        torch.randn(n, in_features, generator=generator),
+        torch.randn(n, out_features, generator=generator),
+    )
     for n in token_counts
 }
 
 
 def step_seconds(forward, n):
     x_values, grad_output = batches[n]
-    x = x_values.clone().requires_grad_(True)  # a new input tensor each step, as in training
+    # a new input tensor each step, as in training
+    x = x_values.clone().requires_grad_(True)
     start = time.perf_counter()
     forward(x).backward(grad_output)
     seconds = time.perf_counter() - start
@@ -333,7 +395,8 @@ median_ms = {key: 1e3 * statistics.median(values) for key, values in times.items
 
 
 def predicted_macs(name, n):
-    """The cost model's multiply-adds for one training step of variant `name` over n tokens."""
+    """The cost model's multiply-adds for one training step of variant `name` over n
+    tokens."""
     base = 2 * n * in_features * out_features
     layer_costs = path_costs(n, in_features, out_features, r, needs_grad=True)
     extra = {
@@ -346,7 +409,11 @@ def predicted_macs(name, n):
     return base + extra
 
 
-print(f"{'N':>6}" + "".join(f"{name:>27}" for name in variants) + "   (median ms per step)")
+print(
+    f"{'N':>6}"
+    + "".join(f"{name:>27}" for name in variants)
+    + "   (median ms per step)"
+)
 for n in token_counts:
     print(f"{n:>6}" + "".join(f"{median_ms[name, n]:>27.2f}" for name in variants))
 
@@ -362,7 +429,10 @@ for n in token_counts:
 macs_per_second = predicted_macs("frozen base", token_counts[-1]) / (
     median_ms["frozen base", token_counts[-1]] / 1e3
 )
-print(f"frozen base at N = {token_counts[-1]}: {macs_per_second / 1e9:.0f} GMAC/s on one thread")
+print(
+    f"frozen base at N = {token_counts[-1]}: {macs_per_second / 1e9:.0f} GMAC/s on one "
+    "thread"
+)
 
 min_gmac = predicted_macs("frozen base", token_counts[0]) / 1e9
 max_gmac = predicted_macs("PEFT (activation space)", token_counts[-1]) / 1e9
@@ -376,15 +446,26 @@ styles = {
 fig, (ax_time, ax_model) = plt.subplots(1, 2, figsize=(12, 4.8))
 for name, style in styles.items():
     measured_ms = np.array([median_ms[name, n] for n in token_counts])
-    predicted_ms = np.array([1e3 * predicted_macs(name, n) / macs_per_second for n in token_counts])
+    predicted_ms = np.array(
+        [1e3 * predicted_macs(name, n) / macs_per_second for n in token_counts]
+    )
     per_token = 1e3 / np.array(token_counts)  # ms per step -> µs per token
     if name == "veralab.fast VeraLinear":
         ax_time.plot(
-            token_counts, measured_ms * per_token, color=style["color"], linewidth=6, alpha=0.3, label=name
+            token_counts,
+            measured_ms * per_token,
+            color=style["color"],
+            linewidth=6,
+            alpha=0.3,
+            label=name,
         )
     else:
-        ax_time.plot(token_counts, measured_ms * per_token, linestyle="none", label=name, **style)
-        ax_time.plot(token_counts, predicted_ms * per_token, color=style["color"], linewidth=1)
+        ax_time.plot(
+            token_counts, measured_ms * per_token, linestyle="none", label=name, **style
+        )
+        ax_time.plot(
+            token_counts, predicted_ms * per_token, color=style["color"], linewidth=1
+        )
     predicted_gmac = [predicted_macs(name, n) / 1e9 for n in token_counts]
     ax_model.plot(predicted_gmac, measured_ms, linestyle="none", label=name, **style)
 ax_time.axvline(crossover, color="tab:green", linewidth=1)
@@ -400,7 +481,11 @@ ax_time.grid(True, which="both", alpha=0.3)
 ax_time.legend(fontsize=8)
 macs_axis = np.logspace(np.log10(0.5 * min_gmac), np.log10(2 * max_gmac), 50)
 ax_model.plot(
-    macs_axis, 1e3 * macs_axis * 1e9 / macs_per_second, color="black", linewidth=1, label="the base's rate"
+    macs_axis,
+    1e3 * macs_axis * 1e9 / macs_per_second,
+    color="black",
+    linewidth=1,
+    label="the base's rate",
 )
 ax_model.set_xscale("log")
 ax_model.set_yscale("log")
@@ -413,7 +498,10 @@ fig.tight_layout()
 plt.show()
 
 # %%
-print(f"{'N':>6}{'PEFT extra ms':>15}{'veralab extra ms':>18}{'measured ratio':>16}{'predicted ratio':>17}")
+print(
+    f"{'N':>6}{'PEFT extra ms':>15}{'veralab extra ms':>18}{'measured ratio':>16}"
+    f"{'predicted ratio':>17}"
+)
 for n in token_counts:
     peft_extra = median_ms["PEFT (activation space)", n] - median_ms["frozen base", n]
     ours_extra = median_ms["veralab.fast VeraLinear", n] - median_ms["frozen base", n]
@@ -421,7 +509,10 @@ for n in token_counts:
         predicted_macs("veralab.fast VeraLinear", n) - predicted_macs("frozen base", n)
     ) / peft_macs(n)
     measured_ratio = ours_extra / peft_extra
-    print(f"{n:>6}{peft_extra:>15.2f}{ours_extra:>18.2f}{measured_ratio:>16.2f}{predicted_ratio:>17.2f}")
+    print(
+        f"{n:>6}{peft_extra:>15.2f}{ours_extra:>18.2f}{measured_ratio:>16.2f}"
+        f"{predicted_ratio:>17.2f}"
+    )
 
 # %% [markdown]
 # What to look for (on a quiet machine; a loaded one scatters the points):
@@ -453,9 +544,12 @@ for n in token_counts:
 
 # %%
 def saved_bytes(model, input_ids):
-    """Saved activations of one training forward, back-propagated to the input embeddings."""
+    """Saved activations of one training forward, back-propagated to the input
+    embeddings."""
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    return saved_activation_bytes(model, lambda: model(inputs_embeds=embeds, labels=input_ids).loss)
+    return saved_activation_bytes(
+        model, lambda: model(inputs_embeds=embeds, labels=input_ids).loss
+    )
 
 
 torch.manual_seed(0)
@@ -471,12 +565,17 @@ targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 llama_r = 64
 frozen = LlamaForCausalLM(llama_config).requires_grad_(False)
 peft_model = peft.get_peft_model(
-    copy.deepcopy(frozen), peft.VeraConfig(r=llama_r, target_modules=targets, vera_dropout=0.0)
+    copy.deepcopy(frozen),
+    peft.VeraConfig(r=llama_r, target_modules=targets, vera_dropout=0.0),
 )
-veralab_model = get_model(copy.deepcopy(frozen), VeraConfig(r=llama_r, target_modules=targets))
+veralab_model = get_model(
+    copy.deepcopy(frozen), VeraConfig(r=llama_r, target_modules=targets)
+)
 vera_layers = [vera_layer for _, vera_layer in veralab_model.vera_layers()]
 
-input_ids = torch.randint(0, llama_config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(2))
+input_ids = torch.randint(
+    0, llama_config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(2)
+)
 n_tokens = input_ids.numel()
 measured = {
     "frozen base": saved_bytes(frozen, input_ids),
@@ -507,25 +606,36 @@ for name, nbytes in measured.items():
 
 
 # %%
-groups = layers_sharing_inputs(veralab_model, lambda: veralab_model(input_ids=input_ids))
+groups = layers_sharing_inputs(
+    veralab_model, lambda: veralab_model(input_ids=input_ids)
+)
 print([[name.rsplit(".", 1)[-1] for name, _ in group] for group in groups[:4]], "...")
 max_in = veralab_model.vera_A.shape[1]
-narrow_widths = {vera_layer.in_features for vera_layer in vera_layers if vera_layer.in_features < max_in}
+narrow_widths = {
+    vera_layer.in_features
+    for vera_layer in vera_layers
+    if vera_layer.in_features < max_in
+}
 
 predicted_extra = {
-    "PEFT VeRA": 4 * sum(n_tokens * (llama_r + vera_layer.out_features) for vera_layer in vera_layers),
+    "PEFT VeRA": 4
+    * sum(n_tokens * (llama_r + vera_layer.out_features) for vera_layer in vera_layers),
     "veralab.fast": 4 * n_tokens * llama_r * len(groups)  # one h per group
-    + 4 * sum(llama_r + vera_layer.out_features for vera_layer in vera_layers)  # the stacked λ copies
-    + 4 * sum(llama_r * width for width in narrow_widths),  # contiguous column slices of vera_A
+    # the stacked λ copies
+    + 4 * sum(llama_r + vera_layer.out_features for vera_layer in vera_layers)
+    # contiguous column slices of vera_A
+    + 4 * sum(llama_r * width for width in narrow_widths),
 }
 for name, predicted in predicted_extra.items():
     print(
-        f"{name:<14}extra measured {measured[name] - measured['frozen base']:>9,d} B   predicted "
+        f"{name:<14}extra measured {measured[name] - measured['frozen base']:>9,d} B   "
+        "predicted "
         f"{predicted:>9,d} B"
     )
 
 # %%
-assert len(groups) == 4 * llama_config.num_hidden_layers  # (q, k, v), (o), (gate, up), (down) per block
+# (q, k, v), (o), (gate, up), (down) per block
+assert len(groups) == 4 * llama_config.num_hidden_layers
 for name, predicted in predicted_extra.items():
     assert measured[name] - measured["frozen base"] == predicted  # to the byte
 
@@ -540,11 +650,15 @@ assert {
     for vera_layer in vera_layers
 } == {ACTIVATION_SPACE}
 assert {
-    vera_layer.plan(torch.empty(n_tokens, vera_layer.in_features, requires_grad=True)).path
+    vera_layer.plan(
+        torch.empty(n_tokens, vera_layer.in_features, requires_grad=True)
+    ).path
     for vera_layer in vera_layers
 } == {WEIGHT_SPACE}
 few_extra = saved_bytes(veralab_model, few_ids) - saved_bytes(frozen, few_ids)
-assert few_extra == predicted_extra["veralab.fast"] - 4 * (n_tokens - 16) * llama_r * len(groups)
+assert few_extra == predicted_extra["veralab.fast"] - 4 * (
+    n_tokens - 16
+) * llama_r * len(groups)
 
 # %%
 mib = 2**20
@@ -553,8 +667,20 @@ base_part = [measured["frozen base"] / mib] * 3
 extra_part = [(measured[name] - measured["frozen base"]) / mib for name in names]
 fig, (ax_total, ax_extra) = plt.subplots(1, 2, figsize=(11, 3.8))
 ax_total.bar(names, base_part, color="lightgray", label="what the frozen model keeps")
-ax_total.bar(names[1:2], extra_part[1:2], bottom=base_part[1:2], color="tab:red", label="PEFT's extra")
-ax_total.bar(names[2:], extra_part[2:], bottom=base_part[2:], color="tab:green", label="veralab's extra")
+ax_total.bar(
+    names[1:2],
+    extra_part[1:2],
+    bottom=base_part[1:2],
+    color="tab:red",
+    label="PEFT's extra",
+)
+ax_total.bar(
+    names[2:],
+    extra_part[2:],
+    bottom=base_part[2:],
+    color="tab:green",
+    label="veralab's extra",
+)
 for position, name in enumerate(names):
     ax_total.text(
         position,
@@ -574,9 +700,15 @@ h_ours = 4 * n_tokens * llama_r * len(groups) / mib
 small_ours = predicted_extra["veralab.fast"] / mib - h_ours
 adapted = ["PEFT VeRA", "veralab.fast"]
 ax_extra.bar(adapted, [h_peft, h_ours], color="tab:purple", label="h = x A_sᵀ (N × r)")
-ax_extra.bar(adapted, [u_peft, 0], bottom=[h_peft, h_ours], color="tab:red", label="u (N × out)")
 ax_extra.bar(
-    adapted, [0, small_ours], bottom=[h_peft + u_peft, h_ours], color="tab:olive", label="λ copies, A slice"
+    adapted, [u_peft, 0], bottom=[h_peft, h_ours], color="tab:red", label="u (N × out)"
+)
+ax_extra.bar(
+    adapted,
+    [0, small_ours],
+    bottom=[h_peft + u_peft, h_ours],
+    color="tab:olive",
+    label="λ copies, A slice",
 )
 ax_extra.plot(
     adapted,
@@ -587,7 +719,9 @@ ax_extra.plot(
 )
 ax_extra.set_ylim(top=1.1 * h_peft + 1.1 * u_peft)
 ax_extra.set_ylabel("extra saved activations (MiB)")
-ax_extra.set_title(f"Predicted parts ({len(vera_layers)} layers, {len(groups)} groups) and measured")
+ax_extra.set_title(
+    f"Predicted parts ({len(vera_layers)} layers, {len(groups)} groups) and measured"
+)
 ax_extra.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
@@ -617,33 +751,48 @@ def rounding_error(result, truth):
 
 
 def assert_as_accurate(result, same_precision_reference, truth):
-    """result's error against the float64 truth is at most twice the reference's in the same precision.
+    """result's error against the float64 truth is at most twice the reference's.
 
-    The floor, one float32 unit of the truth's norm, covers a reference that happens to be exact.
+    The reference is computed in the same precision as result. The floor, one float32
+    unit of the truth's norm, covers a reference that happens to be exact.
     """
     error = rounding_error(result, truth)
-    allowed = 2 * rounding_error(same_precision_reference, truth) + EPS32 * truth.norm().item()
+    allowed = (
+        2 * rounding_error(same_precision_reference, truth)
+        + EPS32 * truth.norm().item()
+    )
     assert error <= allowed, (error, allowed)
 
 
 def checked_error_ratios(quantities, results, same_precision_references, truths):
-    """assert_as_accurate for each quantity; returns 'name error/reference-error' for each, to print."""
+    """assert_as_accurate for each quantity; returns 'name error/reference-error' for
+    each, to print."""
     ratios = []
     for quantity, result, reference, truth in zip(
         quantities, results, same_precision_references, truths, strict=True
     ):
         assert_as_accurate(result, reference, truth)
-        ratios.append(f"{quantity} {rounding_error(result, truth) / rounding_error(reference, truth):.2f}")
+        ratios.append(
+            f"{quantity} "
+            f"{rounding_error(result, truth) / rounding_error(reference, truth):.2f}"
+        )
     return "   ".join(ratios)
 
 
 def reference_step(x, grad_output, dtype):
     """vera_forward and its gradients (x, λ_d, λ_b) with every tensor in `dtype`."""
-    x = x.to(dtype, copy=True).requires_grad_(True)  # a copy: never mark the caller's x as requiring grad
+    # a copy: never mark the caller's x as requiring grad
+    x = x.to(dtype, copy=True).requires_grad_(True)
     ref_lambda_d = lambda_d.detach().to(dtype).requires_grad_(True)
     ref_lambda_b = lambda_b.detach().to(dtype).requires_grad_(True)
     y = ref.vera_forward(
-        x, W.to(dtype), bias.to(dtype), vera_A.to(dtype), vera_B.to(dtype), ref_lambda_d, ref_lambda_b
+        x,
+        W.to(dtype),
+        bias.to(dtype),
+        vera_A.to(dtype),
+        vera_B.to(dtype),
+        ref_lambda_d,
+        ref_lambda_b,
     )
     y.backward(grad_output.to(dtype))
     return y.detach(), x.grad, ref_lambda_d.grad, ref_lambda_b.grad
@@ -666,14 +815,19 @@ cases = [
 ]
 for label, forward, n, expected_path in cases:
     if expected_path is not None:
-        assert layer.plan(torch.empty(n, in_features, requires_grad=True)).path == expected_path
+        assert (
+            layer.plan(torch.empty(n, in_features, requires_grad=True)).path
+            == expected_path
+        )
         label = f"VeraLinear ({expected_path})"
     x = torch.randn(n, in_features, generator=generator)
     grad_output = torch.randn(n, out_features, generator=generator)
     truth = reference_step(x, grad_output, torch.float64)
     reference_fp32 = reference_step(x, grad_output, torch.float32)
     ours = veralab_step(forward, x, grad_output)
-    errors = checked_error_ratios(["y", "∂x", "∂λ_d", "∂λ_b"], ours, reference_fp32, truth)
+    errors = checked_error_ratios(
+        ["y", "∂x", "∂λ_d", "∂λ_b"], ours, reference_fp32, truth
+    )
     print(f"{label:<31}N = {n:<5} error / reference's float32 error:  " + errors)
 
 # %% [markdown]
@@ -696,16 +850,26 @@ assert torch.equal(veralab_model.vera_A, peft_model.base_model.vera_A["default"]
 
 
 def llama_step(model, ids, grad_logits):
-    """logits, the input-embedding gradient, and all λ_d / λ_b gradients concatenated."""
+    """logits, the input-embedding gradient, and all λ_d / λ_b gradients, concatenated.
+
+    One training step's results, to compare across implementations.
+    """
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits
     logits.backward(grad_logits.to(logits.dtype))
     lambda_grads = {
-        kind: torch.cat([p.grad.flatten() for n, p in model.named_parameters() if kind in n])
+        kind: torch.cat(
+            [p.grad.flatten() for n, p in model.named_parameters() if kind in n]
+        )
         for kind in ("vera_lambda_d", "vera_lambda_b")
     }
     model.zero_grad(set_to_none=True)
-    return logits.detach(), embeds.grad, lambda_grads["vera_lambda_d"], lambda_grads["vera_lambda_b"]
+    return (
+        logits.detach(),
+        embeds.grad,
+        lambda_grads["vera_lambda_d"],
+        lambda_grads["vera_lambda_b"],
+    )
 
 
 for ids in (input_ids, few_ids):
@@ -714,7 +878,9 @@ for ids in (input_ids, few_ids):
     peft_fp32 = llama_step(peft_model, ids, grad_logits)
     ours = llama_step(veralab_model, ids, grad_logits)
     assert ours[2].abs().min() > 0  # no λ gradient is trivially zero
-    errors = checked_error_ratios(["logits", "∂embeds", "∂λ_d", "∂λ_b"], ours, peft_fp32, truth)
+    errors = checked_error_ratios(
+        ["logits", "∂embeds", "∂λ_d", "∂λ_b"], ours, peft_fp32, truth
+    )
     print(f"{ids.numel():>4} tokens, error / PEFT's float32 error:  " + errors)
 
 # %% [markdown]
@@ -743,7 +909,9 @@ full_block = [[(512, 512)] * 3, [(512, 512)], [(512, 1376)] * 2, [(1376, 512)]]
 ours_macs = peft_style_macs = 0
 for group in full_block:
     for position, (layer_in, layer_out) in enumerate(group):
-        costs_here = path_costs(full_tokens, layer_in, layer_out, full_r, needs_grad=True)
+        costs_here = path_costs(
+            full_tokens, layer_in, layer_out, full_r, needs_grad=True
+        )
         path = choose_path(
             costs_here,
             weight_dtype=torch.float32,
@@ -752,12 +920,107 @@ for group in full_block:
             weight_space_supported=True,
         )
         assert path == WEIGHT_SPACE  # 4096 tokens: far above every layer's crossover
-        ours_macs += costs_here[path] - (position > 0) * full_tokens * full_r * layer_in  # h once per group
+        # h once per group
+        ours_macs += costs_here[path] - (position > 0) * full_tokens * full_r * layer_in
         peft_style_macs += 2 * full_tokens * full_r * (layer_in + layer_out)
-print(f"veralab / PEFT adapter multiply-adds per step: {ours_macs / peft_style_macs:.3f}")
+print(
+    f"veralab / PEFT adapter multiply-adds per step: {ours_macs / peft_style_macs:.3f}"
+)
 
 # %% [markdown]
 # About half: at 4096 tokens every layer of that model runs in weight space, where the per-token work is half
 # of PEFT's; sharing `h` saves a little and the `ΔW` builds cost a little. `docs/performance.md` sets the
 # measured overhead ratios against this limit; as in section 2, a measured ratio can fall below it, since
 # PEFT's elementwise passes cost time that no multiply-add count sees.
+
+# %% [markdown]
+# ## Try it: the rank and the number of tokens against the cost model
+#
+# Pick a rank and a number of tokens `N` for the 768 → 768 layer of section 1: the bars are
+# the extra multiply-adds of one training step on each path, as `path_costs` predicts them,
+# and the highlighted one is the path `choose_path` takes. (The figure is drawn once at
+# r = 256 and N = 512; in Jupyter the controls redraw it.)
+
+# %%
+import ipywidgets as widgets
+from IPython.display import display
+
+
+def draw_costs(rank=256, tokens=512):
+    """The extra MACs of PEFT's computation and of veralab's two paths, as bars.
+
+    Returns:
+        The path veralab takes.
+    """
+    costs = path_costs(tokens, in_features, out_features, rank, needs_grad=True)
+    taken = choose_path(
+        costs,
+        weight_dtype=torch.float32,
+        input_dtype=torch.float32,
+        dropout_active=False,
+        weight_space_supported=True,
+    )
+    labels = ["PEFT", ACTIVATION_SPACE, WEIGHT_SPACE]
+    values = [2 * tokens * rank * (in_features + out_features)] + [
+        costs[path] for path in labels[1:]
+    ]
+    colors = ["tab:gray"] + [
+        "tab:green" if path == taken else "tab:blue" for path in labels[1:]
+    ]
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    ax.barh(labels, values, color=colors)
+    ax.set_xlabel("extra multiply-adds per training step")
+    ax.set_title(f"r = {rank}, N = {tokens}: veralab takes {taken} (green)")
+    fig.tight_layout()
+    plt.show()
+    return taken
+
+
+draw_costs()
+
+# %%
+tokens_slider = widgets.SelectionSlider(
+    options=[2**k for k in range(13)], value=512, description="tokens N"
+)
+costs_control = widgets.interactive(
+    draw_costs,
+    rank=widgets.SelectionSlider(
+        options=[16, 64, 256, 1024], value=256, description="rank r"
+    ),
+    tokens=tokens_slider,
+)
+display(costs_control)
+
+# %%
+# Moving the slider re-plans: few tokens take activation space, many take weight space.
+tokens_slider.value = 4
+assert costs_control.result == ACTIVATION_SPACE
+tokens_slider.value = 4096
+assert costs_control.result == WEIGHT_SPACE
+
+# %% [markdown]
+# ## Exercise: the extra FLOPs of an unmerged layer
+#
+# Write `my_adapter_flops(n_tokens, in_features, out_features, r)`: the FLOPs the adapter adds
+# to one *forward* pass of an unmerged layer computed the way the formula reads (activation
+# space), counting 2 FLOPs per multiply-add as `FlopCounterMode` does. The checker compares
+# your formula with what PyTorch counts on the reference's `vera_forward`.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_adapter_flops(n_tokens, in_features, out_features, r):
+    # x A_sᵀ: (N × in) by (in × r); then (λ_d ⊙ h) B_sᵀ: (N × r) by (r × out)
+    return 2 * n_tokens * r * in_features + 2 * n_tokens * r * out_features
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_adapter_flops(my_adapter_flops)
+print(feedback)
+assert feedback
+
+# %% [markdown]
+# **Next:** [10 · Beyond linear layers](10_beyond_linear_layers.ipynb): VeRA over embedding
+# tables and convolutions.

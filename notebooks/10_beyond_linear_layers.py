@@ -56,7 +56,8 @@ from veralab import reference as ref
 from veralab.counting import build_meta_model, count_adapter
 from veralab.fast import VeraModel, get_model
 
-# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
+# PEFT 0.21 calls a transformers method that transformers 5 deprecates; nothing to act
+# on here.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 # %% [markdown]
@@ -363,7 +364,8 @@ print("h:", tuple(h.shape), " ΔW kernel:", tuple(delta_kernel.shape))
 textbook = ref.conv_forward(x, conv, vera_A, vera_B, lambda_d, lambda_b)
 torch.testing.assert_close(y, textbook)
 torch.testing.assert_close(y_merged, y)  # one convolution with W + ΔW
-# Every ΔW kernel is a mix of the same r random kernels: as a matrix, its rank is at most r.
+# Every ΔW kernel is a mix of the same r random kernels: as a matrix, its rank is at
+# most r.
 assert torch.linalg.matrix_rank(delta_kernel.reshape(8, 27)) <= r
 
 # %% [markdown]
@@ -636,8 +638,37 @@ ratio = embedding.r * embedding.max_in / (q_proj.r * q_proj.max_in)
 assert ratio == 32_000 / 4_096  # ≈ 7.8
 
 # %% [markdown]
+# ## Exercise: ΔW for a convolution's kernel
+#
+# A `Conv2d` kernel `(out, in, kh, kw)` is the matrix `(out, in · kh · kw)` applied to each
+# flattened input patch, so VeRA adapts it as that matrix (section 3, and §8 of
+# `veralab.reference`). Write `my_conv_delta_kernel(conv, vera_A, vera_B, lambda_d, lambda_b)`:
+# the `ΔW` that merging adds to `conv.weight`, in the kernel's shape. The checker tries two convolutions with non-zero λ
+# vectors.
+
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the body with your own and run the checker below.
+def my_conv_delta_kernel(conv, vera_A, vera_B, lambda_d, lambda_b):
+    out_features = conv.out_channels
+    in_features = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    A_s, B_s = vera_A[:, :in_features], vera_B[:out_features, :]
+    delta = (lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)  # (out, in·kh·kw)
+    return delta.reshape(conv.weight.shape)
+
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_conv_delta_kernel(my_conv_delta_kernel)
+print(feedback)
+assert feedback
+
+# %% [markdown]
 # ## Where next
 #
-# Every adapter so far shared one pair of projections with the other adapters of its model. The next
-# notebook, `11_adapter_groups`, lets adapters of different ranks, sizes and keys live in one model and
-# serve one mixed batch. All the notebooks are listed, with a summary each, on the site's Concepts page.
+# Every adapter so far shared one pair of projections with the other adapters of its model.
+#
+# **Next:** [11 · Adapter groups](11_adapter_groups.ipynb) lets adapters of different ranks,
+# sizes and keys live in one model and serve one mixed batch. All the notebooks are listed,
+# with a summary each, on the [Concepts](../docs/concepts.md) page.

@@ -467,7 +467,38 @@ plt.show()
 # three pairs that adapter reads; the base-model row spreads its mass. beta costs no
 # memory for projections and no extra matmuls beside alpha; gamma and delta each add
 # their own pair and their own two thin matmuls per layer.
+
+# %% [markdown]
+# ## Exercise: which adapters share a pair?
 #
+# Five adapters of one model, each given as its rank, the `(out, in)` shapes of the layers it
+# targets, and its `projection_prng_key`. Group them by the pair they read: which ones share
+# one, and which read their own? Write your answer as a list of groups of names and run the
+# checker; it says which two adapters you put together (or apart) wrongly, and why.
+
+# %%
+five_adapters = {
+    "alpha": (16, [(64, 64), (64, 64)], 0),
+    "beta": (16, [(64, 64)], 0),
+    "gamma": (32, [(64, 64)], 0),
+    "delta": (16, [(64, 64), (172, 64)], 0),
+    "epsilon": (16, [(64, 64)], 7),
+}
+
+# %% jupyter={"source_hidden": true}
+# Worked solution: replace the groups with your own and run the checker below.
+# A pair is init_projections(r, max_in, max_out, key): adapters share one when
+# their four numbers agree. delta's widest layer has 172 outputs, so max_out = 172.
+my_groups = [{"alpha", "beta"}, {"gamma"}, {"delta"}, {"epsilon"}]
+
+# %%
+from veralab import exercises
+
+feedback = exercises.check_projection_groups(five_adapters, my_groups)
+print(feedback)
+assert feedback
+
+# %% [markdown]
 # ## Where next
 #
 # - [08 · Many adapters](08_many_adapters.ipynb): many adapters of one group, timed,
@@ -476,3 +507,7 @@ plt.show()
 # - An adapter of any group loads back with `model.load_adapter(path, name)` and
 #   rejoins the group of its pair; `model.set_projections(vera_A, vera_B, name)`
 #   replaces one group's pair for every layer reading it.
+#
+# This is the last notebook of the path: back to the
+# [learning path](../docs/index.md#learning-paths) for where to go from here, whether that is
+# fine-tuning your own model, coming from PEFT, or contributing to veralab.

@@ -57,8 +57,9 @@ def vera_trainable_per_layer(out_features: int, r: int) -> int:
         VeRA:  W0 + Λ_b B_s Λ_d A_s    λ_d (r), λ_b (out) trained;             r + out        numbers
                                        A_s, B_s frozen slices of a shared pair
 
-    LoRA's count grows with the rank *times* the layer's width, VeRA's with the rank *plus* the width, so
-    VeRA affords ranks of 256 to 1024. The shared pair is drawn once per model (§2) and is not trained.
+    LoRA's count, $r\,(\mathrm{in} + \mathrm{out})$, grows with the rank *times* the layer's width; VeRA's,
+    $r + \mathrm{out}$, with the rank *plus* the width, so VeRA affords ranks of 256 to 1024. The shared pair
+    is drawn once per model (§2) and is not trained.
 
     Args:
         out_features: the layer's output size (λ_b has one entry per output).
@@ -229,6 +230,12 @@ def vera_forward(
         δ   = λ_b ⊙ u               (..., out)   scale each output feature (λ_b trained)
         y   = x W0^T + b + δ        (..., out)
 
+    In one line:
+
+    $$
+    y = x W_0^\top + b + \lambda_b \odot \big((\lambda_d \odot (x A_s^\top))\, B_s^\top\big)
+    $$
+
     At init λ_b = 0, so δ = 0 and the adapted layer *is* the base layer; λ_d starts at d_initial (0.1 by
     default), which sets the scale of λ_b's first gradient: ∂L/∂λ_b = Σ_rows u ⊙ ∂L/∂y, with u ∝ λ_d.
     λ_d's own first gradient is 0, being scaled by λ_b. Dropout, when used, applies to the adapter's input
@@ -275,8 +282,15 @@ def delta_weight(
         δ = λ_b ⊙ ((λ_d ⊙ (x A_s^T)) B_s^T) = x ΔW^T
         ΔW = Λ_b B_s Λ_d A_s = (λ_b[:, None] ⊙ B_s) (λ_d[:, None] ⊙ A_s)     (out, r) @ (r, in) = (out, in)
 
-    (row o of B_s scaled by λ_b[o], row k of A_s by λ_d[k]). Merged, y = x (W0 + ΔW)^T + b costs exactly the
-    base layer; unmerging subtracts the same ΔW, which restores W0 up to float rounding.
+    (row o of B_s scaled by λ_b[o], row k of A_s by λ_d[k]), that is
+
+    $$
+    \Delta W = \Lambda_b B_s \Lambda_d A_s, \qquad \Lambda_b = \mathrm{diag}(\lambda_b), \quad
+    \Lambda_d = \mathrm{diag}(\lambda_d).
+    $$
+
+    Merged, y = x (W0 + ΔW)^T + b costs exactly the base layer; unmerging subtracts the same ΔW, which
+    restores W0 up to float rounding.
 
     Args:
         vera_A: the shared (r, max_in) projection.
