@@ -390,7 +390,7 @@ def draw_counts(r=256, width=4096, layers=64):
 
 draw_counts()
 
-# %%
+# %% tags=["widget"]
 rank_slider = widgets.SelectionSlider(
     options=[2**k for k in range(13)], value=256, description="rank r"
 )
@@ -405,7 +405,7 @@ counts_control = widgets.interactive(
 )
 display(counts_control)
 
-# %%
+# %% tags=["widget"]
 # Moving a control calls draw_counts again: its result is the new pair of counts.
 rank_slider.value = 1024
 width_choice.value = 8192

@@ -502,7 +502,7 @@ def draw_pair(prng_key=0, r=8):
 
 draw_pair()
 
-# %%
+# %% tags=["widget"]
 key_slider = widgets.IntSlider(value=0, min=0, max=100, description="prng_key")
 pair_control = widgets.interactive(
     draw_pair,
@@ -511,7 +511,7 @@ pair_control = widgets.interactive(
 )
 display(pair_control)
 
-# %%
+# %% tags=["widget"]
 # Moving the key redraws the pair: the same key gives the same bits, another key
 # another pair.
 key_slider.value = 7

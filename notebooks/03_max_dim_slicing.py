@@ -249,7 +249,7 @@ def draw_one_layer(layer="k_proj", rank=16):
 
 draw_one_layer()
 
-# %%
+# %% tags=["widget"]
 layer_choice = widgets.Dropdown(
     options=list(layer_shapes), value="k_proj", description="layer"
 )
@@ -259,7 +259,7 @@ slices_control = widgets.interactive(
 )
 display(slices_control)
 
-# %%
+# %% tags=["widget"]
 # Moving a control redraws the figure; the callback returns the slices' shapes.
 layer_choice.value, rank_slider.value = "down_proj", 32
 assert slices_control.result == ((32, 80), (32, 32))  # A_s (r, in), B_s (out, r)

@@ -311,7 +311,7 @@ def draw_training(d_initial=0.1, lr=1e-2):
 
 draw_training()
 
-# %%
+# %% tags=["widget"]
 d_slider = widgets.SelectionSlider(
     options=[1e-3, 1e-2, 1e-1, 0.5, 1.0, 2.0], value=0.1, description="d_initial"
 )
@@ -321,7 +321,7 @@ lr_slider = widgets.SelectionSlider(
 training_control = widgets.interactive(draw_training, d_initial=d_slider, lr=lr_slider)
 display(training_control)
 
-# %%
+# %% tags=["widget"]
 # Moving a control retrains: d_initial = 1 is slow at lr = 1e-2 (section 3) ...
 d_slider.value = 1.0
 assert training_control.result > 100 * curves[0.1][-1]

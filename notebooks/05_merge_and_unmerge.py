@@ -338,7 +338,7 @@ def draw_merge_rounding(dtype="bfloat16", adapter_scale=0.1):
 
 draw_merge_rounding()
 
-# %%
+# %% tags=["widget"]
 dtype_choice = widgets.Dropdown(
     options=["float64", "float32", "bfloat16", "float16"],
     value="bfloat16",
@@ -351,7 +351,7 @@ merge_control = widgets.interactive(
 )
 display(merge_control)
 
-# %%
+# %% tags=["widget"]
 # Each dtype, through the control: a merge and an unmerge cost at most one rounding
 # step.
 worst = {}

@@ -474,7 +474,7 @@ def draw_mixed_batch(users_in_batch=4, rows=32):
 
 draw_mixed_batch()
 
-# %%
+# %% tags=["widget"]
 users_slider = widgets.IntSlider(value=4, min=1, max=32, description="users")
 rows_slider = widgets.IntSlider(value=32, min=1, max=32, description="rows")
 mixed_control = widgets.interactive(
@@ -482,7 +482,7 @@ mixed_control = widgets.interactive(
 )
 display(mixed_control)
 
-# %%
+# %% tags=["widget"]
 # Moving the users slider recounts: the mixed batch's work is that of section 2 for any
 # number of users, while one pass per user runs the model once per user.
 users_slider.value = 16

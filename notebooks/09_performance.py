@@ -978,7 +978,7 @@ def draw_costs(rank=256, tokens=512):
 
 draw_costs()
 
-# %%
+# %% tags=["widget"]
 tokens_slider = widgets.SelectionSlider(
     options=[2**k for k in range(13)], value=512, description="tokens N"
 )
@@ -991,7 +991,7 @@ costs_control = widgets.interactive(
 )
 display(costs_control)
 
-# %%
+# %% tags=["widget"]
 # Moving the slider re-plans: few tokens take activation space, many take weight space.
 tokens_slider.value = 4
 assert costs_control.result == ACTIVATION_SPACE

@@ -5,8 +5,11 @@
   points the notebook pages at the executed copies, so every figure and printed table appears on its page.
   A failing cell fails the build. `VERALAB_DOCS_EXECUTE=false` renders the notebooks as committed, for a
   quick look at prose edits.
-- A widget needs a running kernel: its output is replaced by a note (each widget of the notebooks has a
-  static figure at the default values next to it).
+- A widget needs a running kernel, and nbclient now and then stalls for good on ipywidgets' messages (a
+  known nbclient problem; nbval, which runs the same cells in CI, does not). So cells tagged `widget`, those
+  that build or move a control, are not run here: the one that displays the control shows a note instead,
+  next to the static figure at the default values that each widget of the notebooks has. A widget shown by
+  an untagged cell fails the build, naming the cell.
 - Notebook pages link to each other as `NN_topic.ipynb` and to the site's pages as `../docs/page.md`,
   which work in Jupyter; on the site the links are rewritten to the pages, and a link to a notebook or
   page that does not exist fails the build.
@@ -39,15 +42,16 @@ log = logging.getLogger("mkdocs.hooks.notebooks")
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 MATHJAX_SITE_PATH = "assets/mathjax/tex-svg.js"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_TAG = "widget"
+# transformers' progress bars (loading weights) and every other tqdm bar, off in the site's kernels.
+KERNEL_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 WIDGET_NOTE = (
     "<p><em>An interactive control is here when the notebook runs in Jupyter; the figure above shows "
     "its default values.</em></p>"
 )
 # A cell may compute for a while (notebook 06 fine-tunes a small model); a hanging cell still ends.
 CELL_TIMEOUT_S = 600
-# One notebook at a time unless asked. Known problem, not yet solved: now and then a notebook with widgets
-# (01, 02 or 03 so far) stalls here, its kernel idle and nbclient waiting, with one worker or two; nbval
-# runs the same notebooks without it. The cell timeout below ends such a stall as a failed build.
+# One notebook at a time unless asked (beside the test suite, one core is the build's).
 WORKERS = int(os.environ.get("VERALAB_DOCS_WORKERS", "1"))
 
 _executed: dict[str, Path] = {}
@@ -77,17 +81,23 @@ class ThisInterpreterKernelManager(AsyncKernelManager):
         return ThisInterpreterKernels()
 
 
-def strip_widget_views(notebook: nbformat.NotebookNode) -> int:
-    """Replace every widget view among the outputs by a short HTML note; returns how many were replaced."""
-    replaced = 0
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            data = output.get("data", {})
-            if WIDGET_VIEW in data:
-                output["data"] = {"text/html": WIDGET_NOTE, "text/plain": "interactive control"}
-                replaced += 1
+def note_skipped_widgets(notebook: nbformat.NotebookNode, name: str) -> None:
+    """Give the skipped cell that displays a control the note in its place; refuse a widget shown by a cell
+    that ran (it is missing its tag, and would show as a dead control)."""
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        if WIDGET_TAG in cell.metadata.get("tags", []):
+            if "display(" in cell.source:
+                note = {"text/html": WIDGET_NOTE, "text/plain": "interactive control"}
+                cell.outputs = [nbformat.v4.new_output("display_data", data=note)]
+        elif any(WIDGET_VIEW in output.get("data", {}) for output in cell.get("outputs", [])):
+            raise PluginError(
+                f"notebooks/{name}: code cell {index} shows a widget but is not tagged {WIDGET_TAG!r}; "
+                f'tag it (# %% tags=["{WIDGET_TAG}"] in the .py, then jupytext --sync) with every cell '
+                "that moves its controls"
+            )
     notebook.metadata.pop("widgets", None)
-    return replaced
 
 
 def execute_notebook(source: Path, target: Path) -> float:
@@ -110,18 +120,21 @@ def execute_notebook(source: Path, target: Path) -> float:
         kernel_manager_class=ThisInterpreterKernelManager,
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(source.parent)}},
-        store_widget_state=True,  # nbclient needs it for Output widgets; stripped below
+        skip_cells_with_tag=WIDGET_TAG,
     )
     try:
         client.execute()
     except CellExecutionError as error:
         raise PluginError(f"notebooks/{source.name} failed while the site was built:\n{error}") from error
-    strip_widget_views(notebook)
+    note_skipped_widgets(notebook, source.name)
     nbformat.write(notebook, target)
     return time.perf_counter() - start
 
 
 def _execute_in_child(source: Path, target: Path, results) -> None:
+    # Progress bars are widgets too in a kernel (tqdm.auto): they are left out of the site's run, the
+    # kernel inheriting this process's environment.
+    os.environ.update(KERNEL_ENVIRONMENT)
     try:
         results.put((source.name, execute_notebook(source, target), None))
     except Exception as error:  # reported to the parent, which fails the build with it

@@ -6,7 +6,9 @@ found, so that a new one cannot forget it:
 - its last Markdown cell links to the next notebook, and the last notebook links back to the learning path;
 - its code fits the site's page: no code line is longer than 88 characters;
 - the notebooks with knobs a learner wants to move have an `ipywidgets` control whose callback an assert
-  cell exercises, and a static figure at the default values for the site and for nbval.
+  cell exercises, and a static figure at the default values for the site and for nbval;
+- exactly the cells that build or move a control are tagged `widget`: the site's build skips them
+  (scripts/mkdocs_hooks.py), so an untagged one would run there, and a tagged one would be missing.
 """
 
 from __future__ import annotations
@@ -93,3 +95,17 @@ def test_has_a_widget_with_a_static_fallback_and_a_tested_callback(number):
     assert any(re.search(r"\.value = ", source) and "assert" in source for source in code), (
         f"{path.name}: no assert cell sets a control's value and checks the result"
     )
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: path.stem)
+def test_exactly_the_cells_that_build_or_move_a_control_are_tagged_widget(path):
+    code = [cell for cell in cells(path) if cell.cell_type == "code"]
+    controls = {name for cell in code for name in re.findall(r"^(\w+) = widgets\.", cell.source, re.M)}
+    for cell in code:
+        uses = re.search(r"\bwidgets\.\w+\(", cell.source) or any(
+            re.search(rf"\b{name}\b", cell.source) for name in controls
+        )
+        tagged = "widget" in cell.metadata.get("tags", [])
+        problem = "uses a control, untagged" if uses else "is tagged 'widget' but uses no control"
+        first_line = cell.source.strip().splitlines()[0]
+        assert bool(uses) == tagged, f"{path.name}: the cell starting {first_line!r} {problem}"
