@@ -201,3 +201,13 @@ def train_lambdas(model: torch.nn.Module, inputs, steps: int = 8, lr: float = 5e
         model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def veralab_lines(stdout: str, stderr: str) -> list[str]:
+    """The lines of one process's output that veralab printed: every stdout line but torch's gloo
+    connection notes ("[Gloo] Rank 1 is connected to 1 peer ranks...", from torch 2.8), and the stderr
+    lines veralab writes (its "veralab ..." messages, the training progress). Other libraries' warnings on
+    stderr (torchao's optional kernels, naming the venv's path) are theirs, on any rank."""
+    printed = [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+    written = [line for line in stderr.splitlines() if line.startswith("veralab") or "training" in line]
+    return printed + written

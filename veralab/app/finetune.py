@@ -40,6 +40,7 @@ from veralab.config import VeraConfig
 from veralab.counting import lora_trainable_parameters
 from veralab.fast import VeraModel, get_model
 from veralab.fast.dtensors import is_sharded
+from veralab.fast.fsdp import check_torch_for_fsdp2
 from veralab.fast.layout import WEIGHTS_NAME
 from veralab.fast.model_card import card_files
 from veralab.fast.saving import adapter_files
@@ -119,7 +120,7 @@ def adapted_model(
 
 
 def check_sharding(sharding: ShardingRequest | None, options: FinetuneOptions, cluster: Cluster) -> None:
-    """Refuse FSDP where it cannot run: one process, or a quantized base."""
+    """Refuse FSDP where it cannot run: one process, a quantized base, or a torch older than FSDP2 needs."""
     if sharding is None:
         return
     if not cluster.distributed:
@@ -132,6 +133,10 @@ def check_sharding(sharding: ShardingRequest | None, options: FinetuneOptions, c
             f"{sharding.source} and --load-in-{options.quantization} cannot be combined: veralab shards "
             "full-precision bases only; drop one of them"
         )
+    try:
+        check_torch_for_fsdp2()
+    except RuntimeError as error:
+        raise ValueError(f"{sharding.source}: {error}") from None
 
 
 def finetune(options: FinetuneOptions, log: Callable[[str], None] = print) -> RunSummary:

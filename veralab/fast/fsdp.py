@@ -36,6 +36,7 @@ names.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,6 +53,28 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from veralab.fast.model import VeraModel
+
+
+# The oldest torch whose FSDP2 trains VeRA as one process does. torch 2.7 refuses a unit whose frozen
+# parameters (a bf16 base) and trainable ones (float32 lambdas) differ in dtype; on torch 2.8 two sharded
+# processes trained other lambdas than one process on the same global batch, by more than float32 summation
+# order explains (veralab's FSDP tests, gloo on the CPU). Both hold from 2.9 on.
+FSDP2_TORCH = (2, 9)
+
+
+def check_torch_for_fsdp2() -> None:
+    """Raise RuntimeError, naming the release it needs, where the installed torch is older than FSDP2_TORCH.
+
+    DistributedDataParallel (a whole base model per process) has no such floor.
+    """
+    release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if release < FSDP2_TORCH:
+        needed = ".".join(map(str, FSDP2_TORCH))
+        raise RuntimeError(
+            f"sharding with FSDP2 needs torch >= {needed}, and this is torch {torch.__version__}: upgrade it "
+            f"(pip install 'torch>={needed}'), or train without sharding (DistributedDataParallel, a whole "
+            "base model per process, works on this torch)"
+        )
 
 
 def mixed_precision_policy(reduce_dtype: torch.dtype = torch.float32) -> MixedPrecisionPolicy:
@@ -106,9 +129,11 @@ def shard_model(
         mp_policy: the mixed precision (default: `mixed_precision_policy()`).
 
     Raises:
-        RuntimeError: torch.distributed is not initialized (start the processes with torchrun).
+        RuntimeError: torch is older than 2.9 (`check_torch_for_fsdp2`), or torch.distributed is not
+            initialized (start the processes with torchrun).
         ValueError: the model is already sharded, or a unit's trainable parameters mix dtypes.
     """
+    check_torch_for_fsdp2()
     if not torch.distributed.is_initialized():
         raise RuntimeError(
             "shard_model needs torch.distributed initialized: start the processes with torchrun (or "
