@@ -1,7 +1,7 @@
 """Training over quantized bases: step time and peak memory of veralab.fast and PEFT VeRA over every
 quantization backend installed here, against the float32 base, in one run (each row in its own process).
 
-    python -m benchmarks.bench_quantized            # the benchmark Llama, batch 4 x 128 (~10 min on 2 cores)
+    python -m benchmarks.bench_quantized            # the benchmark Llama, batch 4 x 128 (~6 min on 2 cores)
     python -m benchmarks.bench_quantized --quick    # a smoke run on a tiny model
 
 The base is the benchmark Llama (benchmarks/common.py), saved once and loaded by each process as
@@ -46,8 +46,9 @@ from veralab.fast.diagnostics import weight_bytes
 FLOAT = "float32"
 RESULT_PREFIX = "RESULT "
 MB = 2**20
-# Shorter sequences than the other benchmarks: quantized CPU kernels dequantize on every call.
-SETUP = replace(FULL, batch=4, seq=128, steps=3)
+# Shorter sequences than the other benchmarks: quantized CPU kernels dequantize on every call. Ten timed steps
+# after two untimed ones: a step takes ~0.5 s, and the median of three is at the mercy of one slow step.
+SETUP = replace(FULL, batch=4, seq=128, warmup=2, steps=10)
 
 
 def adapt(model: torch.nn.Module, implementation: str, r: int) -> torch.nn.Module:
