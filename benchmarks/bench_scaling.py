@@ -28,63 +28,38 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DTYPES, TARGETS, cpu_name, print_table
+from benchmarks.common import DTYPES, TARGETS, Setup, build_base, cpu_name, print_table
 
 MB = 2**20
 PROCESSES = 2
 MODES = {"single": "1 process", "ddp": f"DDP x {PROCESSES}", "fsdp": f"FSDP2 x {PROCESSES}"}
 
 
-@dataclass(frozen=True)
-class ScalingSetup:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vocab: int
-    batch: int
-    seq: int
-    r: int
-    steps: int
-
-
 # More layers and a smaller batch than the other benchmarks: the base, not the activations, should dominate.
-FULL = ScalingSetup(
-    hidden=512, intermediate=1376, layers=8, heads=8, vocab=8000, batch=4, seq=256, r=256, steps=5
+FULL = Setup(
+    hidden=512, intermediate=1376, layers=8, heads=8, vocab=8000, batch=4, seq=256, r=256, warmup=1, steps=5
 )
-QUICK = ScalingSetup(
-    hidden=64, intermediate=176, layers=2, heads=4, vocab=256, batch=2, seq=32, r=32, steps=2
+QUICK = Setup(
+    hidden=64, intermediate=176, layers=2, heads=4, vocab=256, batch=2, seq=32, r=32, warmup=1, steps=2
 )
 
 
-def describe(setup: ScalingSetup, dtype: str) -> str:
+def describe(setup: Setup, dtype: str) -> str:
     return (
         f"Llama hidden {setup.hidden}, intermediate {setup.intermediate}, {setup.layers} layers, vocab "
         f"{setup.vocab}, {dtype}; global batch {setup.batch} x seq {setup.seq}; VeRA r={setup.r} on "
-        f"{','.join(TARGETS)}; AdamW, median of {setup.steps} steps after one warm-up step"
+        f"{','.join(TARGETS)}; AdamW, median of {setup.steps} steps after {setup.warmup} warm-up step(s)"
     )
 
 
-def save_checkpoint(setup: ScalingSetup, dtype: torch.dtype, directory: Path) -> int:
+def save_checkpoint(setup: Setup, dtype: torch.dtype, directory: Path) -> int:
     """The benchmark's Llama, saved as safetensors; returns its tensor bytes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=setup.hidden,
-        intermediate_size=setup.intermediate,
-        num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads,
-        num_key_value_heads=setup.heads,
-        vocab_size=setup.vocab,
-        max_position_embeddings=setup.seq,
-    )
-    model = LlamaForCausalLM(config).to(dtype)
+    model = build_base(setup, dtype, "cpu")
     model.save_pretrained(directory)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -106,7 +81,7 @@ def reset_peak() -> None:
         clear_refs.write("5")
 
 
-def worker(mode: str, checkpoint: Path, setup: ScalingSetup, dtype: torch.dtype, out: Path) -> None:
+def worker(mode: str, checkpoint: Path, setup: Setup, dtype: torch.dtype, out: Path) -> None:
     """One process of one row: build, train, write what it measured to out/<mode>.rank<N>.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -143,13 +118,13 @@ def worker(mode: str, checkpoint: Path, setup: ScalingSetup, dtype: torch.dtype,
     local = torch.stack(mine)
     times = []
     model.train()
-    for step in range(setup.steps + 1):
+    for step in range(setup.warmup + setup.steps):
         start = time.perf_counter()
         trained(input_ids=local, labels=local).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cluster.barrier()
-        if step:  # the first step warms up
+        if step >= setup.warmup:
             times.append(time.perf_counter() - start)
     result = {
         "base": held.base,
@@ -205,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
     if args.steps is not None:
-        setup = ScalingSetup(**{**setup.__dict__, "steps": args.steps})
+        setup = replace(setup, steps=args.steps)
     args.setup = setup
     dtype = DTYPES[args.dtype]
     if args.worker:

@@ -286,13 +286,19 @@ def trainable(model) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_nested_disable_adapter_on_a_merged_model_merges_back_when_the_outer_block_ends():
+def merged_model() -> tuple[VeraModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An adapted tiny Llama with its adapter merged; a token batch; the base's and the adapted logits."""
     base = tiny_llama()
     ids = token_batch()
     expected = logits(base, ids)
     model = adapted(copy.deepcopy(base))
     merged_output = logits(model, ids)
     model.merge_adapter()
+    return model, ids, expected, merged_output
+
+
+def test_nested_disable_adapter_on_a_merged_model_merges_back_when_the_outer_block_ends():
+    model, ids, expected, merged_output = merged_model()
     with pytest.warns(UserWarning, match="unmerging for the block"), model.disable_adapter():
         with model.disable_adapter():
             torch.testing.assert_close(logits(model, ids), expected, atol=1e-6, rtol=0)
@@ -460,12 +466,7 @@ def test_unload_returns_untouched_base():
 
 
 def test_disable_adapter_on_merged_model_unmerges_for_the_block():
-    base = tiny_llama()
-    ids = token_batch()
-    expected = logits(base, ids)
-    model = adapted(copy.deepcopy(base))
-    merged_output = logits(model, ids)
-    model.merge_adapter()
+    model, ids, expected, merged_output = merged_model()
     with pytest.warns(UserWarning, match="unmerging for the block"), model.disable_adapter():
         torch.testing.assert_close(logits(model, ids), expected, atol=1e-6, rtol=0)
     assert all(layer.merged for _, layer in model.vera_layers())
